@@ -1,0 +1,560 @@
+//! Configuration: built-in defaults, then the TOML file, then `GATEWAY_*`
+//! environment variables, merged as TOML values and deserialized once with
+//! unknown keys denied, so every error names the key at fault.
+//!
+//! The environment is read through [`EnvSource`], so tests never mutate the
+//! process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use crate::error::ErrorClass;
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+/// The prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "GATEWAY_";
+
+/// Reads environment variables. The process environment in production, a map
+/// in tests.
+pub trait EnvSource: Send + Sync {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Option<String>;
+    /// Every variable, for the `GATEWAY_*` overrides.
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+impl EnvSource for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// A configuration error; its message names the key or variable at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the gRPC server listens.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The provider used when a request names none.
+    #[serde(default)]
+    pub default_provider: Option<String>,
+    /// Registry-wide retry defaults and the per-request ceilings.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// The providers, by name.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+
+/// A `[retry]` or `[providers.X.retry]` section. Unset keys inherit.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included.
+    pub max_attempts: Option<u32>,
+    /// The first backoff's ceiling.
+    pub initial_backoff_ms: Option<u64>,
+    /// The backoff cap.
+    pub max_backoff_ms: Option<u64>,
+    /// Growth of the ceiling per retry.
+    pub backoff_multiplier: Option<f64>,
+    /// The limit of one attempt (until first content for a stream).
+    pub per_try_timeout_ms: Option<u64>,
+    /// A Retry-After longer than this is not waited for.
+    pub max_retry_after_ms: Option<u64>,
+    /// Longest silence between two stream events.
+    pub stream_idle_timeout_ms: Option<u64>,
+    /// The failure classes that are retried.
+    pub retry_on: Option<Vec<String>>,
+    /// Ceilings for per-request overrides (`[retry.limits]` only).
+    pub limits: Option<RetryLimitsConfig>,
+}
+
+/// `[retry.limits]`: what a per-request override may not exceed.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryLimitsConfig {
+    /// The most attempts a request may ask for.
+    pub max_attempts: Option<u32>,
+    /// The longest backoff cap a request may ask for.
+    pub max_backoff_ms: Option<u64>,
+    /// The longest per-try timeout a request may ask for.
+    pub per_try_timeout_ms: Option<u64>,
+}
+
+/// One provider's section, told apart by `kind`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ProviderConfig {
+    /// The Anthropic Messages API.
+    Anthropic(HttpProviderConfig),
+    /// Any OpenAI-compatible chat completions API.
+    Openai(HttpProviderConfig),
+    /// Databricks Model Serving.
+    Databricks(HttpProviderConfig),
+    /// The built-in deterministic provider.
+    Mock(MockConfig),
+}
+
+impl ProviderConfig {
+    /// The kind's name, as written in `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Anthropic(_) => "anthropic",
+            Self::Openai(_) => "openai",
+            Self::Databricks(_) => "databricks",
+            Self::Mock(_) => "mock",
+        }
+    }
+
+    /// The provider's own retry section, if any.
+    pub fn retry(&self) -> Option<&RetryConfig> {
+        match self {
+            Self::Anthropic(c) | Self::Openai(c) | Self::Databricks(c) => c.retry.as_ref(),
+            Self::Mock(c) => c.retry.as_ref(),
+        }
+    }
+}
+
+/// The keys of a provider reached over HTTP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProviderConfig {
+    /// The API's base URL; the kind's public endpoint when unset (required
+    /// for databricks).
+    pub base_url: Option<String>,
+    /// The environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// The default model.
+    pub model: Option<String>,
+    /// `max_tokens` sent when a request sets none.
+    pub max_tokens: Option<u32>,
+    /// Connect timeout of the provider's HTTP client.
+    pub connect_timeout_ms: Option<u64>,
+    /// How long an idle pooled upstream connection is kept.
+    pub pool_idle_timeout_ms: Option<u64>,
+    /// The provider's retry policy over `[retry]`.
+    pub retry: Option<RetryConfig>,
+}
+
+/// The keys of the built-in `mock` provider.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MockConfig {
+    /// The default model name it reports.
+    pub model: Option<String>,
+    /// `echo` (the last user text, the default) or `words` (N generated words).
+    pub reply: Option<String>,
+    /// How many words `reply = "words"` generates.
+    pub words: Option<u32>,
+    /// Delay before a Complete answer, or before a stream's start event.
+    pub latency_ms: Option<u64>,
+    /// Delay between a stream's start and its first content chunk.
+    pub first_chunk_ms: Option<u64>,
+    /// Delay between two stream chunks.
+    pub chunk_delay_ms: Option<u64>,
+    /// Fail the first K calls.
+    pub fail_first: Option<u32>,
+    /// The class of the scripted failures (default `overloaded`).
+    pub fail_class: Option<String>,
+    /// The HTTP status the scripted failures report (default: by class).
+    pub fail_status: Option<u16>,
+    /// The Retry-After the scripted failures carry.
+    pub fail_retry_after_ms: Option<u64>,
+    /// Break every stream after this many content chunks.
+    pub break_stream_after: Option<u32>,
+    /// The provider's retry policy over `[retry]`.
+    pub retry: Option<RetryConfig>,
+}
+
+impl Config {
+    /// Loads the configuration: built-in defaults, then `file` (if any), then
+    /// `GATEWAY_*` variables from `env`. With no file, the `mock` provider is
+    /// served, plus each provider whose well-known credentials `env` holds.
+    pub fn load(file: Option<&Path>, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let mut root = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+                text.parse::<Table>()
+                    .map_err(|e| err(format!("config file {}: {e}", path.display())))?
+            }
+            None => zero_config(env),
+        };
+        apply_env_overrides(&mut root, env)?;
+        Self::from_table(root)
+    }
+
+    /// Parses a configuration from TOML text (no environment overrides).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let table = text
+            .parse::<Table>()
+            .map_err(|e| err(format!("config: {e}")))?;
+        Self::from_table(table)
+    }
+
+    fn from_table(mut root: Table) -> Result<Self, ConfigError> {
+        // A file that configures no provider still serves the mock.
+        if !root.contains_key("providers") {
+            root.insert("providers".into(), Value::Table(mock_only()));
+        }
+        let config: Config = serde_path_to_error::deserialize(Value::Table(root)).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                err(format!("config: {}", e.inner()))
+            } else {
+                err(format!("config key `{path}`: {}", e.inner()))
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|e| {
+            err(format!(
+                "config key `listen`: `{}` is not a socket address: {e}",
+                self.listen
+            ))
+        })
+    }
+
+    /// The default provider's name.
+    pub fn default_provider_name(&self) -> Result<String, ConfigError> {
+        if let Some(name) = &self.default_provider {
+            return Ok(name.clone());
+        }
+        let mut names = self.providers.keys();
+        match (names.next(), names.next()) {
+            (Some(only), None) => Ok(only.clone()),
+            (None, _) => Err(err("config key `providers`: no provider is configured")),
+            (Some(_), Some(_)) if self.providers.contains_key("mock") => Ok("mock".into()),
+            (Some(_), Some(_)) => Err(err(
+                "config key `default_provider`: must be set when several providers are configured",
+            )),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let default = self.default_provider_name()?;
+        if !self.providers.contains_key(&default) {
+            return Err(err(format!(
+                "config key `default_provider`: `{default}` is not a configured provider"
+            )));
+        }
+        crate::retry::RetryPolicy::resolve(&self.retry, None, "retry")?;
+        crate::retry::RetryLimits::resolve(self.retry.limits.as_ref())?;
+        for (name, provider) in &self.providers {
+            if provider.retry().is_some_and(|r| r.limits.is_some()) {
+                return Err(err(format!(
+                    "config key `providers.{name}.retry.limits`: limits are only allowed under [retry]"
+                )));
+            }
+            crate::retry::RetryPolicy::resolve(
+                &self.retry,
+                provider.retry(),
+                &format!("providers.{name}.retry"),
+            )?;
+            match provider {
+                ProviderConfig::Anthropic(c) | ProviderConfig::Openai(c) => {
+                    check_url(name, c.base_url.as_deref())?;
+                }
+                ProviderConfig::Databricks(c) => {
+                    if c.base_url.is_none() {
+                        return Err(err(format!(
+                            "config key `providers.{name}.base_url`: required for a databricks provider (the workspace URL)"
+                        )));
+                    }
+                    check_url(name, c.base_url.as_deref())?;
+                }
+                ProviderConfig::Mock(c) => {
+                    if let Some(class) = &c.fail_class {
+                        ErrorClass::parse(class).ok_or_else(|| {
+                            err(format!(
+                                "config key `providers.{name}.fail_class`: unknown class `{class}`"
+                            ))
+                        })?;
+                    }
+                    if let Some(reply) = &c.reply
+                        && reply != "echo"
+                        && reply != "words"
+                    {
+                        return Err(err(format!(
+                            "config key `providers.{name}.reply`: expected `echo` or `words`, got `{reply}`"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_url(name: &str, url: Option<&str>) -> Result<(), ConfigError> {
+    let Some(url) = url else { return Ok(()) };
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
+        Ok(u) => Err(err(format!(
+            "config key `providers.{name}.base_url`: scheme `{}` is not http or https",
+            u.scheme()
+        ))),
+        Err(e) => Err(err(format!(
+            "config key `providers.{name}.base_url`: `{url}` is not a URL: {e}"
+        ))),
+    }
+}
+
+fn mock_only() -> Table {
+    let mut mock = Table::new();
+    mock.insert("kind".into(), Value::String("mock".into()));
+    let mut providers = Table::new();
+    providers.insert("mock".into(), Value::Table(mock));
+    providers
+}
+
+/// The configuration used without a file: the mock, plus every provider whose
+/// well-known credentials are set.
+fn zero_config(env: &dyn EnvSource) -> Table {
+    let mut providers = mock_only();
+    let mut add = |name: &str, kind: &str, key_env: &str, base_url: Option<String>| {
+        let mut t = Table::new();
+        t.insert("kind".into(), Value::String(kind.into()));
+        t.insert("api_key_env".into(), Value::String(key_env.into()));
+        if let Some(url) = base_url {
+            t.insert("base_url".into(), Value::String(url));
+        }
+        providers.insert(name.into(), Value::Table(t));
+    };
+    let set = |key: &str| env.get(key).filter(|v| !v.is_empty());
+    if set("ANTHROPIC_API_KEY").is_some() {
+        add("anthropic", "anthropic", "ANTHROPIC_API_KEY", None);
+    }
+    if set("OPENAI_API_KEY").is_some() {
+        add("openai", "openai", "OPENAI_API_KEY", None);
+    }
+    if let (Some(host), Some(_)) = (set("DATABRICKS_HOST"), set("DATABRICKS_TOKEN")) {
+        let url = if host.starts_with("http://") || host.starts_with("https://") {
+            host
+        } else {
+            format!("https://{host}")
+        };
+        add("databricks", "databricks", "DATABRICKS_TOKEN", Some(url));
+    }
+    let mut root = Table::new();
+    root.insert("default_provider".into(), Value::String("mock".into()));
+    root.insert("providers".into(), Value::Table(providers));
+    root
+}
+
+/// Applies `GATEWAY_A__B=value` as key `a.b = value`. The value is read as a
+/// TOML value when it parses as one (numbers, booleans, arrays), else as a
+/// string.
+fn apply_env_overrides(root: &mut Table, env: &dyn EnvSource) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .vars()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "GATEWAY_CONFIG")
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(err(format!(
+                "environment variable {var}: empty key segment"
+            )));
+        }
+        let value = format!("v = {raw}")
+            .parse::<Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(Value::String(raw));
+        let (last, parents) = path.split_last().ok_or_else(|| err(var.clone()))?;
+        let mut table = &mut *root;
+        for (depth, segment) in parents.iter().enumerate() {
+            let entry = table
+                .entry(segment.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                err(format!(
+                    "environment variable {var}: `{}` is not a section",
+                    parents[..=depth].join(".")
+                ))
+            })?;
+        }
+        table.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn zero_config_serves_mock() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.providers.keys().collect::<Vec<_>>(), ["mock"]);
+        assert_eq!(c.default_provider_name().unwrap(), "mock");
+    }
+
+    #[test]
+    fn zero_config_registers_providers_from_credentials() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("ANTHROPIC_API_KEY", "sk-a"),
+                ("DATABRICKS_HOST", "adb-1.azuredatabricks.net"),
+                ("DATABRICKS_TOKEN", "dapi"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.providers.keys().collect::<Vec<_>>(),
+            ["anthropic", "databricks", "mock"]
+        );
+        let ProviderConfig::Databricks(d) = &c.providers["databricks"] else {
+            panic!("databricks kind")
+        };
+        assert_eq!(
+            d.base_url.as_deref(),
+            Some("https://adb-1.azuredatabricks.net")
+        );
+        assert_eq!(c.default_provider_name().unwrap(), "mock");
+    }
+
+    #[test]
+    fn env_overrides_file_values_with_typed_values() {
+        let dir = std::env::temp_dir().join(format!("pg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gw.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:1"
+default_provider = "m"
+[retry]
+max_attempts = 3
+[providers.m]
+kind = "mock"
+model = "from-file"
+"#,
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            &env(&[
+                ("GATEWAY_LISTEN", "127.0.0.1:2"),
+                ("GATEWAY_RETRY__MAX_ATTEMPTS", "5"),
+                ("GATEWAY_PROVIDERS__M__MODEL", "from-env"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2");
+        assert_eq!(c.retry.max_attempts, Some(5));
+        let ProviderConfig::Mock(m) = &c.providers["m"] else {
+            panic!("mock kind")
+        };
+        assert_eq!(m.model.as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("[retry]\nmax_atempts = 3\n").unwrap_err();
+        assert!(e.0.contains("retry.max_atempts"), "{e}");
+        let e = Config::from_toml("lisen = \"x\"\n").unwrap_err();
+        assert!(e.0.contains("lisen"), "{e}");
+        let e = Config::from_toml("[providers.a]\nkind = \"mock\"\nfail_frist = 1\n").unwrap_err();
+        assert!(
+            e.0.contains("providers.a") && e.0.contains("fail_frist"),
+            "{e}"
+        );
+        let e = Config::from_toml("[providers.a]\nkind = \"gemini\"\n").unwrap_err();
+        assert!(e.0.contains("providers.a") && e.0.contains("gemini"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_toml("listen = \"nowhere\"\n").unwrap_err();
+        assert!(e.0.contains("`listen`"), "{e}");
+        let e = Config::from_toml("[retry]\nmax_attempts = \"three\"\n").unwrap_err();
+        assert!(e.0.contains("retry.max_attempts"), "{e}");
+        let e = Config::from_toml("[retry]\nmax_attempts = 0\n").unwrap_err();
+        assert!(e.0.contains("retry.max_attempts"), "{e}");
+        let e = Config::from_toml("[retry]\nretry_on = [\"auth\"]\n").unwrap_err();
+        assert!(
+            e.0.contains("retry.retry_on") && e.0.contains("auth"),
+            "{e}"
+        );
+        let e = Config::from_toml("[providers.d]\nkind = \"databricks\"\n").unwrap_err();
+        assert!(e.0.contains("providers.d.base_url"), "{e}");
+        let e = Config::from_toml("default_provider = \"x\"\n[providers.a]\nkind = \"mock\"\n")
+            .unwrap_err();
+        assert!(e.0.contains("default_provider"), "{e}");
+        let e = Config::from_toml(
+            "[providers.a]\nkind = \"mock\"\n[providers.a.retry]\nmax_backoff_ms = 1\ninitial_backoff_ms = 5\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.a.retry.max_backoff_ms"), "{e}");
+    }
+
+    #[test]
+    fn env_variable_with_unknown_key_is_rejected() {
+        let e = Config::load(None, &env(&[("GATEWAY_RETRY__BOGUS", "1")])).unwrap_err();
+        assert!(e.0.contains("retry.bogus"), "{e}");
+    }
+}

@@ -1,0 +1,382 @@
+//! The Anthropic Messages API (`POST {base_url}/v1/messages`), unary and SSE.
+
+use std::collections::{HashMap, VecDeque};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde_json::{Value, json};
+
+use super::http::{self, Classified};
+use super::sse::{SseEvent, SseTranslator, sse_stream};
+use super::{ApiKey, EventStream, Provider};
+use crate::chat::{
+    ChatRequest, ChatResponse, Content, Role, StopReason, StreamEvent, ToolChoice, Usage,
+};
+use crate::config::{ConfigError, EnvSource, HttpProviderConfig};
+use crate::error::{ErrorClass, ProviderError};
+
+/// The public endpoint.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+/// The model used when neither the request nor the config names one.
+pub const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
+const API_VERSION: &str = "2023-06-01";
+/// Anthropic requires `max_tokens`; this is sent when the request has none.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// A provider speaking the Anthropic Messages API.
+#[derive(Debug)]
+pub struct AnthropicProvider {
+    client: reqwest::Client,
+    url: String,
+    api_key: ApiKey,
+    model: String,
+    max_tokens: u32,
+}
+
+impl AnthropicProvider {
+    /// Builds the provider; fails naming the variable when its key is unset.
+    pub fn new(
+        name: &str,
+        config: &HttpProviderConfig,
+        env: &dyn EnvSource,
+    ) -> Result<Self, ConfigError> {
+        let key_env = config.api_key_env.as_deref().unwrap_or("ANTHROPIC_API_KEY");
+        Ok(Self {
+            client: http::client(config.connect_timeout_ms, config.pool_idle_timeout_ms)?,
+            url: http::join_url(
+                config.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL),
+                "v1/messages",
+            ),
+            api_key: ApiKey::from_env(env, key_env, name)?,
+            model: config.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
+            max_tokens: config.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        })
+    }
+
+    fn request(&self, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
+        let mut key = reqwest::header::HeaderValue::from_str(self.api_key.expose())
+            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
+        key.set_sensitive(true);
+        self.client
+            .post(&self.url)
+            .header("x-api-key", key)
+            .header("anthropic-version", API_VERSION)
+            .json(&self.body(req, stream))
+    }
+
+    fn body(&self, req: &ChatRequest, stream: bool) -> Value {
+        let mut obj = serde_json::Map::new();
+        obj.insert("model".into(), json!(req.model_or(&self.model)));
+        obj.insert(
+            "max_tokens".into(),
+            json!(req.max_tokens.unwrap_or(self.max_tokens)),
+        );
+        let messages: Vec<Value> = req
+            .messages
+            .iter()
+            .map(|m| {
+                json!({
+                    "role": match m.role { Role::User => "user", Role::Assistant => "assistant" },
+                    "content": m.content.iter().map(content_json).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        obj.insert("messages".into(), Value::Array(messages));
+        if !req.system.is_empty() {
+            obj.insert("system".into(), json!(req.system));
+        }
+        if let Some(t) = req.temperature {
+            obj.insert("temperature".into(), json!(t));
+        }
+        if let Some(p) = req.top_p {
+            obj.insert("top_p".into(), json!(p));
+        }
+        if !req.stop_sequences.is_empty() {
+            obj.insert("stop_sequences".into(), json!(req.stop_sequences));
+        }
+        if !req.tools.is_empty() {
+            obj.insert(
+                "tools".into(),
+                req.tools
+                    .iter()
+                    .map(|t| {
+                        json!({"name": t.name, "description": t.description, "input_schema": t.input_schema})
+                    })
+                    .collect(),
+            );
+            let choice = match &req.tool_choice {
+                ToolChoice::Auto => json!({"type": "auto"}),
+                ToolChoice::Any => json!({"type": "any"}),
+                ToolChoice::Tool(name) => json!({"type": "tool", "name": name}),
+                ToolChoice::None => json!({"type": "none"}),
+            };
+            obj.insert("tool_choice".into(), choice);
+        }
+        if stream {
+            obj.insert("stream".into(), json!(true));
+        }
+        Value::Object(obj)
+    }
+}
+
+fn content_json(c: &Content) -> Value {
+    match c {
+        Content::Text(text) => json!({"type": "text", "text": text}),
+        Content::ToolUse {
+            id,
+            name,
+            input_json,
+        } => json!({
+            "type": "tool_use", "id": id, "name": name,
+            "input": serde_json::from_str::<Value>(input_json).unwrap_or_else(|_| json!({})),
+        }),
+        Content::ToolResult {
+            tool_use_id,
+            content,
+            is_error,
+        } => json!({
+            "type": "tool_result", "tool_use_id": tool_use_id, "content": content, "is_error": is_error,
+        }),
+    }
+}
+
+impl Provider for AnthropicProvider {
+    fn kind(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+
+    fn complete<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        async move {
+            let response = http::send(self.request(req, false), classify).await?;
+            parse_response(&http::json_body(response).await?)
+        }
+        .boxed()
+    }
+
+    fn stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
+        async move {
+            let response = http::send(self.request(req, true), classify).await?;
+            Ok(sse_stream(response, Translator::default()))
+        }
+        .boxed()
+    }
+}
+
+/// The class of an Anthropic error `type`.
+fn error_type_class(kind: &str) -> Option<ErrorClass> {
+    Some(match kind {
+        "invalid_request_error" => ErrorClass::InvalidRequest,
+        "authentication_error" | "permission_error" => ErrorClass::Auth,
+        "not_found_error" => ErrorClass::NotFound,
+        "request_too_large" => ErrorClass::ContextLength,
+        "rate_limit_error" => ErrorClass::RateLimited,
+        "api_error" => ErrorClass::ServerError,
+        "overloaded_error" => ErrorClass::Overloaded,
+        "timeout_error" => ErrorClass::Timeout,
+        _ => return None,
+    })
+}
+
+fn classify(_status: u16, body: &[u8]) -> Classified {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let error = &value["error"];
+    Classified {
+        class: error["type"].as_str().and_then(error_type_class),
+        message: error["message"].as_str().unwrap_or_default().to_string(),
+        should_retry: None,
+    }
+}
+
+fn stop_reason(s: &str) -> StopReason {
+    match s {
+        "max_tokens" | "model_context_window_exceeded" => StopReason::MaxTokens,
+        "stop_sequence" => StopReason::StopSequence,
+        "tool_use" => StopReason::ToolUse,
+        _ => StopReason::EndTurn,
+    }
+}
+
+fn usage(v: &Value) -> Usage {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32;
+    Usage {
+        input_tokens: n("input_tokens"),
+        output_tokens: n("output_tokens"),
+    }
+}
+
+fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
+    let blocks = v["content"]
+        .as_array()
+        .ok_or_else(|| ProviderError::new(ErrorClass::ServerError, "response without content"))?;
+    let content = blocks
+        .iter()
+        .filter_map(|b| match b["type"].as_str() {
+            Some("text") => Some(Content::Text(b["text"].as_str().unwrap_or_default().into())),
+            Some("tool_use") => Some(Content::ToolUse {
+                id: b["id"].as_str().unwrap_or_default().into(),
+                name: b["name"].as_str().unwrap_or_default().into(),
+                input_json: b["input"].to_string(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let stop = v["stop_reason"].as_str().ok_or_else(|| {
+        ProviderError::new(ErrorClass::ServerError, "response without stop_reason")
+    })?;
+    Ok(ChatResponse {
+        id: v["id"].as_str().unwrap_or_default().into(),
+        model: v["model"].as_str().unwrap_or_default().into(),
+        content,
+        stop_reason: stop_reason(stop),
+        usage: usage(&v["usage"]),
+    })
+}
+
+/// Follows one Anthropic SSE stream. Upstream block indexes are renumbered
+/// so the blocks the gateway relays (text, tool use) count from 0 without
+/// gaps left by thinking blocks.
+#[derive(Default)]
+struct Translator {
+    blocks: HashMap<u64, u32>,
+    next_index: u32,
+    usage: Usage,
+    stop: Option<StopReason>,
+}
+
+type Out = VecDeque<Result<StreamEvent, ProviderError>>;
+
+impl SseTranslator for Translator {
+    fn on_event(&mut self, event: SseEvent, out: &mut Out) {
+        let v: Value = match serde_json::from_str(&event.data) {
+            Ok(v) => v,
+            Err(_) if event.event == "ping" => return,
+            Err(e) => return out.push_back(Err(http::bad_json("a stream event", &e))),
+        };
+        let kind = v["type"].as_str().unwrap_or(event.event.as_str());
+        let upstream_index = v["index"].as_u64().unwrap_or(0);
+        match kind {
+            "message_start" => {
+                let m = &v["message"];
+                self.usage = usage(&m["usage"]);
+                out.push_back(Ok(StreamEvent::Start {
+                    id: m["id"].as_str().unwrap_or_default().into(),
+                    model: m["model"].as_str().unwrap_or_default().into(),
+                }));
+            }
+            "content_block_start" => {
+                let block = &v["content_block"];
+                let block_type = block["type"].as_str().unwrap_or_default();
+                if block_type != "text" && block_type != "tool_use" {
+                    return;
+                }
+                let index = self.next_index;
+                self.next_index += 1;
+                self.blocks.insert(upstream_index, index);
+                if block_type == "tool_use" {
+                    out.push_back(Ok(StreamEvent::ToolUseStart {
+                        index,
+                        id: block["id"].as_str().unwrap_or_default().into(),
+                        name: block["name"].as_str().unwrap_or_default().into(),
+                    }));
+                } else if let Some(text) = block["text"].as_str().filter(|t| !t.is_empty()) {
+                    out.push_back(Ok(StreamEvent::Text {
+                        index,
+                        text: text.into(),
+                    }));
+                }
+            }
+            "content_block_delta" => {
+                let Some(&index) = self.blocks.get(&upstream_index) else {
+                    return;
+                };
+                let delta = &v["delta"];
+                match delta["type"].as_str() {
+                    Some("text_delta") => {
+                        let text = delta["text"].as_str().unwrap_or_default();
+                        if !text.is_empty() {
+                            out.push_back(Ok(StreamEvent::Text {
+                                index,
+                                text: text.into(),
+                            }));
+                        }
+                    }
+                    Some("input_json_delta") => {
+                        let json = delta["partial_json"].as_str().unwrap_or_default();
+                        if !json.is_empty() {
+                            out.push_back(Ok(StreamEvent::ToolInputJson {
+                                index,
+                                json: json.into(),
+                            }));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                if let Some(s) = v["delta"]["stop_reason"].as_str() {
+                    self.stop = Some(stop_reason(s));
+                }
+                if let Some(n) = v["usage"]["output_tokens"].as_u64() {
+                    self.usage.output_tokens = n.min(u32::MAX as u64) as u32;
+                }
+                if let Some(n) = v["usage"]["input_tokens"].as_u64().filter(|n| *n > 0) {
+                    self.usage.input_tokens = n.min(u32::MAX as u64) as u32;
+                }
+            }
+            "message_stop" => {
+                out.push_back(Ok(StreamEvent::Usage(self.usage)));
+                match self.stop {
+                    Some(stop) => out.push_back(Ok(StreamEvent::Stop(stop))),
+                    None => out.push_back(Err(ProviderError::new(
+                        ErrorClass::StreamInterrupted,
+                        "the upstream stream stopped without a stop reason",
+                    ))),
+                }
+            }
+            "error" => {
+                let e = &v["error"];
+                let class = e["type"]
+                    .as_str()
+                    .and_then(error_type_class)
+                    .unwrap_or(ErrorClass::ServerError);
+                let message = e["message"].as_str().unwrap_or("error event").to_string();
+                out.push_back(Err(ProviderError::new(
+                    class,
+                    format!("error event in the upstream stream: {message}"),
+                )));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_end(&mut self, _out: &mut Out) {
+        // Without `message_stop` the stream was truncated; the registry
+        // reports the missing stop reason.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_classify_by_type() {
+        let c = classify(
+            400,
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#,
+        );
+        assert_eq!(c.class, Some(ErrorClass::Overloaded));
+        assert_eq!(c.message, "busy");
+        assert_eq!(classify(500, b"not json").class, None);
+    }
+}

@@ -1,0 +1,95 @@
+//! Providers: each translates the gateway's [`ChatRequest`] to one upstream
+//! API and the upstream's answers and failures back. A provider makes exactly
+//! one upstream call per method call and never retries; the registry owns
+//! retry, timeouts and deadlines.
+
+pub mod anthropic;
+pub mod databricks;
+mod http;
+pub mod mock;
+pub mod openai;
+mod sse;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_core::Stream;
+use futures_util::future::BoxFuture;
+
+use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
+use crate::config::{ConfigError, EnvSource, ProviderConfig};
+use crate::error::ProviderError;
+
+/// The events of one streamed attempt. It ends after [`StreamEvent::Stop`] or
+/// after the first error; dropping it drops the upstream request.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderError>> + Send>>;
+
+/// One upstream API behind the gateway.
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's kind (`anthropic`, `openai`, `databricks`, `mock`).
+    fn kind(&self) -> &'static str;
+
+    /// The model used when a request names none.
+    fn default_model(&self) -> &str;
+
+    /// Makes one upstream call for a whole answer.
+    fn complete<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>;
+
+    /// Opens one upstream stream. Resolves once the upstream accepted the
+    /// request (an HTTP error status is an `Err` here); the events follow.
+    fn stream<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<EventStream, ProviderError>>;
+}
+
+/// An API key read from the environment. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key, for the one header that carries it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Reads the key from `var`; start-up fails naming the variable when it
+    /// is unset or empty.
+    pub fn from_env(env: &dyn EnvSource, var: &str, provider: &str) -> Result<Self, ConfigError> {
+        match env.get(var) {
+            Some(v) if !v.trim().is_empty() => Ok(Self(v.trim().to_string())),
+            _ => Err(ConfigError(format!(
+                "provider `{provider}`: environment variable {var} (its api_key_env) is not set"
+            ))),
+        }
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Builds the provider described by one `[providers.X]` section.
+pub fn build(
+    name: &str,
+    config: &ProviderConfig,
+    env: &dyn EnvSource,
+) -> Result<Arc<dyn Provider>, ConfigError> {
+    Ok(match config {
+        ProviderConfig::Anthropic(c) => Arc::new(anthropic::AnthropicProvider::new(name, c, env)?),
+        ProviderConfig::Openai(c) => Arc::new(openai::OpenAiProvider::new(name, c, env)?),
+        ProviderConfig::Databricks(c) => Arc::new(databricks::provider(name, c, env)?),
+        ProviderConfig::Mock(c) => Arc::new(mock::MockProvider::new(c)?),
+    })
+}

@@ -1,0 +1,527 @@
+//! Any OpenAI-compatible chat completions API (OpenAI, vLLM, Ollama,
+//! llama.cpp server, ...): `POST {base_url}/chat/completions`, unary and SSE.
+//! Databricks Model Serving speaks the same shapes at another path (see
+//! [`super::databricks`]).
+
+use std::collections::{HashMap, VecDeque};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value, json};
+
+use super::http::{self, Classified};
+use super::sse::{SseEvent, SseTranslator, sse_stream};
+use super::{ApiKey, EventStream, Provider};
+use crate::chat::{
+    ChatRequest, ChatResponse, Content, Role, StopReason, StreamEvent, ToolChoice, Usage,
+};
+use crate::config::{ConfigError, EnvSource, HttpProviderConfig};
+use crate::error::{ErrorClass, ProviderError};
+
+/// The public endpoint.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+/// The model used when neither the request nor the config names one.
+pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
+
+/// Where requests go.
+#[derive(Debug, Clone)]
+pub(crate) enum Endpoint {
+    /// `{base}/chat/completions`, the model in the body.
+    ChatCompletions(String),
+    /// `{base}/serving-endpoints/{model}/invocations`, no model in the body.
+    ServingEndpoint(String),
+}
+
+/// A provider speaking OpenAI's chat completions shapes.
+#[derive(Debug)]
+pub struct OpenAiProvider {
+    kind: &'static str,
+    client: reqwest::Client,
+    endpoint: Endpoint,
+    api_key: Option<ApiKey>,
+    model: String,
+    max_tokens: Option<u32>,
+}
+
+impl OpenAiProvider {
+    /// Builds an `openai` provider. The key comes from `api_key_env`
+    /// (`OPENAI_API_KEY` when the base URL is OpenAI's own); a self-hosted
+    /// server configured without `api_key_env` is called without a key.
+    pub fn new(
+        name: &str,
+        config: &HttpProviderConfig,
+        env: &dyn EnvSource,
+    ) -> Result<Self, ConfigError> {
+        let base = config.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
+        let key_env = match (&config.api_key_env, config.base_url.is_none()) {
+            (Some(var), _) if !var.is_empty() => Some(var.as_str()),
+            (None, true) => Some("OPENAI_API_KEY"),
+            _ => None,
+        };
+        Self::with_endpoint(
+            "openai",
+            Endpoint::ChatCompletions(http::join_url(base, "chat/completions")),
+            name,
+            config,
+            key_env,
+            DEFAULT_MODEL,
+            env,
+        )
+    }
+
+    pub(crate) fn with_endpoint(
+        kind: &'static str,
+        endpoint: Endpoint,
+        name: &str,
+        config: &HttpProviderConfig,
+        key_env: Option<&str>,
+        default_model: &str,
+        env: &dyn EnvSource,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            kind,
+            client: http::client(config.connect_timeout_ms, config.pool_idle_timeout_ms)?,
+            endpoint,
+            api_key: key_env
+                .map(|var| ApiKey::from_env(env, var, name))
+                .transpose()?,
+            model: config.model.clone().unwrap_or_else(|| default_model.into()),
+            max_tokens: config.max_tokens,
+        })
+    }
+
+    fn request(&self, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
+        let model = req.model_or(&self.model);
+        let (url, send_model, include_usage) = match &self.endpoint {
+            Endpoint::ChatCompletions(url) => (url.clone(), true, true),
+            Endpoint::ServingEndpoint(base) => (
+                http::join_url(base, &format!("serving-endpoints/{model}/invocations")),
+                false,
+                false,
+            ),
+        };
+        let mut builder = self.client.post(url);
+        if let Some(key) = &self.api_key
+            && let Ok(mut value) =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+        {
+            value.set_sensitive(true);
+            builder = builder.header(reqwest::header::AUTHORIZATION, value);
+        }
+        builder.json(&body(
+            req,
+            model,
+            send_model,
+            self.max_tokens,
+            stream,
+            include_usage,
+        ))
+    }
+}
+
+fn body(
+    req: &ChatRequest,
+    model: &str,
+    send_model: bool,
+    default_max_tokens: Option<u32>,
+    stream: bool,
+    include_usage: bool,
+) -> Value {
+    let mut obj = Map::new();
+    if send_model {
+        obj.insert("model".into(), json!(model));
+    }
+    obj.insert("messages".into(), Value::Array(messages(req)));
+    if let Some(n) = req.max_tokens.or(default_max_tokens) {
+        obj.insert("max_tokens".into(), json!(n));
+    }
+    if let Some(t) = req.temperature {
+        obj.insert("temperature".into(), json!(t));
+    }
+    if let Some(p) = req.top_p {
+        obj.insert("top_p".into(), json!(p));
+    }
+    if !req.stop_sequences.is_empty() {
+        obj.insert("stop".into(), json!(req.stop_sequences));
+    }
+    if !req.tools.is_empty() {
+        let tools = req
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.input_schema,
+                }})
+            })
+            .collect();
+        obj.insert("tools".into(), Value::Array(tools));
+        let choice = match &req.tool_choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::Any => json!("required"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Tool(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+        obj.insert("tool_choice".into(), choice);
+    }
+    if stream {
+        obj.insert("stream".into(), json!(true));
+        if include_usage {
+            obj.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+    }
+    Value::Object(obj)
+}
+
+/// The gateway's messages in OpenAI's shape: the system prompt first, tool
+/// results as `tool` messages, tool calls as an assistant's `tool_calls`.
+fn messages(req: &ChatRequest) -> Vec<Value> {
+    let mut out = Vec::new();
+    if !req.system.is_empty() {
+        out.push(json!({"role": "system", "content": req.system}));
+    }
+    for m in &req.messages {
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for c in &m.content {
+            match c {
+                Content::Text(t) => text.push_str(t),
+                Content::ToolUse {
+                    id,
+                    name,
+                    input_json,
+                } => calls.push(json!({
+                    "id": id, "type": "function",
+                    "function": {"name": name, "arguments": input_json},
+                })),
+                Content::ToolResult {
+                    tool_use_id,
+                    content,
+                    ..
+                } => out.push(json!({
+                    "role": "tool", "tool_call_id": tool_use_id, "content": content,
+                })),
+            }
+        }
+        match m.role {
+            Role::User if !text.is_empty() => out.push(json!({"role": "user", "content": text})),
+            Role::User => {}
+            Role::Assistant => {
+                let mut msg = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    msg["tool_calls"] = Value::Array(calls);
+                    if text.is_empty() {
+                        msg["content"] = Value::Null;
+                    }
+                }
+                out.push(msg);
+            }
+        }
+    }
+    out
+}
+
+impl Provider for OpenAiProvider {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+
+    fn complete<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        async move {
+            let response = http::send(self.request(req, false), classify).await?;
+            parse_response(&http::json_body(response).await?)
+        }
+        .boxed()
+    }
+
+    fn stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
+        async move {
+            let response = http::send(self.request(req, true), classify).await?;
+            Ok(sse_stream(response, Translator::default()))
+        }
+        .boxed()
+    }
+}
+
+/// Reads `{"error": {"message", "type", "code"}}` (code and type are
+/// structured fields, not message text).
+fn error_fields(error: &Value) -> Classified {
+    let code = error["code"].as_str().unwrap_or_default();
+    let kind = error["type"].as_str().unwrap_or_default();
+    let (class, should_retry) = match (code, kind) {
+        ("context_length_exceeded", _) | ("string_above_max_length", _) => {
+            (Some(ErrorClass::ContextLength), None)
+        }
+        // A spent quota is final, though it arrives as a 429.
+        ("insufficient_quota", _) | (_, "insufficient_quota") => {
+            (Some(ErrorClass::RateLimited), Some(false))
+        }
+        ("invalid_api_key", _) => (Some(ErrorClass::Auth), None),
+        ("model_not_found", _) => (Some(ErrorClass::NotFound), None),
+        _ => (None, None),
+    };
+    let message = match &error["message"] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    Classified {
+        class,
+        message,
+        should_retry,
+    }
+}
+
+fn classify(_status: u16, body: &[u8]) -> Classified {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    match &value["error"] {
+        Value::Object(_) => error_fields(&value["error"]),
+        // Some servers (Databricks, llama.cpp) send `{"message": ...}` or a
+        // plain string.
+        Value::String(s) => Classified {
+            message: s.clone(),
+            ..Default::default()
+        },
+        _ => Classified {
+            message: value["message"].as_str().unwrap_or_default().to_string(),
+            ..Default::default()
+        },
+    }
+}
+
+fn finish_reason(s: &str) -> StopReason {
+    match s {
+        "length" => StopReason::MaxTokens,
+        "tool_calls" | "function_call" => StopReason::ToolUse,
+        _ => StopReason::EndTurn,
+    }
+}
+
+fn usage(v: &Value) -> Usage {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32;
+    Usage {
+        input_tokens: n("prompt_tokens"),
+        output_tokens: n("completion_tokens"),
+    }
+}
+
+fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
+    let choice = &v["choices"][0];
+    let message = &choice["message"];
+    if !message.is_object() {
+        return Err(ProviderError::new(
+            ErrorClass::ServerError,
+            "response without choices[0].message",
+        ));
+    }
+    let mut content = Vec::new();
+    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
+        content.push(Content::Text(text.into()));
+    }
+    for call in message["tool_calls"].as_array().into_iter().flatten() {
+        content.push(Content::ToolUse {
+            id: call["id"].as_str().unwrap_or_default().into(),
+            name: call["function"]["name"].as_str().unwrap_or_default().into(),
+            input_json: call["function"]["arguments"]
+                .as_str()
+                .unwrap_or("{}")
+                .into(),
+        });
+    }
+    let reason = choice["finish_reason"].as_str().ok_or_else(|| {
+        ProviderError::new(ErrorClass::ServerError, "response without finish_reason")
+    })?;
+    Ok(ChatResponse {
+        id: v["id"].as_str().unwrap_or_default().into(),
+        model: v["model"].as_str().unwrap_or_default().into(),
+        content,
+        stop_reason: finish_reason(reason),
+        usage: usage(&v["usage"]),
+    })
+}
+
+/// Follows one chat-completions SSE stream: text gets one block, each tool
+/// call (by its upstream `index`) another, numbered in order of appearance.
+#[derive(Default)]
+struct Translator {
+    started: bool,
+    text_index: Option<u32>,
+    tool_indexes: HashMap<u64, u32>,
+    next_index: u32,
+    usage: Option<Usage>,
+    stop: Option<StopReason>,
+    done: bool,
+}
+
+type Out = VecDeque<Result<StreamEvent, ProviderError>>;
+
+impl Translator {
+    fn finish(&mut self, out: &mut Out) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Some(stop) = self.stop {
+            if let Some(u) = self.usage {
+                out.push_back(Ok(StreamEvent::Usage(u)));
+            }
+            out.push_back(Ok(StreamEvent::Stop(stop)));
+        }
+        // Without a finish_reason the stream was truncated; the registry
+        // reports the missing stop reason.
+    }
+
+    fn index(&mut self) -> u32 {
+        let i = self.next_index;
+        self.next_index += 1;
+        i
+    }
+}
+
+impl SseTranslator for Translator {
+    fn on_event(&mut self, event: SseEvent, out: &mut Out) {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            return self.finish(out);
+        }
+        if data.is_empty() {
+            return;
+        }
+        let v: Value = match serde_json::from_str(data) {
+            Ok(v) => v,
+            Err(e) => return out.push_back(Err(http::bad_json("a stream chunk", &e))),
+        };
+        if v["error"].is_object() {
+            let c = error_fields(&v["error"]);
+            let class = match v["error"]["type"].as_str() {
+                Some("server_error") => ErrorClass::ServerError,
+                _ => c.class.unwrap_or(ErrorClass::StreamInterrupted),
+            };
+            return out.push_back(Err(ProviderError::new(
+                class,
+                format!("error in the upstream stream: {}", c.message),
+            )));
+        }
+        if !self.started {
+            self.started = true;
+            out.push_back(Ok(StreamEvent::Start {
+                id: v["id"].as_str().unwrap_or_default().into(),
+                model: v["model"].as_str().unwrap_or_default().into(),
+            }));
+        }
+        if v["usage"].is_object() {
+            self.usage = Some(usage(&v["usage"]));
+        }
+        let Some(choice) = v["choices"].get(0) else {
+            return;
+        };
+        let delta = &choice["delta"];
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            let index = match self.text_index {
+                Some(i) => i,
+                None => {
+                    let i = self.index();
+                    self.text_index = Some(i);
+                    i
+                }
+            };
+            out.push_back(Ok(StreamEvent::Text {
+                index,
+                text: text.into(),
+            }));
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let upstream = call["index"].as_u64().unwrap_or(0);
+            let index = match self.tool_indexes.get(&upstream) {
+                Some(&i) => i,
+                None => {
+                    let i = self.index();
+                    self.tool_indexes.insert(upstream, i);
+                    out.push_back(Ok(StreamEvent::ToolUseStart {
+                        index: i,
+                        id: call["id"].as_str().unwrap_or_default().into(),
+                        name: call["function"]["name"].as_str().unwrap_or_default().into(),
+                    }));
+                    i
+                }
+            };
+            if let Some(args) = call["function"]["arguments"]
+                .as_str()
+                .filter(|a| !a.is_empty())
+            {
+                out.push_back(Ok(StreamEvent::ToolInputJson {
+                    index,
+                    json: args.into(),
+                }));
+            }
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.stop = Some(finish_reason(reason));
+        }
+    }
+
+    fn on_end(&mut self, out: &mut Out) {
+        // Some servers close the body without `[DONE]`; a finish_reason seen
+        // before that is still a complete answer.
+        self.finish(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_429_is_final() {
+        let c = classify(429, br#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#);
+        assert_eq!(c.class, Some(ErrorClass::RateLimited));
+        assert_eq!(c.should_retry, Some(false));
+    }
+
+    #[test]
+    fn tool_results_become_tool_messages() {
+        let req = ChatRequest {
+            system: "sys".into(),
+            messages: vec![
+                crate::chat::Message {
+                    role: Role::User,
+                    content: vec![Content::Text("hi".into())],
+                },
+                crate::chat::Message {
+                    role: Role::Assistant,
+                    content: vec![Content::ToolUse {
+                        id: "c1".into(),
+                        name: "f".into(),
+                        input_json: "{}".into(),
+                    }],
+                },
+                crate::chat::Message {
+                    role: Role::User,
+                    content: vec![Content::ToolResult {
+                        tool_use_id: "c1".into(),
+                        content: "42".into(),
+                        is_error: false,
+                    }],
+                },
+            ],
+            ..Default::default()
+        };
+        let m = messages(&req);
+        assert_eq!(m[0]["role"], "system");
+        assert_eq!(m[2]["tool_calls"][0]["function"]["name"], "f");
+        assert_eq!(m[2]["content"], Value::Null);
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "c1", "content": "42"})
+        );
+    }
+}

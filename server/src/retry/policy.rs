@@ -1,0 +1,216 @@
+//! The resolved retry policy of one provider: built-in defaults, then
+//! `[retry]`, then `[providers.X.retry]`.
+
+use std::time::Duration;
+
+use crate::config::{ConfigError, RetryConfig, RetryLimitsConfig};
+use crate::error::ErrorClass;
+
+/// A provider's retry policy with every value resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// The first backoff's ceiling.
+    pub initial_backoff: Duration,
+    /// The backoff cap.
+    pub max_backoff: Duration,
+    /// Growth of the ceiling per retry.
+    pub backoff_multiplier: f64,
+    /// The limit of one attempt (until first content for a stream).
+    pub per_try_timeout: Duration,
+    /// A Retry-After longer than this is not waited for.
+    pub max_retry_after: Duration,
+    /// Longest silence between two stream events.
+    pub stream_idle_timeout: Duration,
+    /// The classes that are retried; only transient classes may appear.
+    pub retry_on: Vec<ErrorClass>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_millis(8_000),
+            backoff_multiplier: 2.0,
+            per_try_timeout: Duration::from_millis(60_000),
+            max_retry_after: Duration::from_millis(60_000),
+            stream_idle_timeout: Duration::from_millis(30_000),
+            retry_on: ErrorClass::ALL
+                .into_iter()
+                .filter(|c| c.is_transient())
+                .collect(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Resolves the policy from the registry-wide section and a provider's
+    /// own section; `path` names the provider's section in errors.
+    pub fn resolve(
+        global: &RetryConfig,
+        provider: Option<&RetryConfig>,
+        path: &str,
+    ) -> Result<Self, ConfigError> {
+        let mut policy = Self::default();
+        policy.apply(global, "retry")?;
+        if let Some(own) = provider {
+            policy.apply(own, path)?;
+        }
+        Ok(policy)
+    }
+
+    fn apply(&mut self, c: &RetryConfig, path: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| ConfigError(format!("config key `{path}.{key}`: {why}"));
+        if let Some(n) = c.max_attempts {
+            if n == 0 {
+                return Err(bad("max_attempts", "must be at least 1"));
+            }
+            self.max_attempts = n;
+        }
+        if let Some(ms) = c.initial_backoff_ms {
+            self.initial_backoff = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.max_backoff_ms {
+            self.max_backoff = Duration::from_millis(ms);
+        }
+        if self.max_backoff < self.initial_backoff {
+            return Err(bad("max_backoff_ms", "must be at least initial_backoff_ms"));
+        }
+        if let Some(m) = c.backoff_multiplier {
+            if !(m.is_finite() && m >= 1.0) {
+                return Err(bad("backoff_multiplier", "must be a number >= 1.0"));
+            }
+            self.backoff_multiplier = m;
+        }
+        if let Some(ms) = c.per_try_timeout_ms {
+            if ms == 0 {
+                return Err(bad("per_try_timeout_ms", "must be greater than 0"));
+            }
+            self.per_try_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.max_retry_after_ms {
+            self.max_retry_after = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.stream_idle_timeout_ms {
+            if ms == 0 {
+                return Err(bad("stream_idle_timeout_ms", "must be greater than 0"));
+            }
+            self.stream_idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(names) = &c.retry_on {
+            self.retry_on = parse_classes(names.iter().map(String::as_str))
+                .map_err(|why| bad("retry_on", &why))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a list of retryable class names; `none` alone means no class.
+pub(crate) fn parse_classes<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<ErrorClass>, String> {
+    let mut classes = Vec::new();
+    for name in names {
+        let name = name.trim();
+        if name == "none" {
+            continue;
+        }
+        let class = ErrorClass::parse(name).ok_or_else(|| format!("unknown class `{name}`"))?;
+        if !class.is_transient() {
+            return Err(format!("class `{name}` is never retried"));
+        }
+        if !classes.contains(&class) {
+            classes.push(class);
+        }
+    }
+    Ok(classes)
+}
+
+/// The operator's ceilings for per-request overrides (`[retry.limits]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryLimits {
+    /// The most attempts a request may ask for.
+    pub max_attempts: u32,
+    /// The longest backoff cap a request may ask for.
+    pub max_backoff: Duration,
+    /// The longest per-try timeout a request may ask for.
+    pub per_try_timeout: Duration,
+}
+
+impl Default for RetryLimits {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            max_backoff: Duration::from_secs(30),
+            per_try_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RetryLimits {
+    /// Resolves `[retry.limits]` over the defaults.
+    pub fn resolve(c: Option<&RetryLimitsConfig>) -> Result<Self, ConfigError> {
+        let mut limits = Self::default();
+        let Some(c) = c else { return Ok(limits) };
+        if let Some(n) = c.max_attempts {
+            if n == 0 {
+                return Err(ConfigError(
+                    "config key `retry.limits.max_attempts`: must be at least 1".into(),
+                ));
+            }
+            limits.max_attempts = n;
+        }
+        if let Some(ms) = c.max_backoff_ms {
+            limits.max_backoff = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.per_try_timeout_ms {
+            if ms == 0 {
+                return Err(ConfigError(
+                    "config key `retry.limits.per_try_timeout_ms`: must be greater than 0".into(),
+                ));
+            }
+            limits.per_try_timeout = Duration::from_millis(ms);
+        }
+        Ok(limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_section_overrides_global() {
+        let global = RetryConfig {
+            max_attempts: Some(3),
+            initial_backoff_ms: Some(100),
+            ..Default::default()
+        };
+        let own = RetryConfig {
+            max_attempts: Some(5),
+            retry_on: Some(vec!["rate-limited".into(), "busy".into()]),
+            ..Default::default()
+        };
+        let p = RetryPolicy::resolve(&global, Some(&own), "providers.x.retry").unwrap();
+        assert_eq!(p.max_attempts, 5);
+        assert_eq!(p.initial_backoff, Duration::from_millis(100));
+        assert_eq!(p.retry_on, [ErrorClass::RateLimited, ErrorClass::Busy]);
+    }
+
+    #[test]
+    fn never_retried_classes_are_refused() {
+        assert!(
+            parse_classes(["auth"])
+                .unwrap_err()
+                .contains("never retried")
+        );
+        assert!(
+            parse_classes(["nope"])
+                .unwrap_err()
+                .contains("unknown class")
+        );
+        assert_eq!(parse_classes(["none"]).unwrap(), []);
+    }
+}

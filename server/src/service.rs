@@ -1,0 +1,519 @@
+//! The gRPC service: validates each request, translates it to the gateway's
+//! own types once, and hands it to the registry. It holds no retry, HTTP or
+//! provider logic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::StreamExt;
+use provider_gateway::v1 as pb;
+use tokio::time::Instant;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+
+use crate::chat::{
+    ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, ToolChoice,
+    ToolSpec, Usage,
+};
+use crate::error::GatewayError;
+use crate::registry::{CallOptions, Registry};
+
+/// Response metadata: how many upstream attempts were made.
+pub const ATTEMPTS_HEADER: &str = "x-gateway-attempts";
+/// Response metadata: the provider that served (or failed).
+pub const PROVIDER_HEADER: &str = "x-gateway-provider";
+
+/// The gateway answers `DEADLINE_EXCEEDED` itself this long before the
+/// caller's deadline, so the answer, with its reason, reaches the caller
+/// before the transport's own timer cancels the call without one.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// The `ProviderGateway` service.
+#[derive(Debug, Clone)]
+pub struct GatewayService {
+    registry: Arc<Registry>,
+}
+
+impl GatewayService {
+    /// A service over `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::provider_gateway_server::ProviderGateway for GatewayService {
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let deadline = deadline(request.metadata())?;
+        let r = request.into_inner();
+        let chat = chat_request(ChatFields {
+            model: r.model,
+            system: r.system,
+            messages: r.messages,
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            stop_sequences: r.stop_sequences,
+            tools: r.tools,
+            tool_choice: r.tool_choice,
+        })?;
+        let options = CallOptions {
+            provider: r.provider,
+            deadline,
+        };
+        let done = self
+            .registry
+            .complete(&chat, &options)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let mut response = Response::new(complete_response(
+            &done.provider,
+            done.attempts,
+            done.response,
+        ));
+        report(response.metadata_mut(), &done.provider, done.attempts);
+        Ok(response)
+    }
+
+    type StreamStream = StreamBody;
+
+    async fn stream(
+        &self,
+        request: Request<pb::StreamRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let deadline = deadline(request.metadata())?;
+        let r = request.into_inner();
+        let chat = chat_request(ChatFields {
+            model: r.model,
+            system: r.system,
+            messages: r.messages,
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            stop_sequences: r.stop_sequences,
+            tools: r.tools,
+            tool_choice: r.tool_choice,
+        })?;
+        let options = CallOptions {
+            provider: r.provider,
+            deadline,
+        };
+        let open = self
+            .registry
+            .stream(&chat, &options)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let (provider, attempt) = (open.provider.clone(), open.attempt);
+        let body = open.events.map(move |item| match item {
+            Ok(event) => Ok(stream_response(event, &provider, attempt)),
+            Err(error) => Err(status_of(&error)),
+        });
+        let mut response = Response::new(Box::pin(body) as StreamBody);
+        report(response.metadata_mut(), &open.provider, attempt);
+        Ok(response)
+    }
+
+    async fn list_providers(
+        &self,
+        _request: Request<pb::ListProvidersRequest>,
+    ) -> Result<Response<pb::ListProvidersResponse>, Status> {
+        let providers = self
+            .registry
+            .summaries()
+            .into_iter()
+            .map(|p| pb::ProviderInfo {
+                name: p.name,
+                kind: p.kind.to_string(),
+                default_model: p.default_model,
+            })
+            .collect();
+        Ok(Response::new(pb::ListProvidersResponse {
+            providers,
+            default_provider: self.registry.default_provider().to_string(),
+        }))
+    }
+}
+
+/// Writes `x-gateway-provider` and `x-gateway-attempts`.
+fn report(metadata: &mut MetadataMap, provider: &str, attempts: u32) {
+    if let Ok(v) = MetadataValue::try_from(provider) {
+        metadata.insert(PROVIDER_HEADER, v);
+    }
+    metadata.insert(ATTEMPTS_HEADER, MetadataValue::from(attempts));
+}
+
+/// The caller-facing status of `error`, with the provider and attempts in
+/// its metadata when an upstream was called.
+fn status_of(error: &GatewayError) -> Status {
+    let mut status = error.to_status();
+    match error {
+        GatewayError::Upstream {
+            provider, attempts, ..
+        }
+        | GatewayError::DeadlineExceeded {
+            provider, attempts, ..
+        } => {
+            report(status.metadata_mut(), provider, *attempts);
+        }
+        GatewayError::InvalidArgument(_) | GatewayError::UnknownProvider(_) => {}
+    }
+    status
+}
+
+/// The caller's deadline from `grpc-timeout`, less [`DEADLINE_MARGIN`].
+fn deadline(metadata: &MetadataMap) -> Result<Option<Instant>, Status> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let timeout = value
+        .to_str()
+        .ok()
+        .and_then(parse_grpc_timeout)
+        .ok_or_else(|| Status::invalid_argument("grpc-timeout: malformed value"))?;
+    Ok(Some(
+        Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN),
+    ))
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The fields Complete and Stream share.
+struct ChatFields {
+    model: String,
+    system: String,
+    messages: Vec<pb::Message>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop_sequences: Vec<String>,
+    tools: Vec<pb::Tool>,
+    tool_choice: Option<pb::ToolChoice>,
+}
+
+fn invalid(msg: String) -> Status {
+    Status::invalid_argument(msg)
+}
+
+/// Validates a request and translates it. Every error names the field.
+fn chat_request(f: ChatFields) -> Result<ChatRequest, Status> {
+    if f.messages.is_empty() {
+        return Err(invalid("messages: at least one message is required".into()));
+    }
+    let mut messages = Vec::with_capacity(f.messages.len());
+    let mut previous: Option<Role> = None;
+    for (i, m) in f.messages.into_iter().enumerate() {
+        let role = match pb::Role::try_from(m.role) {
+            Ok(pb::Role::User) => Role::User,
+            Ok(pb::Role::Assistant) => Role::Assistant,
+            Ok(pb::Role::Unspecified) | Err(_) => {
+                return Err(invalid(format!(
+                    "messages[{i}].role: must be ROLE_USER or ROLE_ASSISTANT"
+                )));
+            }
+        };
+        match (previous, role) {
+            (None, Role::Assistant) => {
+                return Err(invalid(
+                    "messages[0].role: the conversation must start with a ROLE_USER message".into(),
+                ));
+            }
+            (Some(p), r) if p == r => {
+                return Err(invalid(format!(
+                    "messages[{i}].role: roles must alternate between ROLE_USER and ROLE_ASSISTANT"
+                )));
+            }
+            _ => {}
+        }
+        previous = Some(role);
+        if m.content.is_empty() {
+            return Err(invalid(format!(
+                "messages[{i}].content: a message needs at least one content block"
+            )));
+        }
+        let mut content = Vec::with_capacity(m.content.len());
+        for (j, block) in m.content.into_iter().enumerate() {
+            content.push(content_block(block, role, i, j)?);
+        }
+        messages.push(Message { role, content });
+    }
+    if f.max_tokens == Some(0) {
+        return Err(invalid("max_tokens: must be at least 1 when set".into()));
+    }
+    if let Some(t) = f.temperature
+        && !(t.is_finite() && (0.0..=2.0).contains(&t))
+    {
+        return Err(invalid(format!("temperature: {t} is outside 0.0..=2.0")));
+    }
+    if let Some(p) = f.top_p
+        && !(p.is_finite() && (0.0..=1.0).contains(&p))
+    {
+        return Err(invalid(format!("top_p: {p} is outside 0.0..=1.0")));
+    }
+    if let Some(i) = f.stop_sequences.iter().position(String::is_empty) {
+        return Err(invalid(format!("stop_sequences[{i}]: must not be empty")));
+    }
+    let mut tools: Vec<ToolSpec> = Vec::with_capacity(f.tools.len());
+    for (i, t) in f.tools.into_iter().enumerate() {
+        if t.name.is_empty()
+            || t.name.len() > 64
+            || !t
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(format!(
+                "tools[{i}].name: `{}` must be 1 to 64 letters, digits, `_` or `-`",
+                t.name
+            )));
+        }
+        if tools.iter().any(|other| other.name == t.name) {
+            return Err(invalid(format!(
+                "tools[{i}].name: `{}` is defined twice",
+                t.name
+            )));
+        }
+        let schema: serde_json::Value = serde_json::from_str(&t.input_schema_json)
+            .map_err(|e| invalid(format!("tools[{i}].input_schema_json: not valid JSON: {e}")))?;
+        if !schema.is_object() {
+            return Err(invalid(format!(
+                "tools[{i}].input_schema_json: must be a JSON Schema object"
+            )));
+        }
+        tools.push(ToolSpec {
+            name: t.name,
+            description: t.description,
+            input_schema: schema,
+        });
+    }
+    let tool_choice = match f.tool_choice {
+        None => ToolChoice::Auto,
+        Some(c) => match pb::tool_choice::Mode::try_from(c.mode) {
+            Ok(pb::tool_choice::Mode::Unspecified | pb::tool_choice::Mode::Auto) => {
+                ToolChoice::Auto
+            }
+            Ok(pb::tool_choice::Mode::Any) => ToolChoice::Any,
+            Ok(pb::tool_choice::Mode::None) => ToolChoice::None,
+            Ok(pb::tool_choice::Mode::Tool) => {
+                if !tools.iter().any(|t| t.name == c.name) {
+                    return Err(invalid(format!(
+                        "tool_choice.name: `{}` is not one of the request's tools",
+                        c.name
+                    )));
+                }
+                ToolChoice::Tool(c.name)
+            }
+            Err(_) => {
+                return Err(invalid(format!(
+                    "tool_choice.mode: unknown value {}",
+                    c.mode
+                )));
+            }
+        },
+    };
+    if tools.is_empty() && matches!(tool_choice, ToolChoice::Any) {
+        return Err(invalid(
+            "tool_choice.mode: MODE_ANY needs at least one tool".into(),
+        ));
+    }
+    Ok(ChatRequest {
+        model: f.model,
+        system: f.system,
+        messages,
+        max_tokens: f.max_tokens,
+        temperature: f.temperature,
+        top_p: f.top_p,
+        stop_sequences: f.stop_sequences,
+        tools,
+        tool_choice,
+    })
+}
+
+fn content_block(
+    block: pb::ContentBlock,
+    role: Role,
+    i: usize,
+    j: usize,
+) -> Result<Content, Status> {
+    use pb::content_block::Block;
+    let at = format!("messages[{i}].content[{j}]");
+    match block.block {
+        None => Err(invalid(format!(
+            "{at}: empty content block (set text, tool_use or tool_result)"
+        ))),
+        Some(Block::Text(text)) if text.is_empty() => {
+            Err(invalid(format!("{at}.text: must not be empty")))
+        }
+        Some(Block::Text(text)) => Ok(Content::Text(text)),
+        Some(Block::ToolUse(t)) => {
+            if role != Role::Assistant {
+                return Err(invalid(format!(
+                    "{at}.tool_use: only assistant messages carry tool calls"
+                )));
+            }
+            if t.id.is_empty() || t.name.is_empty() {
+                return Err(invalid(format!("{at}.tool_use: id and name are required")));
+            }
+            let input_json = if t.input_json.trim().is_empty() {
+                "{}".to_string()
+            } else {
+                t.input_json
+            };
+            match serde_json::from_str::<serde_json::Value>(&input_json) {
+                Ok(v) if v.is_object() => {}
+                Ok(_) => {
+                    return Err(invalid(format!(
+                        "{at}.tool_use.input_json: must be a JSON object"
+                    )));
+                }
+                Err(e) => {
+                    return Err(invalid(format!(
+                        "{at}.tool_use.input_json: not valid JSON: {e}"
+                    )));
+                }
+            }
+            Ok(Content::ToolUse {
+                id: t.id,
+                name: t.name,
+                input_json,
+            })
+        }
+        Some(Block::ToolResult(r)) => {
+            if role != Role::User {
+                return Err(invalid(format!(
+                    "{at}.tool_result: only user messages carry tool results"
+                )));
+            }
+            if r.tool_use_id.is_empty() {
+                return Err(invalid(format!("{at}.tool_result.tool_use_id: required")));
+            }
+            Ok(Content::ToolResult {
+                tool_use_id: r.tool_use_id,
+                content: r.content,
+                is_error: r.is_error,
+            })
+        }
+    }
+}
+
+fn stop_reason(s: StopReason) -> pb::StopReason {
+    match s {
+        StopReason::EndTurn => pb::StopReason::EndTurn,
+        StopReason::MaxTokens => pb::StopReason::MaxTokens,
+        StopReason::StopSequence => pb::StopReason::StopSequence,
+        StopReason::ToolUse => pb::StopReason::ToolUse,
+    }
+}
+
+fn usage(u: Usage) -> pb::Usage {
+    pb::Usage {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+    }
+}
+
+fn complete_response(provider: &str, attempts: u32, r: ChatResponse) -> pb::CompleteResponse {
+    use pb::content_block::Block;
+    let content = r
+        .content
+        .into_iter()
+        .map(|c| pb::ContentBlock {
+            block: Some(match c {
+                Content::Text(t) => Block::Text(t),
+                Content::ToolUse {
+                    id,
+                    name,
+                    input_json,
+                } => Block::ToolUse(pb::ToolUse {
+                    id,
+                    name,
+                    input_json,
+                }),
+                Content::ToolResult {
+                    tool_use_id,
+                    content,
+                    is_error,
+                } => Block::ToolResult(pb::ToolResult {
+                    tool_use_id,
+                    content,
+                    is_error,
+                }),
+            }),
+        })
+        .collect();
+    pb::CompleteResponse {
+        id: r.id,
+        provider: provider.to_string(),
+        model: r.model,
+        content,
+        stop_reason: stop_reason(r.stop_reason) as i32,
+        usage: Some(usage(r.usage)),
+        attempts,
+    }
+}
+
+fn stream_response(event: StreamEvent, provider: &str, attempt: u32) -> pb::StreamResponse {
+    use pb::content_delta::Delta;
+    use pb::stream_response::Event;
+    let delta = |index, delta| {
+        Event::Delta(pb::ContentDelta {
+            index,
+            delta: Some(delta),
+        })
+    };
+    let event = match event {
+        StreamEvent::Start { id, model } => Event::Start(pb::StreamStart {
+            id,
+            provider: provider.to_string(),
+            model,
+            attempt,
+        }),
+        StreamEvent::Text { index, text } => delta(index, Delta::Text(text)),
+        StreamEvent::ToolUseStart { index, id, name } => {
+            delta(index, Delta::ToolUseStart(pb::ToolUseStart { id, name }))
+        }
+        StreamEvent::ToolInputJson { index, json } => delta(index, Delta::ToolInputJson(json)),
+        StreamEvent::Usage(u) => Event::Usage(usage(u)),
+        StreamEvent::Stop(s) => Event::Stop(pb::StreamStop {
+            stop_reason: stop_reason(s) as i32,
+        }),
+    };
+    pb::StreamResponse { event: Some(event) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+    }
+}
