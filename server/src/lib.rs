@@ -83,14 +83,17 @@ pub async fn serve_registry(
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    let local = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
     let summaries = registry.summaries();
     let names: Vec<String> = summaries
         .iter()
         .map(|p| format!("{} ({}, model {})", p.name, p.kind, p.default_model))
         .collect();
     tracing::info!(
-        listen = ?local,
+        listen = %local,
         default_provider = registry.default_provider(),
         providers = %names.join(", "),
         "provider-gateway serving"

@@ -1,1 +1,15 @@
-fn main() {}
+//! End-to-end tests: the real gateway (`serve()` or the binary) on
+//! 127.0.0.1:0, real gRPC clients, and a scripted upstream on 127.0.0.1:0
+//! that speaks each provider's wire format.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod anthropic;
+mod binary;
+mod cancel;
+mod config;
+mod mock;
+mod openai;
+mod status;
+mod support;
+mod validation;

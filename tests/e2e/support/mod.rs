@@ -1,0 +1,76 @@
+//! Test support: the scripted upstream and the real gateway on 127.0.0.1:0.
+
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use provider_gateway_client::GatewayClient;
+use provider_gateway_server::Config;
+use tokio::sync::oneshot;
+
+pub use upstream::{Reply, Step, Upstream, sse_event};
+
+/// The real gateway, served by `serve()` on an ephemeral port.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    /// Dropping it shuts the server down.
+    _stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts the gateway with `toml` as its config file and `env` as its
+    /// environment (never the process's).
+    pub async fn start(toml: &str, env: &[(&str, &str)]) -> Self {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::from_toml(toml).expect("valid test config");
+        Self::start_config(config, env).await
+    }
+
+    pub async fn start_config(config: Config, env: HashMap<String, String>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            provider_gateway_server::serve(listener, config, &env, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("gateway serves");
+        });
+        Self {
+            addr,
+            _stop: stop,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> GatewayClient {
+        GatewayClient::connect(self.url()).await.expect("connects")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config with one HTTP provider named `p` of `kind` at `base_url`.
+pub fn provider_config(kind: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\napi_key_env = \"TEST_KEY\"\n{extra}\n"
+    )
+}
+
+/// The environment holding the test key.
+pub const KEY: &str = "sk-test-secret-123";
+pub const ENV: &[(&str, &str)] = &[("TEST_KEY", KEY)];
