@@ -111,9 +111,22 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
             .await
             .map_err(|e| status_of(&e))?;
         let (provider, attempt) = (open.provider.clone(), open.attempt);
-        let body = open.events.map(move |item| match item {
-            Ok(event) => Ok(stream_response(event, &provider, attempt)),
-            Err(error) => Err(status_of(&error)),
+        let body = open.events.flat_map(move |item| {
+            let items = match item {
+                // After the stop, an OK status carrying the attempt report
+                // becomes the stream's trailers.
+                Ok(event @ StreamEvent::Stop(_)) => {
+                    let mut trailers = Status::ok("");
+                    report(trailers.metadata_mut(), &provider, attempt);
+                    vec![
+                        Ok(stream_response(event, &provider, attempt)),
+                        Err(trailers),
+                    ]
+                }
+                Ok(event) => vec![Ok(stream_response(event, &provider, attempt))],
+                Err(error) => vec![Err(status_of(&error))],
+            };
+            futures_util::stream::iter(items)
         });
         let mut response = Response::new(Box::pin(body) as StreamBody);
         report(response.metadata_mut(), &open.provider, attempt);

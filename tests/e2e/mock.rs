@@ -169,3 +169,31 @@ async fn mock_calls_a_tool_when_asked() {
     assert_eq!(call.name, "search");
     assert_eq!(call.input_json, r#"{"text":"look this up"}"#);
 }
+
+#[tokio::test]
+async fn stream_reports_attempts_and_provider_in_headers_and_trailers() {
+    let gw = Gateway::start("", &[]).await;
+    let mut raw = provider_gateway_client::RawClient::connect(gw.url())
+        .await
+        .unwrap();
+    let response = raw
+        .stream(request::to_stream(request::user("x y")))
+        .await
+        .unwrap();
+    assert_eq!(response.metadata().get("x-gateway-attempts").unwrap(), "1");
+    assert_eq!(
+        response.metadata().get("x-gateway-provider").unwrap(),
+        "mock"
+    );
+    let mut body = response.into_inner();
+    let mut stops = 0;
+    while let Some(event) = body.message().await.expect("the stream ends OK") {
+        if matches!(event.event, Some(v1::stream_response::Event::Stop(_))) {
+            stops += 1;
+        }
+    }
+    assert_eq!(stops, 1);
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("x-gateway-attempts").unwrap(), "1");
+    assert_eq!(trailers.get("x-gateway-provider").unwrap(), "mock");
+}
