@@ -109,6 +109,15 @@ pub struct RetryConfig {
     pub stream_idle_timeout_ms: Option<u64>,
     /// The failure classes that are retried.
     pub retry_on: Option<Vec<String>>,
+    /// Retries may add at most this fraction of the recent request rate.
+    pub budget_ratio: Option<f64>,
+    /// ... plus this many retries per second.
+    pub budget_min_per_second: Option<f64>,
+    /// The budget's sliding window.
+    pub budget_window_ms: Option<u64>,
+    /// Make a single attempt when the caller says it is retrying itself
+    /// (`grpc-previous-rpc-attempts` > 0).
+    pub single_attempt_when_client_retries: Option<bool>,
     /// Ceilings for per-request overrides (`[retry.limits]` only).
     pub limits: Option<RetryLimitsConfig>,
 }

@@ -187,6 +187,20 @@ pub enum GatewayError {
         error: ProviderError,
         /// Content deltas already relayed to the caller (streams only).
         delivered: Option<u64>,
+        /// The retry budget refused a retry this failure would have had.
+        budget_exhausted: bool,
+    },
+    /// The upstream asked for a wait longer than the gateway may wait (its
+    /// `max_retry_after`, or the caller's remaining deadline).
+    RetryAfterTooLong {
+        /// The provider.
+        provider: String,
+        /// Upstream attempts made.
+        attempts: u32,
+        /// The failure that carried the Retry-After.
+        error: ProviderError,
+        /// The wait the upstream asked for.
+        retry_after: Duration,
     },
     /// The caller's deadline ran out.
     DeadlineExceeded {
@@ -219,14 +233,32 @@ impl GatewayError {
                 }
                 Status::deadline_exceeded(msg)
             }
+            Self::RetryAfterTooLong {
+                provider,
+                attempts,
+                error,
+                retry_after,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                format!(
+                    "provider `{provider}` asked to retry after {} ms, longer than the gateway \
+                     may wait; {attempts} attempt(s) made; last error: {error}",
+                    retry_after.as_millis()
+                ),
+                ErrorDetails::with_retry_info(Some(*retry_after)),
+            ),
             Self::Upstream {
                 provider,
                 attempts,
                 error,
                 delivered,
+                budget_exhausted,
             } => {
                 let mut msg =
                     format!("provider `{provider}` failed after {attempts} attempt(s): {error}");
+                if *budget_exhausted {
+                    msg.push_str("; not retried: the provider's retry budget is spent");
+                }
                 if let Some(n) = delivered {
                     msg.push_str(&format!(
                         "; the stream broke after {n} content delta(s) were delivered"
@@ -322,6 +354,7 @@ mod tests {
             attempts: 1,
             error,
             delivered: None,
+            budget_exhausted: false,
         }
         .to_status();
         assert_eq!(status.code(), Code::ResourceExhausted);
@@ -345,6 +378,7 @@ mod tests {
             attempts: 1,
             error: ProviderError::new(ErrorClass::RateLimited, "x"),
             delivered: Some(3),
+            budget_exhausted: false,
         }
         .to_status();
         assert_eq!(status.code(), Code::Unavailable);

@@ -1,10 +1,16 @@
 //! The provider registry: providers by name, each with its resolved retry
-//! policy, and the default provider. It is the one place that calls a
-//! provider, and so the one place that will retry; today it makes a single
-//! attempt per call, bounded by the per-try timeout and the caller's
-//! deadline, and maps the outcome to a [`GatewayError`].
+//! policy and retry budget, and the default provider. It is the one place
+//! that calls a provider, and so the one place that retries.
+//!
+//! Per call: the provider's policy, with the request's overrides merged in
+//! within the operator's limits; attempts bounded by the per-try timeout
+//! and the caller's deadline; after each failure one [`retry::decide`]
+//! (class, `x-should-retry`, attempts left, Retry-After, deadline, budget);
+//! full-jitter waits between attempts. A stream is retried until its commit
+//! point (the first content delta), never after.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +23,12 @@ use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
 use crate::config::{Config, ConfigError, EnvSource, ProviderConfig};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::providers::{self, EventStream, Provider};
-use crate::retry::{RetryLimits, RetryPolicy};
+use crate::retry::{
+    self, Clock, Decision, GiveUp, Jitter, RetryBudget, RetryLimits, RetryOverride, RetryPolicy,
+    TokioClock,
+};
 
-/// A configured provider and its policy.
+/// A configured provider, its policy and its retry budget.
 pub struct RegisteredProvider {
     /// The configured name.
     pub name: String,
@@ -27,6 +36,25 @@ pub struct RegisteredProvider {
     pub provider: Arc<dyn Provider>,
     /// Its resolved retry policy.
     pub policy: RetryPolicy,
+    /// Its retry budget, shared by all calls to it.
+    pub budget: RetryBudget,
+}
+
+impl RegisteredProvider {
+    /// A provider with `policy` and a budget built from it.
+    pub fn new(name: &str, provider: Arc<dyn Provider>, policy: RetryPolicy) -> Self {
+        let budget = RetryBudget::new(
+            policy.budget_ratio,
+            policy.budget_min_per_second,
+            policy.budget_window,
+        );
+        Self {
+            name: name.to_string(),
+            provider,
+            policy,
+            budget,
+        }
+    }
 }
 
 /// What `ListProviders` shows of a provider: never a secret.
@@ -45,8 +73,12 @@ pub struct ProviderSummary {
 pub struct CallOptions {
     /// The provider by name; empty = the default.
     pub provider: String,
-    /// When the caller stops waiting (from `grpc-timeout`).
-    pub deadline: Option<Instant>,
+    /// How long the caller waits (from `grpc-timeout`), from now.
+    pub timeout: Option<Duration>,
+    /// The request's `x-retry-*` overrides.
+    pub overrides: RetryOverride,
+    /// The caller's own earlier attempts (`grpc-previous-rpc-attempts`).
+    pub client_previous_attempts: u32,
 }
 
 /// A whole answer and how it was obtained.
@@ -60,8 +92,7 @@ pub struct Completion {
     pub response: ChatResponse,
 }
 
-/// The events of a committed stream, after the attempt that serves it
-/// delivered its first content (or its stop). The first item is
+/// The events of a committed stream. The first item is
 /// [`StreamEvent::Start`]. It ends after [`StreamEvent::Stop`], or with an
 /// error: a stream never ends quietly without a stop.
 pub type GatewayStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, GatewayError>> + Send>>;
@@ -81,6 +112,8 @@ pub struct Registry {
     providers: BTreeMap<String, RegisteredProvider>,
     default: String,
     limits: RetryLimits,
+    clock: Arc<dyn Clock>,
+    jitter: Jitter,
 }
 
 impl std::fmt::Debug for Registry {
@@ -96,7 +129,7 @@ impl Registry {
     /// Builds every configured provider; fails on the first that cannot be
     /// built (for example a missing API key variable).
     pub fn from_config(config: &Config, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let mut providers = BTreeMap::new();
+        let mut providers = Vec::new();
         for (name, section) in &config.providers {
             let path = format!("providers.{name}.retry");
             let mut policy = RetryPolicy::resolve(&config.retry, section.retry(), &path)?;
@@ -108,20 +141,13 @@ impl Registry {
                     Duration::from_millis(providers::databricks::DEFAULT_PER_TRY_TIMEOUT_MS);
             }
             let provider = providers::build(name, section, env)?;
-            providers.insert(
-                name.clone(),
-                RegisteredProvider {
-                    name: name.clone(),
-                    provider,
-                    policy,
-                },
-            );
+            providers.push(RegisteredProvider::new(name, provider, policy));
         }
-        Ok(Self {
+        Ok(Self::from_providers(
             providers,
-            default: config.default_provider_name()?,
-            limits: RetryLimits::resolve(config.retry.limits.as_ref())?,
-        })
+            &config.default_provider_name()?,
+            RetryLimits::resolve(config.retry.limits.as_ref())?,
+        ))
     }
 
     /// A registry of ready-made providers (for tests and embedding).
@@ -134,7 +160,21 @@ impl Registry {
             providers: providers.into_iter().map(|p| (p.name.clone(), p)).collect(),
             default: default.to_string(),
             limits,
+            clock: Arc::new(TokioClock),
+            jitter: Jitter::from_entropy(),
         }
+    }
+
+    /// Replaces the clock (tests use a scripted one).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Seeds the backoff jitter (tests use a fixed seed).
+    pub fn with_jitter_seed(mut self, seed: u64) -> Self {
+        self.jitter = Jitter::seeded(seed);
+        self
     }
 
     /// The default provider's name.
@@ -167,143 +207,191 @@ impl Registry {
             .ok_or_else(|| GatewayError::UnknownProvider(name.to_string()))
     }
 
-    /// Gets a whole answer.
+    /// Retries refused by `provider`'s budget so far.
+    pub fn budget_refusals(&self, provider: &str) -> Option<u64> {
+        self.providers.get(provider).map(|p| p.budget.refusals())
+    }
+
+    /// The policy of one call: the provider's, the request's overrides
+    /// within the limits, and a single attempt when the caller retries.
+    fn call_policy(&self, entry: &RegisteredProvider, options: &CallOptions) -> RetryPolicy {
+        let mut policy = options.overrides.apply(&entry.policy, &self.limits);
+        if options.client_previous_attempts > 0 && policy.single_attempt_when_client_retries {
+            policy.max_attempts = 1;
+        }
+        policy
+    }
+
+    /// Gets a whole answer, retrying as the policy allows.
     pub async fn complete(
         &self,
         request: &ChatRequest,
         options: &CallOptions,
     ) -> Result<Completion, GatewayError> {
         let entry = self.get(&options.provider)?;
-        let attempts = 1;
-        let limit = attempt_limit(entry, options.deadline, 0)?;
-        match tokio::time::timeout(limit.duration, entry.provider.complete(request)).await {
-            Ok(Ok(response)) => Ok(Completion {
-                provider: entry.name.clone(),
-                attempts,
-                response,
-            }),
-            Ok(Err(error)) => Err(upstream(entry, attempts, error, None)),
-            Err(_) => Err(limit.expired(entry, attempts)),
-        }
+        let policy = self.call_policy(entry, options);
+        let (response, attempts) = self
+            .with_retries(entry, &policy, options.timeout, |_| {
+                entry.provider.complete(request)
+            })
+            .await?;
+        Ok(Completion {
+            provider: entry.name.clone(),
+            attempts,
+            response,
+        })
     }
 
-    /// Opens a stream and waits for its commit point: the first content
-    /// delta (or the stop of an empty answer). A failure before that point
-    /// is an error of the call; after it, an error item of the stream.
+    /// Opens a stream, retrying every failure before its commit point (the
+    /// first content delta, or the stop of an empty answer) invisibly to the
+    /// caller. After the commit point a failure ends the stream with an
+    /// error, never quietly.
     pub async fn stream(
         &self,
         request: &ChatRequest,
         options: &CallOptions,
     ) -> Result<OpenStream, GatewayError> {
         let entry = self.get(&options.provider)?;
-        let attempt = 1;
-        let limit = attempt_limit(entry, options.deadline, 0)?;
-        let opened = tokio::time::timeout(limit.duration, async {
-            let mut events = entry.provider.stream(request).await?;
-            let mut head = VecDeque::new();
-            loop {
-                match events.next().await {
-                    Some(Ok(event)) => {
-                        let commit = event.is_content() || matches!(event, StreamEvent::Stop(_));
-                        head.push_back(event);
-                        if commit {
-                            return Ok((events, head));
-                        }
-                    }
-                    Some(Err(error)) => return Err(error),
-                    None => return Err(no_stop()),
-                }
-            }
-        })
-        .await;
-        let (events, mut head) = match opened {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(error)) => return Err(upstream(entry, attempt, error, None)),
-            Err(_) => return Err(limit.expired(entry, attempt)),
-        };
+        let policy = self.call_policy(entry, options);
+        let idle = policy.stream_idle_timeout;
+        let ((events, mut head), attempt) = self
+            .with_retries(entry, &policy, options.timeout, |_| {
+                open_until_commit(entry.provider.as_ref(), request, idle)
+            })
+            .await?;
         if !matches!(head.front(), Some(StreamEvent::Start { .. })) {
             head.push_front(StreamEvent::Start {
                 id: String::new(),
                 model: request.model_or(entry.provider.default_model()).to_string(),
             });
         }
+        let deadline = options.timeout.map(|t| self.clock.now() + t);
         Ok(OpenStream {
             provider: entry.name.clone(),
             attempt,
-            events: committed(entry, attempt, events, head, options.deadline),
+            events: committed(
+                entry,
+                attempt,
+                events,
+                head,
+                idle,
+                deadline,
+                self.clock.clone(),
+            ),
         })
     }
-}
 
-/// How long one attempt may take, and why it would end.
-struct AttemptLimit {
-    duration: Duration,
-    by_deadline: bool,
-    per_try: Duration,
-}
-
-impl AttemptLimit {
-    fn expired(&self, entry: &RegisteredProvider, attempts: u32) -> GatewayError {
-        let error = ProviderError::new(
-            ErrorClass::Timeout,
-            format!(
-                "no answer within the per-try timeout of {} ms",
-                self.per_try.as_millis()
-            ),
-        );
-        if self.by_deadline {
-            GatewayError::DeadlineExceeded {
-                provider: entry.name.clone(),
-                attempts,
-                last_error: None,
+    /// Runs `attempt` until it succeeds or the policy says stop; returns
+    /// the result and the number of attempts made.
+    async fn with_retries<'a, T, F, Fut>(
+        &self,
+        entry: &RegisteredProvider,
+        policy: &RetryPolicy,
+        timeout: Option<Duration>,
+        mut attempt: F,
+    ) -> Result<(T, u32), GatewayError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>> + 'a,
+    {
+        let deadline = timeout.map(|t| self.clock.now() + t);
+        entry.budget.deposit(self.clock.now());
+        let mut last_error: Option<ProviderError> = None;
+        let mut attempts = 0;
+        loop {
+            let remaining = deadline.map(|d| d.saturating_duration_since(self.clock.now()));
+            if remaining.is_some_and(|r| r.is_zero()) {
+                return Err(GatewayError::DeadlineExceeded {
+                    provider: entry.name.clone(),
+                    attempts,
+                    last_error,
+                });
             }
-        } else {
-            upstream(entry, attempts, error, None)
+            attempts += 1;
+            let limit = remaining.map_or(policy.per_try_timeout, |r| r.min(policy.per_try_timeout));
+            let by_deadline = remaining.is_some_and(|r| r <= policy.per_try_timeout);
+            let error = match tokio::time::timeout(limit, attempt(attempts)).await {
+                Ok(Ok(value)) => return Ok((value, attempts)),
+                Ok(Err(error)) => error,
+                Err(_) if by_deadline => {
+                    return Err(GatewayError::DeadlineExceeded {
+                        provider: entry.name.clone(),
+                        attempts,
+                        last_error,
+                    });
+                }
+                Err(_) => ProviderError::new(
+                    ErrorClass::Timeout,
+                    format!(
+                        "no answer within the per-try timeout of {} ms",
+                        policy.per_try_timeout.as_millis()
+                    ),
+                ),
+            };
+            let now = self.clock.now();
+            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            let decision = retry::decide(
+                policy,
+                attempts,
+                &error,
+                remaining,
+                &entry.budget,
+                &self.jitter,
+                now,
+            );
+            tracing::debug!(
+                provider = %entry.name,
+                attempt = attempts,
+                class = %error.class,
+                http_status = error.http_status,
+                retry_after_ms = error.retry_after.map(|d| d.as_millis() as u64),
+                decision = match decision { Decision::Retry { .. } => "retry", Decision::GiveUp(g) => g.as_str() },
+                backoff_ms = match decision { Decision::Retry { wait } => Some(wait.as_millis() as u64), Decision::GiveUp(_) => None },
+                "attempt failed: {}", error.message
+            );
+            match decision {
+                Decision::Retry { wait } => {
+                    if !wait.is_zero() {
+                        self.clock.sleep(wait).await;
+                    }
+                    last_error = Some(error);
+                }
+                Decision::GiveUp(reason) => {
+                    return Err(give_up(entry, attempts, error, reason));
+                }
+            }
         }
     }
 }
 
-/// The smaller of the per-try timeout and what remains of the deadline; an
-/// attempt that cannot start in time is not made.
-fn attempt_limit(
-    entry: &RegisteredProvider,
-    deadline: Option<Instant>,
-    attempts_made: u32,
-) -> Result<AttemptLimit, GatewayError> {
-    let per_try = entry.policy.per_try_timeout;
-    let Some(deadline) = deadline else {
-        return Ok(AttemptLimit {
-            duration: per_try,
-            by_deadline: false,
-            per_try,
-        });
-    };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    if remaining.is_zero() {
-        return Err(GatewayError::DeadlineExceeded {
-            provider: entry.name.clone(),
-            attempts: attempts_made,
-            last_error: None,
-        });
-    }
-    Ok(AttemptLimit {
-        duration: per_try.min(remaining),
-        by_deadline: remaining <= per_try,
-        per_try,
-    })
-}
-
-fn upstream(
+fn give_up(
     entry: &RegisteredProvider,
     attempts: u32,
     error: ProviderError,
-    delivered: Option<u64>,
+    reason: GiveUp,
 ) -> GatewayError {
-    GatewayError::Upstream {
-        provider: entry.name.clone(),
-        attempts,
-        error,
-        delivered,
+    let provider = entry.name.clone();
+    match reason {
+        GiveUp::RetryAfterTooLong(retry_after) => GatewayError::RetryAfterTooLong {
+            provider,
+            attempts,
+            error,
+            retry_after,
+        },
+        GiveUp::Deadline => GatewayError::DeadlineExceeded {
+            provider,
+            attempts,
+            last_error: Some(error),
+        },
+        GiveUp::NotRetryable | GiveUp::AttemptsSpent | GiveUp::BudgetExhausted => {
+            GatewayError::Upstream {
+                provider,
+                attempts,
+                error,
+                delivered: None,
+                budget_exhausted: reason == GiveUp::BudgetExhausted,
+            }
+        }
     }
 }
 
@@ -314,6 +402,38 @@ fn no_stop() -> ProviderError {
     )
 }
 
+fn stalled(idle: Duration) -> ProviderError {
+    ProviderError::new(
+        ErrorClass::StreamInterrupted,
+        format!("the upstream stream stalled for {} ms", idle.as_millis()),
+    )
+}
+
+/// One stream attempt up to its commit point: opens the stream and reads
+/// until the first content delta (or a stop), each event within `idle`.
+async fn open_until_commit(
+    provider: &dyn Provider,
+    request: &ChatRequest,
+    idle: Duration,
+) -> Result<(EventStream, VecDeque<StreamEvent>), ProviderError> {
+    let mut events = provider.stream(request).await?;
+    let mut head = VecDeque::new();
+    loop {
+        match tokio::time::timeout(idle, events.next()).await {
+            Ok(Some(Ok(event))) => {
+                let commit = event.is_content() || matches!(event, StreamEvent::Stop(_));
+                head.push_back(event);
+                if commit {
+                    return Ok((events, head));
+                }
+            }
+            Ok(Some(Err(error))) => return Err(error),
+            Ok(None) => return Err(no_stop()),
+            Err(_) => return Err(stalled(idle)),
+        }
+    }
+}
+
 struct Committed {
     events: EventStream,
     head: VecDeque<StreamEvent>,
@@ -321,6 +441,7 @@ struct Committed {
     done: bool,
     idle: Duration,
     deadline: Option<Instant>,
+    clock: Arc<dyn Clock>,
     provider: String,
     attempts: u32,
 }
@@ -334,15 +455,18 @@ fn committed(
     attempts: u32,
     events: EventStream,
     head: VecDeque<StreamEvent>,
+    idle: Duration,
     deadline: Option<Instant>,
+    clock: Arc<dyn Clock>,
 ) -> GatewayStream {
     let state = Committed {
         events,
         head,
         delivered: 0,
         done: false,
-        idle: entry.policy.stream_idle_timeout,
+        idle,
         deadline,
+        clock,
         provider: entry.name.clone(),
         attempts,
     };
@@ -355,7 +479,7 @@ fn committed(
             None => {
                 let (wait, by_deadline) = match st.deadline {
                     Some(d) => {
-                        let remaining = d.saturating_duration_since(Instant::now());
+                        let remaining = d.saturating_duration_since(st.clock.now());
                         (st.idle.min(remaining), remaining <= st.idle)
                     }
                     None => (st.idle, false),
@@ -386,11 +510,8 @@ fn committed(
                 })
             }
             Err(false) => {
-                let idle = st.idle.as_millis();
-                Err(st.broken(ProviderError::new(
-                    ErrorClass::StreamInterrupted,
-                    format!("the upstream stream stalled for {idle} ms"),
-                )))
+                let error = stalled(st.idle);
+                Err(st.broken(error))
             }
         };
         Some((item, st))
@@ -405,6 +526,7 @@ impl Committed {
             attempts: self.attempts,
             error,
             delivered: Some(self.delivered),
+            budget_exhausted: false,
         }
     }
 }

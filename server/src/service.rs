@@ -9,8 +9,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use futures_util::StreamExt;
 use provider_gateway::v1 as pb;
-use tokio::time::Instant;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::chat::{
@@ -19,6 +18,7 @@ use crate::chat::{
 };
 use crate::error::GatewayError;
 use crate::registry::{CallOptions, Registry};
+use crate::retry::{OVERRIDE_PREFIX, RetryOverride};
 
 /// Response metadata: how many upstream attempts were made.
 pub const ATTEMPTS_HEADER: &str = "x-gateway-attempts";
@@ -51,7 +51,7 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let deadline = deadline(request.metadata())?;
+        let mut options = call_options(request.metadata())?;
         let r = request.into_inner();
         let chat = chat_request(ChatFields {
             model: r.model,
@@ -64,10 +64,7 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
             tools: r.tools,
             tool_choice: r.tool_choice,
         })?;
-        let options = CallOptions {
-            provider: r.provider,
-            deadline,
-        };
+        options.provider = r.provider;
         let done = self
             .registry
             .complete(&chat, &options)
@@ -88,7 +85,7 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         &self,
         request: Request<pb::StreamRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let deadline = deadline(request.metadata())?;
+        let mut options = call_options(request.metadata())?;
         let r = request.into_inner();
         let chat = chat_request(ChatFields {
             model: r.model,
@@ -101,10 +98,7 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
             tools: r.tools,
             tool_choice: r.tool_choice,
         })?;
-        let options = CallOptions {
-            provider: r.provider,
-            deadline,
-        };
+        options.provider = r.provider;
         let open = self
             .registry
             .stream(&chat, &options)
@@ -170,6 +164,9 @@ fn status_of(error: &GatewayError) -> Status {
         GatewayError::Upstream {
             provider, attempts, ..
         }
+        | GatewayError::RetryAfterTooLong {
+            provider, attempts, ..
+        }
         | GatewayError::DeadlineExceeded {
             provider, attempts, ..
         } => {
@@ -180,19 +177,64 @@ fn status_of(error: &GatewayError) -> Status {
     status
 }
 
-/// The caller's deadline from `grpc-timeout`, less [`DEADLINE_MARGIN`].
-fn deadline(metadata: &MetadataMap) -> Result<Option<Instant>, Status> {
-    let Some(value) = metadata.get("grpc-timeout") else {
-        return Ok(None);
+/// Reads what the registry needs from the request metadata: the caller's
+/// deadline (`grpc-timeout`, less [`DEADLINE_MARGIN`]), the `x-retry-*`
+/// overrides and `grpc-previous-rpc-attempts`. A malformed value is
+/// INVALID_ARGUMENT naming its key, before anything goes upstream.
+fn call_options(metadata: &MetadataMap) -> Result<CallOptions, Status> {
+    let text = |key: &str| -> Result<Option<&str>, Status> {
+        metadata
+            .get(key)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| Status::invalid_argument(format!("{key}: not ASCII text")))
+            })
+            .transpose()
     };
-    let timeout = value
-        .to_str()
-        .ok()
-        .and_then(parse_grpc_timeout)
-        .ok_or_else(|| Status::invalid_argument("grpc-timeout: malformed value"))?;
-    Ok(Some(
-        Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN),
-    ))
+    let timeout = text("grpc-timeout")?
+        .map(|v| {
+            parse_grpc_timeout(v).ok_or_else(|| {
+                Status::invalid_argument(format!("grpc-timeout: `{v}` is malformed"))
+            })
+        })
+        .transpose()?
+        .map(|t| t.saturating_sub(DEADLINE_MARGIN));
+    let client_previous_attempts = text("grpc-previous-rpc-attempts")?
+        .map(|v| {
+            v.trim().parse::<u32>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "grpc-previous-rpc-attempts: `{v}` is not an integer"
+                ))
+            })
+        })
+        .transpose()?
+        .unwrap_or(0);
+    let mut pairs = Vec::new();
+    for entry in metadata.iter() {
+        if let KeyAndValueRef::Ascii(key, value) = entry
+            && key.as_str().starts_with(OVERRIDE_PREFIX)
+        {
+            let value = value.to_str().map_err(|_| {
+                Status::invalid_argument(format!("{}: not ASCII text", key.as_str()))
+            })?;
+            pairs.push((key.as_str(), value));
+        }
+        if let KeyAndValueRef::Binary(key, _) = entry
+            && key.as_str().starts_with(OVERRIDE_PREFIX)
+        {
+            return Err(Status::invalid_argument(format!(
+                "{}: unknown retry override",
+                key.as_str()
+            )));
+        }
+    }
+    let overrides = RetryOverride::parse(pairs).map_err(Status::invalid_argument)?;
+    Ok(CallOptions {
+        provider: String::new(),
+        timeout,
+        overrides,
+        client_previous_attempts,
+    })
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).

@@ -299,14 +299,22 @@ pub async fn drain(
 }
 
 #[tokio::test]
-async fn error_event_before_content_fails_the_call_with_its_class() {
+async fn error_event_before_content_fails_a_single_attempt_with_its_class() {
     let ev = |name: &str, v: serde_json::Value| Step::Chunk(sse_event(name, &v.to_string()));
     let upstream = Upstream::start(vec![Reply::sse_steps(vec![
         ev("message_start", json!({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}})),
         ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
     ])])
     .await;
-    let gw = gateway(&upstream).await;
+    let gw = Gateway::start(
+        &provider_config(
+            "anthropic",
+            &upstream.url(),
+            "[providers.p.retry]\nmax_attempts = 1",
+        ),
+        ENV,
+    )
+    .await;
     let err = gw
         .client()
         .await

@@ -10,6 +10,7 @@ mod cancel;
 mod config;
 mod mock;
 mod openai;
+mod retry;
 mod status;
 mod support;
 mod validation;

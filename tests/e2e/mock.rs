@@ -83,7 +83,7 @@ async fn mock_words_reply_honours_max_tokens() {
 #[tokio::test]
 async fn mock_scripted_failures_then_success() {
     let gw = Gateway::start(
-        "[providers.flaky]\nkind = \"mock\"\nfail_first = 1\nfail_class = \"rate-limited\"\nfail_retry_after_ms = 1500\n",
+        "[providers.flaky]\nkind = \"mock\"\nfail_first = 1\nfail_class = \"rate-limited\"\nfail_retry_after_ms = 1500\n[providers.flaky.retry]\nmax_attempts = 1\n",
         &[],
     )
     .await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use provider_gateway_client::{CallOptions, RetryOverrides, request};
+use provider_gateway_client::{CallOptions, request};
 use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -14,11 +14,18 @@ fn anthropic_error(kind: &str, message: &str) -> serde_json::Value {
     json!({"type": "error", "error": {"type": kind, "message": message}})
 }
 
+/// The contract's rows for one attempt; retries have their own suite.
+const SINGLE_ATTEMPT: &str = "[providers.p.retry]\nmax_attempts = 1";
+
 /// Sends one Complete through an anthropic provider whose upstream answers
 /// `reply`; returns the status.
 async fn status_for(reply: Reply) -> tonic::Status {
     let upstream = Upstream::start(vec![reply]).await;
-    let gw = Gateway::start(&provider_config("anthropic", &upstream.url(), ""), ENV).await;
+    let gw = Gateway::start(
+        &provider_config("anthropic", &upstream.url(), SINGLE_ATTEMPT),
+        ENV,
+    )
+    .await;
     let err = gw
         .client()
         .await
@@ -116,7 +123,11 @@ async fn connection_refused_is_unavailable() {
         .unwrap()
         .port();
     let gw = Gateway::start(
-        &provider_config("openai", &format!("http://127.0.0.1:{port}"), ""),
+        &provider_config(
+            "openai",
+            &format!("http://127.0.0.1:{port}"),
+            SINGLE_ATTEMPT,
+        ),
         ENV,
     )
     .await;
@@ -176,7 +187,7 @@ async fn per_try_timeout_is_unavailable_with_class_timeout() {
         &provider_config(
             "anthropic",
             &upstream.url(),
-            "[providers.p.retry]\nper_try_timeout_ms = 200",
+            "[providers.p.retry]\nper_try_timeout_ms = 200\nmax_attempts = 1",
         ),
         ENV,
     )
@@ -210,22 +221,4 @@ async fn unknown_provider_is_not_found() {
     let status = err.status().unwrap();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("nope"));
-}
-
-#[tokio::test]
-async fn client_overrides_travel_as_metadata() {
-    // The overrides reach the gateway as metadata; today's single-attempt
-    // registry accepts them without changing the answer.
-    let gw = Gateway::start("", &[]).await;
-    let options = CallOptions::new().retry(RetryOverrides {
-        max_attempts: Some(1),
-        ..Default::default()
-    });
-    let answer = gw
-        .client()
-        .await
-        .complete(request::user("ok"), &options)
-        .await
-        .unwrap();
-    assert_eq!(answer.attempts, 1);
 }

@@ -1,8 +1,213 @@
-//! Retry policy: what the registry may retry, how long it waits, and the
-//! ceilings a per-request override may not exceed.
-//!
-//! Only the registry consults a policy; providers never retry.
+//! Retry: the policy of each provider, per-request overrides, full-jitter
+//! backoff, retry budgets, and the one decision made after a failed
+//! attempt. Only the registry consults this module; providers never retry.
 
+mod backoff;
+mod budget;
+mod clock;
+mod overrides;
 mod policy;
 
+use std::time::Duration;
+
+pub use backoff::{Jitter, ceiling};
+pub use budget::RetryBudget;
+pub use clock::{Clock, TokioClock};
+pub use overrides::{PREFIX as OVERRIDE_PREFIX, RetryOverride};
 pub use policy::{RetryLimits, RetryPolicy};
+
+use tokio::time::Instant;
+
+use crate::error::ProviderError;
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Wait this long, then try again.
+    Retry {
+        /// The wait: the jittered backoff, or the upstream's Retry-After if
+        /// longer.
+        wait: Duration,
+    },
+    /// Stop and answer the caller.
+    GiveUp(GiveUp),
+}
+
+/// Why the registry stopped retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// The class is not retried (or the upstream said `x-should-retry: false`).
+    NotRetryable,
+    /// Every allowed attempt was made.
+    AttemptsSpent,
+    /// The provider's retry budget is spent.
+    BudgetExhausted,
+    /// The upstream asked for a wait longer than `max_retry_after` or than
+    /// the caller's remaining deadline.
+    RetryAfterTooLong(Duration),
+    /// The next wait would outlast the caller's deadline.
+    Deadline,
+}
+
+impl GiveUp {
+    /// The name telemetry and messages use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotRetryable => "not_retryable",
+            Self::AttemptsSpent => "give_up",
+            Self::BudgetExhausted => "budget_exhausted",
+            Self::RetryAfterTooLong(_) => "retry_after_too_long",
+            Self::Deadline => "deadline",
+        }
+    }
+}
+
+/// Whether `error` may be retried under `policy`: the upstream's
+/// `x-should-retry` overrides the class, but a class that is never retried
+/// (invalid request, auth, not found, context length, cancelled) stays so.
+pub fn is_retryable(policy: &RetryPolicy, error: &ProviderError) -> bool {
+    match error.should_retry {
+        Some(false) => false,
+        Some(true) => error.class.is_transient(),
+        None => error.class.is_transient() && policy.retry_on.contains(&error.class),
+    }
+}
+
+/// Decides what follows attempt number `attempts` (1-based) that failed
+/// with `error`, with `remaining` of the caller's deadline left. A retry is
+/// only granted when the budget allows it, which spends from the budget.
+pub fn decide(
+    policy: &RetryPolicy,
+    attempts: u32,
+    error: &ProviderError,
+    remaining: Option<Duration>,
+    budget: &RetryBudget,
+    jitter: &Jitter,
+    now: Instant,
+) -> Decision {
+    if !is_retryable(policy, error) {
+        return Decision::GiveUp(GiveUp::NotRetryable);
+    }
+    if attempts >= policy.max_attempts {
+        return Decision::GiveUp(GiveUp::AttemptsSpent);
+    }
+    if let Some(after) = error.retry_after
+        && (after > policy.max_retry_after || remaining.is_some_and(|r| after >= r))
+    {
+        return Decision::GiveUp(GiveUp::RetryAfterTooLong(after));
+    }
+    let wait = jitter
+        .backoff(policy, attempts)
+        .max(error.retry_after.unwrap_or(Duration::ZERO));
+    if remaining.is_some_and(|r| wait >= r) {
+        return Decision::GiveUp(GiveUp::Deadline);
+    }
+    if !budget.withdraw(now) {
+        return Decision::GiveUp(GiveUp::BudgetExhausted);
+    }
+    Decision::Retry { wait }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorClass;
+
+    fn budget() -> RetryBudget {
+        RetryBudget::new(0.2, 100.0, Duration::from_secs(10))
+    }
+
+    fn decide_for(
+        policy: &RetryPolicy,
+        attempts: u32,
+        error: &ProviderError,
+        remaining: Option<Duration>,
+    ) -> Decision {
+        decide(
+            policy,
+            attempts,
+            error,
+            remaining,
+            &budget(),
+            &Jitter::seeded(1),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn classes_and_should_retry_decide() {
+        let p = RetryPolicy::default();
+        let overloaded = ProviderError::new(ErrorClass::Overloaded, "x");
+        assert!(matches!(
+            decide_for(&p, 1, &overloaded, None),
+            Decision::Retry { .. }
+        ));
+        let mut told_no = overloaded.clone();
+        told_no.should_retry = Some(false);
+        assert_eq!(
+            decide_for(&p, 1, &told_no, None),
+            Decision::GiveUp(GiveUp::NotRetryable)
+        );
+        let mut auth = ProviderError::new(ErrorClass::Auth, "x");
+        auth.should_retry = Some(true);
+        assert_eq!(
+            decide_for(&p, 1, &auth, None),
+            Decision::GiveUp(GiveUp::NotRetryable)
+        );
+        let narrow = RetryPolicy {
+            retry_on: vec![ErrorClass::RateLimited],
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            decide_for(&narrow, 1, &overloaded, None),
+            Decision::GiveUp(GiveUp::NotRetryable)
+        );
+        let mut told_yes = overloaded.clone();
+        told_yes.should_retry = Some(true);
+        assert!(matches!(
+            decide_for(&narrow, 1, &told_yes, None),
+            Decision::Retry { .. }
+        ));
+        assert_eq!(
+            decide_for(&p, 3, &overloaded, None),
+            Decision::GiveUp(GiveUp::AttemptsSpent)
+        );
+    }
+
+    #[test]
+    fn retry_after_sets_the_least_wait_or_stops() {
+        let p = RetryPolicy::default();
+        let mut limited = ProviderError::new(ErrorClass::RateLimited, "x");
+        limited.retry_after = Some(Duration::from_secs(2));
+        assert_eq!(
+            decide_for(&p, 1, &limited, None),
+            Decision::Retry {
+                wait: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            decide_for(&p, 1, &limited, Some(Duration::from_secs(1))),
+            Decision::GiveUp(GiveUp::RetryAfterTooLong(Duration::from_secs(2)))
+        );
+        limited.retry_after = Some(Duration::from_secs(120));
+        assert_eq!(
+            decide_for(&p, 1, &limited, None),
+            Decision::GiveUp(GiveUp::RetryAfterTooLong(Duration::from_secs(120)))
+        );
+    }
+
+    #[test]
+    fn a_wait_past_the_deadline_is_not_started() {
+        let p = RetryPolicy {
+            initial_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+            ..RetryPolicy::default()
+        };
+        let e = ProviderError::new(ErrorClass::ServerError, "x");
+        // Jitter may pick a short wait; a deadline of 1 ns is shorter than any.
+        assert_eq!(
+            decide_for(&p, 1, &e, Some(Duration::from_nanos(1))),
+            Decision::GiveUp(GiveUp::Deadline)
+        );
+    }
+}

@@ -25,6 +25,14 @@ pub struct RetryPolicy {
     pub stream_idle_timeout: Duration,
     /// The classes that are retried; only transient classes may appear.
     pub retry_on: Vec<ErrorClass>,
+    /// Retries may add at most this fraction of the recent request rate...
+    pub budget_ratio: f64,
+    /// ... plus this many per second.
+    pub budget_min_per_second: f64,
+    /// Over this sliding window.
+    pub budget_window: Duration,
+    /// One attempt only when the caller is retrying itself.
+    pub single_attempt_when_client_retries: bool,
 }
 
 impl Default for RetryPolicy {
@@ -41,6 +49,10 @@ impl Default for RetryPolicy {
                 .into_iter()
                 .filter(|c| c.is_transient())
                 .collect(),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10.0,
+            budget_window: Duration::from_secs(10),
+            single_attempt_when_client_retries: true,
         }
     }
 }
@@ -98,6 +110,27 @@ impl RetryPolicy {
                 return Err(bad("stream_idle_timeout_ms", "must be greater than 0"));
             }
             self.stream_idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(r) = c.budget_ratio {
+            if !(r.is_finite() && r >= 0.0) {
+                return Err(bad("budget_ratio", "must be a number >= 0"));
+            }
+            self.budget_ratio = r;
+        }
+        if let Some(n) = c.budget_min_per_second {
+            if !(n.is_finite() && n >= 0.0) {
+                return Err(bad("budget_min_per_second", "must be a number >= 0"));
+            }
+            self.budget_min_per_second = n;
+        }
+        if let Some(ms) = c.budget_window_ms {
+            if ms < 1_000 {
+                return Err(bad("budget_window_ms", "must be at least 1000"));
+            }
+            self.budget_window = Duration::from_millis(ms);
+        }
+        if let Some(b) = c.single_attempt_when_client_retries {
+            self.single_attempt_when_client_retries = b;
         }
         if let Some(names) = &c.retry_on {
             self.retry_on = parse_classes(names.iter().map(String::as_str))

@@ -5,9 +5,14 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use futures_util::future::BoxFuture;
 use provider_gateway_client::GatewayClient;
-use provider_gateway_server::Config;
+use provider_gateway_server::retry::Clock;
+use provider_gateway_server::{Config, Registry};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 pub use upstream::{Reply, Step, Upstream, sse_event};
 
@@ -32,11 +37,35 @@ impl Gateway {
     }
 
     pub async fn start_config(config: Config, env: HashMap<String, String>) -> Self {
+        let registry = Registry::from_config(&config, &env).expect("providers build");
+        Self::start_registry(registry).await
+    }
+
+    /// Starts the gateway with a scripted clock (backoffs are recorded, not
+    /// waited) and a fixed jitter seed.
+    pub async fn start_scripted(
+        toml: &str,
+        env: &[(&str, &str)],
+        clock: Arc<ScriptedClock>,
+    ) -> Self {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::from_toml(toml).expect("valid test config");
+        let registry = Registry::from_config(&config, &env)
+            .expect("providers build")
+            .with_clock(clock)
+            .with_jitter_seed(7);
+        Self::start_registry(registry).await
+    }
+
+    pub async fn start_registry(registry: Registry) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            provider_gateway_server::serve(listener, config, &env, async {
+            provider_gateway_server::serve_registry(listener, Arc::new(registry), async {
                 let _ = stopped.await;
             })
             .await
@@ -74,3 +103,46 @@ pub fn provider_config(kind: &str, base_url: &str, extra: &str) -> String {
 /// The environment holding the test key.
 pub const KEY: &str = "sk-test-secret-123";
 pub const ENV: &[(&str, &str)] = &[("TEST_KEY", KEY)];
+
+/// A clock whose sleeps return at once and are recorded; its `now` moves
+/// forward by each sleep, so deadlines see the waited time.
+#[derive(Debug, Default)]
+pub struct ScriptedClock {
+    offset: Mutex<Duration>,
+    sleeps: Mutex<Vec<Duration>>,
+    frozen: bool,
+}
+
+impl ScriptedClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A clock whose time does not move with sleeps: for many concurrent
+    /// callers, whose waits would overlap rather than add up.
+    pub fn frozen() -> Arc<Self> {
+        Arc::new(Self {
+            frozen: true,
+            ..Self::default()
+        })
+    }
+
+    /// Every wait the registry asked for, in order.
+    pub fn sleeps(&self) -> Vec<Duration> {
+        self.sleeps.lock().unwrap().clone()
+    }
+}
+
+impl Clock for ScriptedClock {
+    fn now(&self) -> Instant {
+        Instant::now() + *self.offset.lock().unwrap()
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        self.sleeps.lock().unwrap().push(duration);
+        if !self.frozen {
+            *self.offset.lock().unwrap() += duration;
+        }
+        Box::pin(std::future::ready(()))
+    }
+}
