@@ -222,3 +222,18 @@ async fn unknown_provider_is_not_found() {
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("nope"));
 }
+
+#[tokio::test]
+async fn an_upstream_echoing_the_key_never_leaks_it() {
+    let status = status_for(Reply::json(
+        401,
+        anthropic_error("authentication_error", &format!("invalid x-api-key: {KEY}")),
+    ))
+    .await;
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("invalid x-api-key: [redacted]"),
+        "{}",
+        status.message()
+    );
+}

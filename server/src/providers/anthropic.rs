@@ -154,7 +154,8 @@ impl Provider for AnthropicProvider {
         req: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
         async move {
-            let response = http::send(self.request(req, false), classify).await?;
+            let response =
+                http::send(self.request(req, false), classify, Some(&self.api_key)).await?;
             parse_response(&http::json_body(response).await?)
         }
         .boxed()
@@ -165,7 +166,8 @@ impl Provider for AnthropicProvider {
         req: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
         async move {
-            let response = http::send(self.request(req, true), classify).await?;
+            let response =
+                http::send(self.request(req, true), classify, Some(&self.api_key)).await?;
             Ok(sse_stream(response, Translator::default()))
         }
         .boxed()

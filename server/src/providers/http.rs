@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
 
+use super::ApiKey;
 use crate::error::{ErrorClass, ProviderError};
 
 /// The longest error body read from an upstream.
@@ -31,16 +32,22 @@ pub fn client(
 
 /// Sends `request`; a transport failure becomes a `connection` or `timeout`
 /// error, an error status becomes the class `classify` picks from the body.
+/// An upstream that echoes the key in its error text gets it redacted.
 pub async fn send(
     request: reqwest::RequestBuilder,
     classify: fn(u16, &[u8]) -> Classified,
+    key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
     let response = request.send().await.map_err(|e| transport_error(&e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
-    Err(error_response(response, classify).await)
+    let mut error = error_response(response, classify).await;
+    if let Some(key) = key {
+        error.message = key.redact(&error.message);
+    }
+    Err(error)
 }
 
 /// What a provider reads from an error body.

@@ -62,6 +62,15 @@ impl ApiKey {
         &self.0
     }
 
+    /// `text` with every occurrence of the key replaced by `[redacted]`.
+    pub fn redact(&self, text: &str) -> String {
+        if self.0.len() < 8 {
+            // Too short to tell apart from ordinary words; keys never are.
+            return text.to_string();
+        }
+        text.replace(&self.0, "[redacted]")
+    }
+
     /// Reads the key from `var`; start-up fails naming the variable when it
     /// is unset or empty.
     pub fn from_env(env: &dyn EnvSource, var: &str, provider: &str) -> Result<Self, ConfigError> {

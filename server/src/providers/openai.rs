@@ -234,7 +234,8 @@ impl Provider for OpenAiProvider {
         req: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
         async move {
-            let response = http::send(self.request(req, false), classify).await?;
+            let response =
+                http::send(self.request(req, false), classify, self.api_key.as_ref()).await?;
             parse_response(&http::json_body(response).await?)
         }
         .boxed()
@@ -245,7 +246,8 @@ impl Provider for OpenAiProvider {
         req: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
         async move {
-            let response = http::send(self.request(req, true), classify).await?;
+            let response =
+                http::send(self.request(req, true), classify, self.api_key.as_ref()).await?;
             Ok(sse_stream(response, Translator::default()))
         }
         .boxed()
