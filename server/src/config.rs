@@ -17,6 +17,10 @@ use crate::error::ErrorClass;
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+/// How long open streams may run after SIGTERM before the process exits.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+/// Where the admin HTTP server (`/metrics`) listens by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 /// The prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "GATEWAY_";
 
