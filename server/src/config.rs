@@ -87,6 +87,92 @@ pub struct Config {
     /// The providers, by name.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// How long open calls may run after SIGTERM/SIGINT before the process
+    /// exits.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+    /// Client authentication (off when absent).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// TLS for the gRPC listener (plaintext when absent).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Request size, concurrency and connection limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+fn default_grace() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_MS
+}
+
+/// `[auth]`: callers must send `authorization: Bearer <key>`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// SHA-256 hashes (hex) of the accepted keys.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// A variable holding more hashes, comma-separated.
+    pub keys_env: Option<String>,
+    /// Keys with their own name, allowed providers and retry ceilings.
+    #[serde(default)]
+    pub clients: Vec<AuthClientConfig>,
+}
+
+/// One `[[auth.clients]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthClientConfig {
+    /// A name for logs.
+    pub name: String,
+    /// The SHA-256 hash (hex) of the client's key.
+    pub key_sha256: String,
+    /// The providers this client may call (all when absent).
+    pub providers: Option<Vec<String>>,
+    /// Ceilings for this client's retry overrides, within `[retry.limits]`.
+    pub limits: Option<RetryLimitsConfig>,
+}
+
+/// `[tls]`: serve gRPC over TLS, optionally requiring client certificates.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert_path: String,
+    /// The server's private key (PEM).
+    pub key_path: String,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca_path: Option<String>,
+}
+
+/// `[limits]`: what the gateway accepts before it sheds load.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request message, in bytes.
+    pub max_request_bytes: usize,
+    /// Complete calls served at once; more are answered RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Streams served at once; more are answered RESOURCE_EXHAUSTED.
+    pub max_concurrent_streams: usize,
+    /// HTTP/2 keep-alive ping interval on client connections.
+    pub http2_keepalive_interval_ms: u64,
+    /// How long a keep-alive ping may go unanswered before the connection
+    /// is closed.
+    pub http2_keepalive_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 4 * 1024 * 1024,
+            max_concurrent_requests: 1024,
+            max_concurrent_streams: 1024,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 20_000,
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -301,6 +387,40 @@ impl Config {
             )));
         }
         crate::retry::RetryPolicy::resolve(&self.retry, None, "retry")?;
+        if let Some(auth) = &self.auth {
+            let hex = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+            if let Some(i) = auth.keys.iter().position(|k| !hex(k)) {
+                return Err(err(format!(
+                    "config key `auth.keys[{i}]`: expected a SHA-256 hash as 64 hex digits"
+                )));
+            }
+            for (i, c) in auth.clients.iter().enumerate() {
+                if !hex(&c.key_sha256) {
+                    return Err(err(format!(
+                        "config key `auth.clients[{i}].key_sha256`: expected a SHA-256 hash as 64 hex digits"
+                    )));
+                }
+                for p in c.providers.iter().flatten() {
+                    if !self.providers.contains_key(p) {
+                        return Err(err(format!(
+                            "config key `auth.clients[{i}].providers`: `{p}` is not a configured provider"
+                        )));
+                    }
+                }
+            }
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("max_request_bytes", l.max_request_bytes),
+            ("max_concurrent_requests", l.max_concurrent_requests),
+            ("max_concurrent_streams", l.max_concurrent_streams),
+        ] {
+            if value == 0 {
+                return Err(err(format!(
+                    "config key `limits.{key}`: must be greater than 0"
+                )));
+            }
+        }
         crate::retry::RetryLimits::resolve(self.retry.limits.as_ref())?;
         for (name, provider) in &self.providers {
             if provider.retry().is_some_and(|r| r.limits.is_some()) {

@@ -6,6 +6,8 @@
 //! JSON of each upstream). [`serve`] runs the whole server on a listener, so
 //! tests start the real thing on `127.0.0.1:0`.
 
+pub mod admission;
+pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -17,6 +19,9 @@ mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use provider_gateway::v1::provider_gateway_server::ProviderGatewayServer;
 use tokio::net::TcpListener;
@@ -57,9 +62,79 @@ impl From<ConfigError> for ServeError {
     }
 }
 
-/// Serves the gateway on `listener` until `shutdown` resolves: the
-/// `ProviderGateway` service, `grpc.health.v1` (SERVING once the providers
-/// are loaded) and reflection v1. Provider secrets are read through `env`.
+/// Everything about serving that is not a provider: authentication, TLS,
+/// limits and the shutdown grace.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Client authentication; `None` = open.
+    pub auth: Option<Arc<auth::Authenticator>>,
+    /// TLS for the listener; `None` = plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Request, concurrency and keep-alive limits.
+    pub limits: config::LimitsConfig,
+    /// How long admitted calls may run after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            auth: None,
+            tls: None,
+            limits: config::LimitsConfig::default(),
+            shutdown_grace: Duration::from_millis(config::DEFAULT_SHUTDOWN_GRACE_MS),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Reads the options from the configuration: key hashes from `env`,
+    /// certificates from their files (errors name the path).
+    pub fn from_config(config: &Config, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let auth = match &config.auth {
+            None => None,
+            Some(a) => {
+                let operator = retry::RetryLimits::resolve(config.retry.limits.as_ref())?;
+                Some(Arc::new(auth::Authenticator::from_config(
+                    a, &operator, env,
+                )?))
+            }
+        };
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => {
+                let read = |key: &str, path: &str| {
+                    std::fs::read(path).map_err(|e| {
+                        ConfigError(format!("config key `tls.{key}`: cannot read {path}: {e}"))
+                    })
+                };
+                let identity = tonic::transport::Identity::from_pem(
+                    read("cert_path", &t.cert_path)?,
+                    read("key_path", &t.key_path)?,
+                );
+                let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = &t.client_ca_path {
+                    tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                        "client_ca_path",
+                        ca,
+                    )?));
+                }
+                Some(tls)
+            }
+        };
+        Ok(Self {
+            auth,
+            tls,
+            limits: config.limits.clone(),
+            shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+        })
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then drains:
+/// the `ProviderGateway` service, `grpc.health.v1` (SERVING once the
+/// providers are loaded) and reflection v1. Provider secrets are read
+/// through `env`.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -67,13 +142,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let registry = Arc::new(Registry::from_config(&config, env)?);
-    serve_registry(listener, registry, shutdown).await
+    let options = ServerOptions::from_config(&config, env)?;
+    serve_with(listener, registry, options, shutdown).await
 }
 
-/// Serves an already built registry (see [`serve`]).
+/// Serves an already built registry with default options (see [`serve`]).
 pub async fn serve_registry(
     listener: TcpListener,
     registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_with(listener, registry, ServerOptions::default(), shutdown).await
+}
+
+/// Serves `registry` with `options`.
+///
+/// When `shutdown` resolves: health turns NOT_SERVING at once, the listener
+/// stops accepting connections, new calls on open connections are answered
+/// UNAVAILABLE (health stays readable on them), and admitted calls get up
+/// to the grace period to finish before this returns.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -94,25 +185,81 @@ pub async fn serve_registry(
         .collect();
     tracing::info!(
         listen = %local,
+        tls = options.tls.is_some(),
+        auth = options.auth.is_some(),
         default_provider = registry.default_provider(),
         providers = %names.join(", "),
         "provider-gateway serving"
     );
 
-    let gateway = ProviderGatewayServer::new(service::GatewayService::new(registry));
-    health_reporter
-        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
-        .await;
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    let gate = Arc::new(admission::Gate::new(
+        options.limits.max_concurrent_requests,
+        options.limits.max_concurrent_streams,
+    ));
+    let authenticator = options.auth.clone();
+    let gateway = tonic::service::interceptor::InterceptedService::new(
+        ProviderGatewayServer::new(service::GatewayService::new(registry, gate.clone()))
+            .max_decoding_message_size(options.limits.max_request_bytes),
+        move |mut request: tonic::Request<()>| {
+            if let Some(auth) = &authenticator {
+                let client = auth.check(request.metadata())?;
+                request.extensions_mut().insert(client);
+            }
+            Ok(request)
+        },
+    );
+    for name in [SERVICE_NAME, ""] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let draining = {
+        let gate = gate.clone();
+        let health = health_reporter.clone();
+        async move {
+            shutdown.await;
+            gate.start_draining();
+            for name in [SERVICE_NAME, ""] {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!(
+                in_flight = gate.in_flight(),
+                "shutting down: no new calls; waiting for those in flight"
+            );
+        }
+    };
+    // The incoming connections end when draining starts: the listener
+    // closes, while open connections stay up for their calls and health.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .take_until(draining);
+    let l = &options.limits;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_millis(l.http2_keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(l.http2_keepalive_timeout_ms)));
+    if let Some(tls) = options.tls.clone() {
+        builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(gateway)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming(incoming)
         .await
-        .map_err(ServeError::Transport)
+        .map_err(ServeError::Transport)?;
+
+    if tokio::time::timeout(options.shutdown_grace, gate.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = gate.in_flight(),
+            grace_ms = options.shutdown_grace.as_millis() as u64,
+            "shutdown grace elapsed; ending the calls still open"
+        );
+    }
+    Ok(())
 }

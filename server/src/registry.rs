@@ -79,6 +79,8 @@ pub struct CallOptions {
     pub overrides: RetryOverride,
     /// The caller's own earlier attempts (`grpc-previous-rpc-attempts`).
     pub client_previous_attempts: u32,
+    /// The authenticated client's own ceilings, within the operator's.
+    pub limits: Option<RetryLimits>,
 }
 
 /// A whole answer and how it was obtained.
@@ -215,7 +217,8 @@ impl Registry {
     /// The policy of one call: the provider's, the request's overrides
     /// within the limits, and a single attempt when the caller retries.
     fn call_policy(&self, entry: &RegisteredProvider, options: &CallOptions) -> RetryPolicy {
-        let mut policy = options.overrides.apply(&entry.policy, &self.limits);
+        let limits = options.limits.as_ref().unwrap_or(&self.limits);
+        let mut policy = options.overrides.apply(&entry.policy, limits);
         if options.client_previous_attempts > 0 && policy.single_attempt_when_client_retries {
             policy.max_attempts = 1;
         }

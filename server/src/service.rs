@@ -12,6 +12,8 @@ use provider_gateway::v1 as pb;
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
+use crate::admission::{CallKind, Gate};
+use crate::auth::ClientIdentity;
 use crate::chat::{
     ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, ToolChoice,
     ToolSpec, Usage,
@@ -34,12 +36,35 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 #[derive(Debug, Clone)]
 pub struct GatewayService {
     registry: Arc<Registry>,
+    gate: Arc<Gate>,
 }
 
 impl GatewayService {
-    /// A service over `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// A service over `registry`, admitting calls through `gate`.
+    pub fn new(registry: Arc<Registry>, gate: Arc<Gate>) -> Self {
+        Self { registry, gate }
+    }
+
+    /// Checks that the authenticated client (if any) may use the provider
+    /// the request names, and applies its retry ceilings.
+    fn authorize<T>(&self, request: &Request<T>, options: &mut CallOptions) -> Result<(), Status> {
+        let Some(client) = request.extensions().get::<Arc<ClientIdentity>>() else {
+            return Ok(());
+        };
+        if let Some(allowed) = &client.providers {
+            let entry = self
+                .registry
+                .get(&options.provider)
+                .map_err(|e| status_of(&e))?;
+            if !allowed.contains(&entry.name) {
+                return Err(Status::permission_denied(format!(
+                    "client `{}` may not use provider `{}`",
+                    client.name, entry.name
+                )));
+            }
+        }
+        options.limits = client.limits.clone();
+        Ok(())
     }
 }
 
@@ -51,7 +76,10 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let admission = self.gate.admit(CallKind::Request)?;
         let mut options = call_options(request.metadata())?;
+        options.provider = request.get_ref().provider.clone();
+        self.authorize(&request, &mut options)?;
         let r = request.into_inner();
         let chat = chat_request(ChatFields {
             model: r.model,
@@ -64,12 +92,12 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
             tools: r.tools,
             tool_choice: r.tool_choice,
         })?;
-        options.provider = r.provider;
         let done = self
             .registry
             .complete(&chat, &options)
             .await
             .map_err(|e| status_of(&e))?;
+        drop(admission);
         let mut response = Response::new(complete_response(
             &done.provider,
             done.attempts,
@@ -85,7 +113,10 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         &self,
         request: Request<pb::StreamRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let admission = self.gate.admit(CallKind::Stream)?;
         let mut options = call_options(request.metadata())?;
+        options.provider = request.get_ref().provider.clone();
+        self.authorize(&request, &mut options)?;
         let r = request.into_inner();
         let chat = chat_request(ChatFields {
             model: r.model,
@@ -98,7 +129,6 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
             tools: r.tools,
             tool_choice: r.tool_choice,
         })?;
-        options.provider = r.provider;
         let open = self
             .registry
             .stream(&chat, &options)
@@ -120,6 +150,8 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
                 Ok(event) => vec![Ok(stream_response(event, &provider, attempt))],
                 Err(error) => vec![Err(status_of(&error))],
             };
+            // The stream holds its admission until it ends or is dropped.
+            let _held = &admission;
             futures_util::stream::iter(items)
         });
         let mut response = Response::new(Box::pin(body) as StreamBody);
@@ -234,6 +266,7 @@ fn call_options(metadata: &MetadataMap) -> Result<CallOptions, Status> {
         timeout,
         overrides,
         client_previous_attempts,
+        limits: None,
     })
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use futures_util::future::BoxFuture;
 use provider_gateway_client::GatewayClient;
 use provider_gateway_server::retry::Clock;
-use provider_gateway_server::{Config, Registry};
+use provider_gateway_server::{Config, Registry, ServerOptions};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -36,9 +36,12 @@ impl Gateway {
         Self::start_config(config, env).await
     }
 
+    /// Starts the gateway as `serve()` would: providers and server options
+    /// (auth, TLS, limits) from `config`.
     pub async fn start_config(config: Config, env: HashMap<String, String>) -> Self {
         let registry = Registry::from_config(&config, &env).expect("providers build");
-        Self::start_registry(registry).await
+        let options = ServerOptions::from_config(&config, &env).expect("server options");
+        Self::start_with(registry, options).await
     }
 
     /// Starts the gateway with a scripted clock (backoffs are recorded, not
@@ -61,11 +64,15 @@ impl Gateway {
     }
 
     pub async fn start_registry(registry: Registry) -> Self {
+        Self::start_with(registry, ServerOptions::default()).await
+    }
+
+    pub async fn start_with(registry: Registry, options: ServerOptions) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            provider_gateway_server::serve_registry(listener, Arc::new(registry), async {
+            provider_gateway_server::serve_with(listener, Arc::new(registry), options, async {
                 let _ = stopped.await;
             })
             .await
