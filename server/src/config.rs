@@ -100,6 +100,54 @@ pub struct Config {
     /// Request size, concurrency and connection limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Traces, metrics and logs.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: the config-file equivalents of the standard `OTEL_*`
+/// variables (which win when set), the admin port and the log format.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP collector endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT`); none = no
+    /// export.
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub otlp_protocol: Option<String>,
+    /// `service.name` (`OTEL_SERVICE_NAME`).
+    pub service_name: Option<String>,
+    /// The trace sampler (`OTEL_TRACES_SAMPLER`).
+    pub sampler: Option<String>,
+    /// The sampler's argument (`OTEL_TRACES_SAMPLER_ARG`).
+    pub sampler_arg: Option<f64>,
+    /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES`).
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Where `/metrics` (Prometheus text) is served; empty = not at all.
+    pub admin_listen: String,
+    /// `text` (default) or `json` logs.
+    pub log_format: String,
+    /// Record prompt and completion text in spans (off by default).
+    pub capture_content: bool,
+    /// Spans queued for export before new ones are dropped.
+    pub max_queue_size: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: None,
+            service_name: None,
+            sampler: None,
+            sampler_arg: None,
+            resource_attributes: BTreeMap::new(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.to_string(),
+            log_format: "text".into(),
+            capture_content: false,
+            max_queue_size: 2048,
+        }
+    }
 }
 
 fn default_grace() -> u64 {
@@ -408,6 +456,19 @@ impl Config {
                     }
                 }
             }
+        }
+        let t = &self.telemetry;
+        if t.log_format != "text" && t.log_format != "json" {
+            return Err(err(format!(
+                "config key `telemetry.log_format`: expected `text` or `json`, got `{}`",
+                t.log_format
+            )));
+        }
+        if !t.admin_listen.is_empty() && t.admin_listen.parse::<SocketAddr>().is_err() {
+            return Err(err(format!(
+                "config key `telemetry.admin_listen`: `{}` is not a socket address",
+                t.admin_listen
+            )));
         }
         let l = &self.limits;
         for (key, value) in [

@@ -6,15 +6,18 @@
 //! JSON of each upstream). [`serve`] runs the whole server on a listener, so
 //! tests start the real thing on `127.0.0.1:0`.
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod observe;
 pub mod providers;
 pub mod registry;
 pub mod retry;
 pub mod service;
+pub mod telemetry;
 mod tls;
 
 use std::future::Future;

@@ -1,11 +1,14 @@
 //! `provider-gateway`: parse arguments, load the configuration, set up
-//! logging, serve until SIGINT or SIGTERM.
+//! telemetry, serve until SIGINT or SIGTERM, drain, flush telemetry.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use provider_gateway_server::{Config, ProcessEnv};
+use provider_gateway_server::{
+    Config, ProcessEnv, Registry, ServerOptions, admin, serve_with, telemetry,
+};
 
 /// One gRPC API in front of every LLM provider a team uses.
 #[derive(Debug, Parser)]
@@ -15,49 +18,61 @@ struct Args {
     /// is served, plus any provider whose API key variable is set).
     #[arg(long, env = "GATEWAY_CONFIG")]
     config: Option<PathBuf>,
-    /// Validate the configuration, print the result and exit.
+    /// Validate the configuration (providers, keys, certificates) and exit:
+    /// 0 when valid, 2 with the errors otherwise.
     #[arg(long)]
     check_config: bool,
+    /// Log format: `text` (default) or `json` (overrides
+    /// `telemetry.log_format`).
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+/// Logs an error before the real subscriber exists.
+fn fatal(message: &str) -> ExitCode {
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish();
+    tracing::subscriber::with_default(subscriber, || tracing::error!("{message}"));
+    ExitCode::from(2)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
-    let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
+    let mut config = match Config::load(args.config.as_deref(), &ProcessEnv) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(&e.to_string()),
+    };
+    if let Some(format) = args.log_format {
+        config.telemetry.log_format = format;
+    }
+    let built = Registry::from_config(&config, &ProcessEnv)
+        .and_then(|r| Ok((r, ServerOptions::from_config(&config, &ProcessEnv)?)))
+        .and_then(|(r, o)| Ok((r, o, config.listen_addr()?)));
+    let (registry, options, addr) = match built {
+        Ok(b) => b,
+        Err(e) => return fatal(&e.to_string()),
     };
     if args.check_config {
-        return match provider_gateway_server::Registry::from_config(&config, &ProcessEnv) {
+        return match telemetry::Settings::resolve(&config.telemetry, &ProcessEnv) {
             Ok(_) => {
-                tracing::info!("configuration is valid");
+                let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr).finish();
+                tracing::subscriber::with_default(subscriber, || {
+                    tracing::info!("configuration is valid")
+                });
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::from(2)
-            }
+            Err(e) => fatal(&e.to_string()),
         };
     }
-    let addr = match config.listen_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+    let telemetry = match telemetry::init(&config.telemetry, &ProcessEnv) {
+        Ok(t) => Arc::new(t),
+        Err(e) => return fatal(&e.to_string()),
     };
+    let registry = Arc::new(registry.with_metrics(telemetry.metrics()));
+
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -65,7 +80,28 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match provider_gateway_server::serve(listener, config, &ProcessEnv, shutdown_signal()).await {
+    if !config.telemetry.admin_listen.is_empty() {
+        match tokio::net::TcpListener::bind(&config.telemetry.admin_listen).await {
+            Ok(admin_listener) => {
+                let local = admin_listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tracing::info!(admin = %local, "serving /metrics");
+                tokio::spawn(admin::serve_admin(admin_listener, telemetry.clone()));
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen on {} (telemetry.admin_listen): {e}",
+                    config.telemetry.admin_listen
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let result = serve_with(listener, registry, options, shutdown_signal()).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => {
             tracing::info!("provider-gateway stopped");
             ExitCode::SUCCESS
@@ -77,7 +113,7 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM; a second signal exits at once.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]

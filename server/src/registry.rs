@@ -19,7 +19,10 @@ use futures_core::Stream;
 use futures_util::{StreamExt, stream};
 use tokio::time::Instant;
 
-use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
+use crate::chat::{ChatRequest, ChatResponse, StreamEvent, Usage};
+use crate::observe::CallObservation;
+use crate::telemetry::GatewayMetrics;
+use tracing::Instrument;
 use crate::config::{Config, ConfigError, EnvSource, ProviderConfig};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::providers::{self, EventStream, Provider};
@@ -116,6 +119,7 @@ pub struct Registry {
     limits: RetryLimits,
     clock: Arc<dyn Clock>,
     jitter: Jitter,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -164,7 +168,14 @@ impl Registry {
             limits,
             clock: Arc::new(TokioClock),
             jitter: Jitter::from_entropy(),
+            metrics: Arc::new(GatewayMetrics::noop()),
         }
+    }
+
+    /// Records metrics on these instruments.
+    pub fn with_metrics(mut self, metrics: Arc<GatewayMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Replaces the clock (tests use a scripted one).
@@ -233,11 +244,28 @@ impl Registry {
     ) -> Result<Completion, GatewayError> {
         let entry = self.get(&options.provider)?;
         let policy = self.call_policy(entry, options);
-        let (response, attempts) = self
-            .with_retries(entry, &policy, options.timeout, |_| {
+        let mut obs = self.observe(entry, request);
+        let chat = obs.chat.clone();
+        let result = self
+            .with_retries(entry, &policy, options.timeout, &mut obs, |_| {
                 entry.provider.complete(request)
             })
-            .await?;
+            .instrument(chat)
+            .await;
+        let (response, attempts, _) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                obs.failed(&error);
+                return Err(error);
+            }
+        };
+        obs.succeeded(
+            &response.model,
+            &response.id,
+            response.stop_reason,
+            response.usage,
+            attempts,
+        );
         Ok(Completion {
             provider: entry.name.clone(),
             attempts,
@@ -257,11 +285,25 @@ impl Registry {
         let entry = self.get(&options.provider)?;
         let policy = self.call_policy(entry, options);
         let idle = policy.stream_idle_timeout;
-        let ((events, mut head), attempt) = self
-            .with_retries(entry, &policy, options.timeout, |_| {
+        let mut obs = self.observe(entry, request);
+        let chat = obs.chat.clone();
+        let result = self
+            .with_retries(entry, &policy, options.timeout, &mut obs, |_| {
                 open_until_commit(entry.provider.as_ref(), request, idle)
             })
-            .await?;
+            .instrument(chat)
+            .await;
+        let ((events, mut head), attempt, attempt_span) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                obs.failed(&error);
+                return Err(error);
+            }
+        };
+        if head.iter().any(StreamEvent::is_content) {
+            obs.first_chunk();
+        }
+        obs.committed();
         if !matches!(head.front(), Some(StreamEvent::Start { .. })) {
             head.push_front(StreamEvent::Start {
                 id: String::new(),
@@ -280,22 +322,36 @@ impl Registry {
                 idle,
                 deadline,
                 self.clock.clone(),
+                (obs, attempt_span),
             ),
         })
     }
 
+    fn observe(&self, entry: &RegisteredProvider, request: &ChatRequest) -> CallObservation {
+        CallObservation::start(
+            self.metrics.clone(),
+            &entry.name,
+            entry.provider.kind(),
+            request,
+            entry.provider.default_model(),
+        )
+    }
+
     /// Runs `attempt` until it succeeds or the policy says stop; returns
-    /// the result and the number of attempts made.
-    async fn with_retries<'a, T, F, Fut>(
+    /// the result, the number of attempts made and the span of the attempt
+    /// that succeeded. Each attempt runs in its own span; backoffs lie
+    /// between them.
+    async fn with_retries<T, F, Fut>(
         &self,
         entry: &RegisteredProvider,
         policy: &RetryPolicy,
         timeout: Option<Duration>,
+        obs: &mut CallObservation,
         mut attempt: F,
-    ) -> Result<(T, u32), GatewayError>
+    ) -> Result<(T, u32, tracing::Span), GatewayError>
     where
         F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Result<T, ProviderError>> + 'a,
+        Fut: Future<Output = Result<T, ProviderError>>,
     {
         let deadline = timeout.map(|t| self.clock.now() + t);
         entry.budget.deposit(self.clock.now());
@@ -313,10 +369,23 @@ impl Registry {
             attempts += 1;
             let limit = remaining.map_or(policy.per_try_timeout, |r| r.min(policy.per_try_timeout));
             let by_deadline = remaining.is_some_and(|r| r <= policy.per_try_timeout);
-            let error = match tokio::time::timeout(limit, attempt(attempts)).await {
-                Ok(Ok(value)) => return Ok((value, attempts)),
+            let span = obs.attempt_span(attempts);
+            let started = std::time::Instant::now();
+            let outcome =
+                tokio::time::timeout(limit, attempt(attempts).instrument(span.clone())).await;
+            let took = started.elapsed();
+            let error = match outcome {
+                Ok(Ok(value)) => {
+                    obs.attempt_done(&span, took, None);
+                    return Ok((value, attempts, span));
+                }
                 Ok(Err(error)) => error,
                 Err(_) if by_deadline => {
+                    let error = ProviderError::new(
+                        ErrorClass::Timeout,
+                        "the caller's deadline ran out during the attempt",
+                    );
+                    obs.attempt_done(&span, took, Some((&error, Decision::GiveUp(GiveUp::Deadline))));
                     return Err(GatewayError::DeadlineExceeded {
                         provider: entry.name.clone(),
                         attempts,
@@ -342,20 +411,22 @@ impl Registry {
                 &self.jitter,
                 now,
             );
+            obs.attempt_done(&span, took, Some((&error, decision)));
             tracing::debug!(
+                parent: &span,
                 provider = %entry.name,
                 attempt = attempts,
                 class = %error.class,
-                http_status = error.http_status,
-                retry_after_ms = error.retry_after.map(|d| d.as_millis() as u64),
-                decision = match decision { Decision::Retry { .. } => "retry", Decision::GiveUp(g) => g.as_str() },
-                backoff_ms = match decision { Decision::Retry { wait } => Some(wait.as_millis() as u64), Decision::GiveUp(_) => None },
                 "attempt failed: {}", error.message
             );
+            // The attempt span ends here, so the backoff lies between spans.
+            drop(span);
             match decision {
                 Decision::Retry { wait } => {
                     if !wait.is_zero() {
+                        let started = std::time::Instant::now();
                         self.clock.sleep(wait).await;
+                        obs.waited(started.elapsed());
                     }
                     last_error = Some(error);
                 }
@@ -438,6 +509,13 @@ async fn open_until_commit(
 }
 
 struct Committed {
+    /// The call's telemetry and the serving attempt's span, which end with
+    /// the stream.
+    obs: CallObservation,
+    _attempt_span: tracing::Span,
+    id: String,
+    model: String,
+    usage: Usage,
     events: EventStream,
     head: VecDeque<StreamEvent>,
     delivered: u64,
@@ -461,8 +539,14 @@ fn committed(
     idle: Duration,
     deadline: Option<Instant>,
     clock: Arc<dyn Clock>,
+    (obs, attempt_span): (CallObservation, tracing::Span),
 ) -> GatewayStream {
     let state = Committed {
+        obs,
+        _attempt_span: attempt_span,
+        id: String::new(),
+        model: String::new(),
+        usage: Usage::default(),
         events,
         head,
         delivered: 0,
@@ -494,11 +578,21 @@ fn committed(
         };
         let item = match next {
             Ok(Some(Ok(event))) => {
-                if event.is_content() {
-                    st.delivered += 1;
-                }
-                if matches!(event, StreamEvent::Stop(_)) {
-                    st.done = true;
+                match &event {
+                    StreamEvent::Start { id, model } => {
+                        st.id.clone_from(id);
+                        st.model.clone_from(model);
+                    }
+                    StreamEvent::Usage(u) => st.usage = *u,
+                    StreamEvent::Stop(stop) => {
+                        st.done = true;
+                        let (model, id, usage, attempts) =
+                            (st.model.clone(), st.id.clone(), st.usage, st.attempts);
+                        st.obs.succeeded(&model, &id, *stop, usage, attempts);
+                    }
+                    StreamEvent::Text { .. }
+                    | StreamEvent::ToolUseStart { .. }
+                    | StreamEvent::ToolInputJson { .. } => st.delivered += 1,
                 }
                 Ok(event)
             }
@@ -506,11 +600,13 @@ fn committed(
             Ok(None) => Err(st.broken(no_stop())),
             Err(true) => {
                 st.done = true;
-                Err(GatewayError::DeadlineExceeded {
+                let error = GatewayError::DeadlineExceeded {
                     provider: st.provider.clone(),
                     attempts: st.attempts,
                     last_error: None,
-                })
+                };
+                st.obs.failed(&error);
+                Err(error)
             }
             Err(false) => {
                 let error = stalled(st.idle);
@@ -524,12 +620,29 @@ fn committed(
 impl Committed {
     fn broken(&mut self, error: ProviderError) -> GatewayError {
         self.done = true;
-        GatewayError::Upstream {
+        let error = GatewayError::Upstream {
             provider: self.provider.clone(),
             attempts: self.attempts,
             error,
             delivered: Some(self.delivered),
             budget_exhausted: false,
+        };
+        self.obs.failed(&error);
+        error
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        if !self.done {
+            // The caller went away before the end.
+            self.obs.failed(&GatewayError::Upstream {
+                provider: self.provider.clone(),
+                attempts: self.attempts,
+                error: ProviderError::new(ErrorClass::Cancelled, "the caller cancelled the stream"),
+                delivered: Some(self.delivered),
+                budget_exhausted: false,
+            });
         }
     }
 }

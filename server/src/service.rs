@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
+use tracing::Instrument;
+use tracing::field::Empty;
 use provider_gateway::v1 as pb;
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
@@ -70,9 +72,87 @@ impl GatewayService {
 
 type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
 
+/// The server span of one RPC, a child of the caller's `traceparent`.
+fn server_span(method: &str, metadata: &MetadataMap) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format!("{}/{method}", crate::SERVICE_NAME),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = crate::SERVICE_NAME,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        gateway.attempts = Empty,
+        gateway.provider = Empty,
+        trace_id = Empty,
+    );
+    let _ = span.set_parent(crate::telemetry::extract_parent(metadata));
+    let trace_id = {
+        use opentelemetry::trace::TraceContextExt;
+        span.context().span().span_context().trace_id()
+    };
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", trace_id.to_string());
+    }
+    span
+}
+
+/// Records how an RPC ended on its server span.
+fn record_status(span: &tracing::Span, code: tonic::Code, metadata: Option<&MetadataMap>) {
+    span.record("rpc.grpc.status_code", code as i32);
+    if code != tonic::Code::Ok {
+        span.record("otel.status_code", "ERROR");
+    }
+    let text = |key: &str| metadata.and_then(|m| m.get(key)).and_then(|v| v.to_str().ok());
+    if let Some(attempts) = text(ATTEMPTS_HEADER).and_then(|v| v.parse::<u32>().ok()) {
+        span.record("gateway.attempts", attempts);
+    }
+    if let Some(provider) = text(PROVIDER_HEADER) {
+        span.record("gateway.provider", provider);
+    }
+}
+
 #[tonic::async_trait]
 impl pb::provider_gateway_server::ProviderGateway for GatewayService {
     async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let span = server_span("Complete", request.metadata());
+        let result = self.complete_call(request).instrument(span.clone()).await;
+        match &result {
+            Ok(r) => record_status(&span, tonic::Code::Ok, Some(r.metadata())),
+            Err(s) => record_status(&span, s.code(), Some(s.metadata())),
+        }
+        result
+    }
+
+    type StreamStream = StreamBody;
+
+    async fn stream(
+        &self,
+        request: Request<pb::StreamRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let span = server_span("Stream", request.metadata());
+        let result = self.stream_call(request, span.clone()).instrument(span.clone()).await;
+        if let Err(s) = &result {
+            record_status(&span, s.code(), Some(s.metadata()));
+        }
+        result
+    }
+
+    async fn list_providers(
+        &self,
+        request: Request<pb::ListProvidersRequest>,
+    ) -> Result<Response<pb::ListProvidersResponse>, Status> {
+        self.list(request).await
+    }
+}
+
+impl GatewayService {
+    async fn complete_call(
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
@@ -107,12 +187,11 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         Ok(response)
     }
 
-    type StreamStream = StreamBody;
-
-    async fn stream(
+    async fn stream_call(
         &self,
         request: Request<pb::StreamRequest>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
+        span: tracing::Span,
+    ) -> Result<Response<StreamBody>, Status> {
         let admission = self.gate.admit(CallKind::Stream)?;
         let mut options = call_options(request.metadata())?;
         options.provider = request.get_ref().provider.clone();
@@ -142,13 +221,18 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
                 Ok(event @ StreamEvent::Stop(_)) => {
                     let mut trailers = Status::ok("");
                     report(trailers.metadata_mut(), &provider, attempt);
+                    record_status(&span, tonic::Code::Ok, Some(trailers.metadata()));
                     vec![
                         Ok(stream_response(event, &provider, attempt)),
                         Err(trailers),
                     ]
                 }
                 Ok(event) => vec![Ok(stream_response(event, &provider, attempt))],
-                Err(error) => vec![Err(status_of(&error))],
+                Err(error) => {
+                    let status = status_of(&error);
+                    record_status(&span, status.code(), Some(status.metadata()));
+                    vec![Err(status)]
+                }
             };
             // The stream holds its admission until it ends or is dropped.
             let _held = &admission;
@@ -159,7 +243,7 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         Ok(response)
     }
 
-    async fn list_providers(
+    async fn list(
         &self,
         _request: Request<pb::ListProvidersRequest>,
     ) -> Result<Response<pb::ListProvidersResponse>, Status> {

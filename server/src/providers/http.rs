@@ -38,8 +38,15 @@ pub async fn send(
     classify: fn(u16, &[u8]) -> Classified,
     key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
+    // The attempt span is current: its trace context goes upstream.
+    let request = request.headers(crate::telemetry::trace_headers());
+    let span = tracing::Span::current();
     let response = request.send().await.map_err(|e| transport_error(&e))?;
     let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if let Some(host) = response.url().host_str() {
+        span.record("server.address", host);
+    }
     if status.is_success() {
         return Ok(response);
     }
