@@ -18,7 +18,8 @@ pub async fn serve_admin(listener: TcpListener, telemetry: Arc<Telemetry>) {
         };
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), respond(socket, &telemetry)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), respond(socket, &telemetry)).await;
         });
     }
 }
@@ -45,7 +46,11 @@ async fn respond(mut socket: TcpStream, telemetry: &Telemetry) -> std::io::Resul
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_string(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

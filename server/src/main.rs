@@ -58,7 +58,9 @@ async fn main() -> ExitCode {
     if args.check_config {
         return match telemetry::Settings::resolve(&config.telemetry, &ProcessEnv) {
             Ok(_) => {
-                let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr).finish();
+                let subscriber = tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
+                    .finish();
                 tracing::subscriber::with_default(subscriber, || {
                     tracing::info!("configuration is valid")
                 });

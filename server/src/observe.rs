@@ -66,7 +66,7 @@ impl CallObservation {
             gateway.provider = %provider,
         );
         if let Some(n) = request.max_tokens {
-            chat.record("gen_ai.request.max_tokens", n);
+            chat.record("gen_ai.request.max_tokens", i64::from(n));
         }
         if let Some(t) = request.temperature {
             chat.record("gen_ai.request.temperature", f64::from(t));
@@ -95,7 +95,7 @@ impl CallObservation {
             otel.name = %format!("attempt {n}"),
             otel.kind = "client",
             otel.status_code = Empty,
-            gateway.attempt = n,
+            gateway.attempt = i64::from(n),
             http.request.resend_count = Empty,
             http.response.status_code = Empty,
             server.address = Empty,
@@ -106,7 +106,7 @@ impl CallObservation {
             gateway.retry.retry_after_ms = Empty,
         );
         if n > 1 {
-            span.record("http.request.resend_count", n - 1);
+            span.record("http.request.resend_count", i64::from(n - 1));
         }
         span
     }
@@ -120,20 +120,22 @@ impl CallObservation {
         failure: Option<(&ProviderError, Decision)>,
     ) {
         self.waited += took;
-        let Some((error, decision)) = failure else { return };
+        let Some((error, decision)) = failure else {
+            return;
+        };
         span.record("otel.status_code", "ERROR");
         span.record("error.type", error.class.as_str());
         span.record("gateway.retry.class", error.class.as_str());
         if let Some(status) = error.http_status {
-            span.record("http.response.status_code", status);
+            span.record("http.response.status_code", i64::from(status));
         }
         if let Some(after) = error.retry_after {
-            span.record("gateway.retry.retry_after_ms", after.as_millis() as u64);
+            span.record("gateway.retry.retry_after_ms", after.as_millis() as i64);
         }
         match decision {
             Decision::Retry { wait } => {
                 span.record("gateway.retry.decision", "retry");
-                span.record("gateway.retry.backoff_ms", wait.as_millis() as u64);
+                span.record("gateway.retry.backoff_ms", wait.as_millis() as i64);
                 self.metrics.retries.add(
                     1,
                     &[
@@ -145,9 +147,10 @@ impl CallObservation {
             Decision::GiveUp(reason) => {
                 span.record("gateway.retry.decision", reason.as_str());
                 if reason == crate::retry::GiveUp::BudgetExhausted {
-                    self.metrics
-                        .budget_refusals
-                        .add(1, &[KeyValue::new("gateway.provider", self.provider.clone())]);
+                    self.metrics.budget_refusals.add(
+                        1,
+                        &[KeyValue::new("gateway.provider", self.provider.clone())],
+                    );
                 }
             }
         }
@@ -178,23 +181,39 @@ impl CallObservation {
         self.overhead_recorded = true;
         let provider = [KeyValue::new("gateway.provider", self.provider.clone())];
         self.metrics.overhead.record(
-            self.started.elapsed().saturating_sub(self.waited).as_secs_f64(),
+            self.started
+                .elapsed()
+                .saturating_sub(self.waited)
+                .as_secs_f64(),
             &provider,
         );
     }
 
     /// Records a successful answer on the chat span and in the metrics.
-    pub fn succeeded(&mut self, model: &str, id: &str, stop: StopReason, usage: Usage, attempts: u32) {
+    pub fn succeeded(
+        &mut self,
+        model: &str,
+        id: &str,
+        stop: StopReason,
+        usage: Usage,
+        attempts: u32,
+    ) {
         if !model.is_empty() {
             self.chat.record("gen_ai.response.model", model);
         }
         if !id.is_empty() {
             self.chat.record("gen_ai.response.id", id);
         }
-        self.chat.record("gen_ai.response.finish_reasons", finish_reason(stop));
-        self.chat.record("gen_ai.usage.input_tokens", usage.input_tokens);
-        self.chat.record("gen_ai.usage.output_tokens", usage.output_tokens);
-        for (kind, n) in [("input", usage.input_tokens), ("output", usage.output_tokens)] {
+        self.chat
+            .record("gen_ai.response.finish_reasons", finish_reason(stop));
+        self.chat
+            .record("gen_ai.usage.input_tokens", i64::from(usage.input_tokens));
+        self.chat
+            .record("gen_ai.usage.output_tokens", i64::from(usage.output_tokens));
+        for (kind, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
             let mut attrs = self.attributes.clone();
             attrs.push(KeyValue::new("gen_ai.token.type", kind));
             self.metrics.token_usage.record(u64::from(n), &attrs);
@@ -205,10 +224,12 @@ impl CallObservation {
     /// Records a failed call.
     pub fn failed(&mut self, error: &GatewayError) {
         let (kind, attempts) = match error {
-            GatewayError::Upstream { error, attempts, .. }
-            | GatewayError::RetryAfterTooLong { error, attempts, .. } => {
-                (error.class.as_str(), *attempts)
+            GatewayError::Upstream {
+                error, attempts, ..
             }
+            | GatewayError::RetryAfterTooLong {
+                error, attempts, ..
+            } => (error.class.as_str(), *attempts),
             GatewayError::DeadlineExceeded { attempts, .. } => ("deadline_exceeded", *attempts),
             GatewayError::InvalidArgument(_) | GatewayError::UnknownProvider(_) => {
                 ("invalid_request", 0)

@@ -20,16 +20,16 @@ use futures_util::{StreamExt, stream};
 use tokio::time::Instant;
 
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent, Usage};
-use crate::observe::CallObservation;
-use crate::telemetry::GatewayMetrics;
-use tracing::Instrument;
 use crate::config::{Config, ConfigError, EnvSource, ProviderConfig};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
+use crate::observe::CallObservation;
 use crate::providers::{self, EventStream, Provider};
 use crate::retry::{
     self, Clock, Decision, GiveUp, Jitter, RetryBudget, RetryLimits, RetryOverride, RetryPolicy,
     TokioClock,
 };
+use crate::telemetry::GatewayMetrics;
+use tracing::Instrument;
 
 /// A configured provider, its policy and its retry budget.
 pub struct RegisteredProvider {
@@ -314,16 +314,22 @@ impl Registry {
         Ok(OpenStream {
             provider: entry.name.clone(),
             attempt,
-            events: committed(
-                entry,
-                attempt,
+            events: committed(Committed {
+                obs,
+                _attempt_span: attempt_span,
+                id: String::new(),
+                model: String::new(),
+                usage: Usage::default(),
                 events,
                 head,
+                delivered: 0,
+                done: false,
                 idle,
                 deadline,
-                self.clock.clone(),
-                (obs, attempt_span),
-            ),
+                clock: self.clock.clone(),
+                provider: entry.name.clone(),
+                attempts: attempt,
+            }),
         })
     }
 
@@ -385,7 +391,11 @@ impl Registry {
                         ErrorClass::Timeout,
                         "the caller's deadline ran out during the attempt",
                     );
-                    obs.attempt_done(&span, took, Some((&error, Decision::GiveUp(GiveUp::Deadline))));
+                    obs.attempt_done(
+                        &span,
+                        took,
+                        Some((&error, Decision::GiveUp(GiveUp::Deadline))),
+                    );
                     return Err(GatewayError::DeadlineExceeded {
                         provider: entry.name.clone(),
                         attempts,
@@ -531,32 +541,7 @@ struct Committed {
 /// event as it arrives. Silence longer than the idle timeout, a cut, an
 /// error event or an end without a stop all end it with an error that says
 /// how many deltas were delivered; the caller's deadline ends it too.
-fn committed(
-    entry: &RegisteredProvider,
-    attempts: u32,
-    events: EventStream,
-    head: VecDeque<StreamEvent>,
-    idle: Duration,
-    deadline: Option<Instant>,
-    clock: Arc<dyn Clock>,
-    (obs, attempt_span): (CallObservation, tracing::Span),
-) -> GatewayStream {
-    let state = Committed {
-        obs,
-        _attempt_span: attempt_span,
-        id: String::new(),
-        model: String::new(),
-        usage: Usage::default(),
-        events,
-        head,
-        delivered: 0,
-        done: false,
-        idle,
-        deadline,
-        clock,
-        provider: entry.name.clone(),
-        attempts,
-    };
+fn committed(state: Committed) -> GatewayStream {
     Box::pin(stream::unfold(state, |mut st| async move {
         if st.done {
             return None;

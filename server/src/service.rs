@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
-use tracing::Instrument;
-use tracing::field::Empty;
 use provider_gateway::v1 as pb;
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::admission::{CallKind, Gate};
 use crate::auth::ClientIdentity;
@@ -101,13 +101,17 @@ fn server_span(method: &str, metadata: &MetadataMap) -> tracing::Span {
 
 /// Records how an RPC ended on its server span.
 fn record_status(span: &tracing::Span, code: tonic::Code, metadata: Option<&MetadataMap>) {
-    span.record("rpc.grpc.status_code", code as i32);
+    span.record("rpc.grpc.status_code", code as i64);
     if code != tonic::Code::Ok {
         span.record("otel.status_code", "ERROR");
     }
-    let text = |key: &str| metadata.and_then(|m| m.get(key)).and_then(|v| v.to_str().ok());
+    let text = |key: &str| {
+        metadata
+            .and_then(|m| m.get(key))
+            .and_then(|v| v.to_str().ok())
+    };
     if let Some(attempts) = text(ATTEMPTS_HEADER).and_then(|v| v.parse::<u32>().ok()) {
-        span.record("gateway.attempts", attempts);
+        span.record("gateway.attempts", i64::from(attempts));
     }
     if let Some(provider) = text(PROVIDER_HEADER) {
         span.record("gateway.provider", provider);
@@ -136,7 +140,10 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         request: Request<pb::StreamRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let span = server_span("Stream", request.metadata());
-        let result = self.stream_call(request, span.clone()).instrument(span.clone()).await;
+        let result = self
+            .stream_call(request, span.clone())
+            .instrument(span.clone())
+            .await;
         if let Err(s) = &result {
             record_status(&span, s.code(), Some(s.metadata()));
         }

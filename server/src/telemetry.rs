@@ -31,6 +31,7 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanExporter,
 };
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 
 use crate::config::{ConfigError, EnvSource, TelemetryConfig};
@@ -209,7 +210,9 @@ impl Settings {
         if let Some(attrs) = var("OTEL_RESOURCE_ATTRIBUTES") {
             for pair in attrs.split(',').filter(|p| !p.trim().is_empty()) {
                 let (k, v) = pair.split_once('=').ok_or_else(|| {
-                    ConfigError(format!("OTEL_RESOURCE_ATTRIBUTES: `{pair}` is not key=value"))
+                    ConfigError(format!(
+                        "OTEL_RESOURCE_ATTRIBUTES: `{pair}` is not key=value"
+                    ))
                 })?;
                 resource_attributes.push((k.trim().to_string(), v.trim().to_string()));
             }
@@ -273,7 +276,9 @@ pub struct Telemetry {
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Telemetry").field("settings", &self.settings).finish()
+        f.debug_struct("Telemetry")
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -303,9 +308,7 @@ impl Telemetry {
         };
         let tracer_provider = match (sink, &settings.endpoint) {
             (SpanSink::None, _) | (SpanSink::Otlp, None) => None,
-            (SpanSink::Exporter(exporter), _) => {
-                Some(exporter.into_simple(tracer_builder).build())
-            }
+            (SpanSink::Exporter(exporter), _) => Some(exporter.into_simple(tracer_builder).build()),
             (SpanSink::Otlp, Some(endpoint)) => {
                 let exporter: Box<dyn SpanExporterBox> = if settings.protocol == "grpc" {
                     Box::new(
@@ -331,7 +334,9 @@ impl Telemetry {
         };
 
         let reader = SharedReader(Arc::new(
-            ManualReader::builder().with_temporality(Temporality::Cumulative).build(),
+            ManualReader::builder()
+                .with_temporality(Temporality::Cumulative)
+                .build(),
         ));
         let mut meter_builder = SdkMeterProvider::builder()
             .with_resource(resource)
@@ -356,7 +361,13 @@ impl Telemetry {
         }
         let meter_provider = meter_builder.build();
         let metrics = Arc::new(GatewayMetrics::new(&meter_provider.meter(SCOPE)));
-        Ok(Self { tracer_provider, meter_provider, reader, metrics, settings })
+        Ok(Self {
+            tracer_provider,
+            meter_provider,
+            reader,
+            metrics,
+            settings,
+        })
     }
 
     /// The metric instruments.
@@ -372,19 +383,31 @@ impl Telemetry {
     /// The `tracing` subscriber: an env filter (`RUST_LOG`, default `info`),
     /// text or JSON logs on stderr, and the OpenTelemetry layer.
     pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        self.subscriber_with_writer(std::io::stderr, ansi)
+    }
+
+    /// The subscriber, with logs written to `writer` (tests capture them).
+    pub fn subscriber_with_writer<W>(
+        &self,
+        writer: W,
+        ansi: bool,
+    ) -> impl tracing::Subscriber + Send + Sync + 'static
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Clone + Send + Sync + 'static,
+    {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let (text, json) = if self.settings.json_logs {
             let layer = tracing_subscriber::fmt::layer()
                 .json()
                 .with_current_span(true)
                 .with_span_list(false)
-                .with_writer(std::io::stderr);
+                .with_writer(writer.clone());
             (None, Some(layer))
         } else {
             let layer = tracing_subscriber::fmt::layer()
                 .with_ansi(ansi)
-                .with_writer(std::io::stderr);
+                .with_writer(writer);
             (Some(layer), None)
         };
         // Only spans (never log events) go to OpenTelemetry; they carry
@@ -394,12 +417,15 @@ impl Telemetry {
                 .with_tracer(p.tracer(SCOPE))
                 .with_location(false)
                 .with_threads(false)
+                .with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target("provider_gateway_server", tracing::Level::TRACE),
+                )
         });
         tracing_subscriber::registry()
             .with(otel)
-            .with(filter)
-            .with(text)
-            .with(json)
+            .with(text.with_filter(filter.clone()))
+            .with(json.with_filter(filter))
     }
 
     /// The metrics as Prometheus text (exposition format 0.0.4).
@@ -440,7 +466,9 @@ impl<E: SpanExporter + 'static> SpanExporterBox for E {
         self: Box<Self>,
         config: opentelemetry_sdk::trace::BatchConfig,
     ) -> BatchSpanProcessor {
-        BatchSpanProcessor::builder(*self).with_batch_config(config).build()
+        BatchSpanProcessor::builder(*self)
+            .with_batch_config(config)
+            .build()
     }
     fn into_simple(
         self: Box<Self>,
@@ -470,14 +498,25 @@ fn labels<'a>(attrs: impl Iterator<Item = &'a KeyValue>, extra: Option<(&str, St
                 .chars()
                 .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
                 .collect();
-            let value = kv.value.to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let value = kv
+                .value
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             format!("{key}=\"{value}\"")
         })
         .collect();
+    // Attribute sets have no order; sort for a stable exposition.
+    parts.sort();
     if let Some((k, v)) = extra {
         parts.push(format!("{k}=\"{v}\""));
     }
-    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
 }
 
 fn render_prometheus(rm: &ResourceMetrics) -> String {
@@ -496,11 +535,24 @@ fn render_prometheus(rm: &ResourceMetrics) -> String {
     out
 }
 
-fn render_any<T: Copy + std::fmt::Display>(out: &mut String, name: &str, help: &str, data: &MetricData<T>) {
+fn render_any<T: Copy + std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    data: &MetricData<T>,
+) {
     match data {
         MetricData::Sum(sum) => {
-            let kind = if sum.is_monotonic() { "counter" } else { "gauge" };
-            let name = if sum.is_monotonic() { format!("{name}_total") } else { name.to_string() };
+            let kind = if sum.is_monotonic() {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let name = if sum.is_monotonic() {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for p in sum.data_points() {
                 let _ = writeln!(out, "{name}{} {}", labels(p.attributes(), None), p.value());
@@ -520,10 +572,24 @@ fn render_any<T: Copy + std::fmt::Display>(out: &mut String, name: &str, help: &
                 for (i, count) in p.bucket_counts().enumerate() {
                     cumulative += count;
                     let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-                    let _ = writeln!(out, "{name}_bucket{} {cumulative}", labels(p.attributes(), Some(("le", le))));
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{} {cumulative}",
+                        labels(p.attributes(), Some(("le", le)))
+                    );
                 }
-                let _ = writeln!(out, "{name}_sum{} {}", labels(p.attributes(), None), p.sum());
-                let _ = writeln!(out, "{name}_count{} {}", labels(p.attributes(), None), p.count());
+                let _ = writeln!(
+                    out,
+                    "{name}_sum{} {}",
+                    labels(p.attributes(), None),
+                    p.sum()
+                );
+                let _ = writeln!(
+                    out,
+                    "{name}_count{} {}",
+                    labels(p.attributes(), None),
+                    p.count()
+                );
             }
         }
         MetricData::ExponentialHistogram(_) => {}

@@ -7,10 +7,14 @@
 mod anthropic;
 mod binary;
 mod cancel;
+mod cli;
 mod config;
+mod deploy;
 mod mock;
 mod openai;
+mod operations;
 mod retry;
 mod status;
 mod support;
+mod telemetry;
 mod validation;

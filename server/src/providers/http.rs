@@ -43,7 +43,7 @@ pub async fn send(
     let span = tracing::Span::current();
     let response = request.send().await.map_err(|e| transport_error(&e))?;
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if let Some(host) = response.url().host_str() {
         span.record("server.address", host);
     }
