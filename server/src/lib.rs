@@ -219,19 +219,9 @@ pub async fn serve_with(
 
     let draining = {
         let gate = gate.clone();
-        let health = health_reporter.clone();
         async move {
             shutdown.await;
             gate.start_draining();
-            for name in [SERVICE_NAME, ""] {
-                health
-                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-            tracing::info!(
-                in_flight = gate.in_flight(),
-                "shutting down: no new calls; waiting for those in flight"
-            );
         }
     };
     // The incoming connections end when draining starts: the listener
@@ -253,6 +243,17 @@ pub async fn serve_with(
         .serve_with_incoming(incoming)
         .await
         .map_err(ServeError::Transport)?;
+
+    // The listener is closed now; open connections still read health.
+    for name in [SERVICE_NAME, ""] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    tracing::info!(
+        in_flight = gate.in_flight(),
+        "shutting down: listener closed, no new calls; waiting for those in flight"
+    );
 
     if tokio::time::timeout(options.shutdown_grace, gate.wait_idle())
         .await
