@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures_core::Stream;
 use futures_util::StreamExt;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 pub use provider_gateway::v1;
@@ -56,20 +56,43 @@ pub enum ClientError {
     Status(Box<Status>),
     /// An override cannot be sent as metadata.
     InvalidOverride(String),
+    /// The TLS settings are unusable (a certificate or key that does not
+    /// parse, no trust store).
+    InvalidTls(String),
+    /// The auth key cannot be sent as metadata (it is not visible ASCII).
+    /// The key itself is never part of an error.
+    InvalidAuthKey,
 }
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::InvalidEndpoint(e) => write!(f, "invalid endpoint: {e}"),
-            Self::Connect(e) => write!(f, "cannot connect: {e}"),
+            // tonic's own message is only "transport error": the cause
+            // (refused, DNS, TLS) is in its sources.
+            Self::Connect(e) => write!(f, "cannot connect: {}", error_chain(e)),
             Self::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
             Self::InvalidOverride(e) => write!(f, "invalid override: {e}"),
+            Self::InvalidTls(e) => write!(f, "invalid TLS settings: {e}"),
+            Self::InvalidAuthKey => f.write_str(
+                "invalid auth key: it must be visible ASCII to be sent as `authorization` metadata",
+            ),
         }
     }
 }
 
-impl std::error::Error for ClientError {}
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Connect(e) => Some(e),
+            Self::Status(s) => Some(s.as_ref()),
+            Self::InvalidEndpoint(_)
+            | Self::InvalidOverride(_)
+            | Self::InvalidTls(_)
+            | Self::InvalidAuthKey => None,
+        }
+    }
+}
 
 impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
@@ -82,7 +105,11 @@ impl ClientError {
     pub fn status(&self) -> Option<&Status> {
         match self {
             Self::Status(s) => Some(s),
-            Self::InvalidEndpoint(_) | Self::Connect(_) | Self::InvalidOverride(_) => None,
+            Self::InvalidEndpoint(_)
+            | Self::Connect(_)
+            | Self::InvalidOverride(_)
+            | Self::InvalidTls(_)
+            | Self::InvalidAuthKey => None,
         }
     }
 }
@@ -224,12 +251,26 @@ impl RetryOverrides {
 }
 
 /// Options of one call.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct CallOptions {
     /// The call's deadline (sent as `grpc-timeout`).
     pub deadline: Option<Duration>,
     /// Retry overrides.
     pub retry: RetryOverrides,
+    /// The caller's key for a gateway that authenticates its callers, sent
+    /// as `authorization: Bearer <key>` (see [`CallOptions::auth_key`]).
+    pub auth_key: Option<String>,
+}
+
+// By hand, so that the auth key never reaches a log line.
+impl std::fmt::Debug for CallOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallOptions")
+            .field("deadline", &self.deadline)
+            .field("retry", &self.retry)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl CallOptions {
@@ -250,14 +291,156 @@ impl CallOptions {
         self
     }
 
-    fn request<T>(&self, message: T) -> Result<Request<T>, ClientError> {
+    /// Authenticates the call with `key`: the request carries
+    /// `authorization: Bearer <key>`, marked sensitive so tonic never logs
+    /// it.
+    ///
+    /// ```
+    /// use provider_gateway_client::CallOptions;
+    /// use provider_gateway_client::tonic::metadata::MetadataMap;
+    ///
+    /// let options = CallOptions::new().auth_key("pgw-secret");
+    /// let mut metadata = MetadataMap::new();
+    /// options.apply(&mut metadata).unwrap();
+    /// assert_eq!(metadata.get("authorization").unwrap(), "Bearer pgw-secret");
+    /// assert!(!format!("{options:?}").contains("pgw-secret"));
+    /// ```
+    pub fn auth_key(mut self, key: impl Into<String>) -> Self {
+        self.auth_key = Some(key.into());
+        self
+    }
+
+    /// Writes the call's metadata (the retry overrides and the auth key)
+    /// into `metadata`; for calls made through [`GatewayClient::raw`].
+    pub fn apply(&self, metadata: &mut MetadataMap) -> Result<(), ClientError> {
+        self.retry.apply(metadata)?;
+        if let Some(key) = &self.auth_key {
+            let mut value = MetadataValue::try_from(format!("Bearer {key}"))
+                .map_err(|_| ClientError::InvalidAuthKey)?;
+            value.set_sensitive(true);
+            metadata.insert("authorization", value);
+        }
+        Ok(())
+    }
+
+    /// `message` as a request carrying these options.
+    pub fn request<T>(&self, message: T) -> Result<Request<T>, ClientError> {
         let mut request = Request::new(message);
         if let Some(d) = self.deadline {
             request.set_timeout(d);
         }
-        self.retry.apply(request.metadata_mut())?;
+        self.apply(request.metadata_mut())?;
         Ok(request)
     }
+}
+
+/// TLS settings of a connection to the gateway, for
+/// [`GatewayClient::tls_endpoint`]. The default verifies the gateway's
+/// certificate against the system's trust store and sends no client
+/// certificate.
+///
+/// ```no_run
+/// use provider_gateway_client::{GatewayClient, TlsOptions};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = TlsOptions::new()
+///     .ca_certificate(std::fs::read("ca.pem")?)
+///     .client_identity(std::fs::read("client.pem")?, std::fs::read("client.key")?)
+///     .domain("gateway.internal");
+/// let endpoint = GatewayClient::tls_endpoint("https://10.0.0.7:50051", &tls)?;
+/// let client = GatewayClient::connect_with(endpoint).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// PEM certificate(s) of the CA that signed the gateway's certificate;
+    /// `None` trusts the system's trust store instead.
+    pub ca_certificate_pem: Option<Vec<u8>>,
+    /// The client's PEM certificate chain and PEM private key, for mutual
+    /// TLS.
+    pub client_identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the gateway's certificate must carry; `None` = the
+    /// address's host.
+    pub domain: Option<String>,
+}
+
+// By hand, so that the private key never reaches a log line.
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field(
+                "ca_certificate_pem",
+                &self.ca_certificate_pem.as_ref().map(Vec::len),
+            )
+            .field(
+                "client_identity_pem",
+                &self.client_identity_pem.as_ref().map(|_| "<redacted>"),
+            )
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// The system's trust store, no client certificate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts the CA certificate(s) in `pem` (instead of the system's store).
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_certificate_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents `certificate_pem` with `key_pem` to the gateway (mutual TLS).
+    pub fn client_identity(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.client_identity_pem = Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Expects the gateway's certificate to carry `domain`, whatever host
+    /// the address names.
+    pub fn domain(mut self, domain: impl Into<String>) -> Self {
+        self.domain = Some(domain.into());
+        self
+    }
+
+    fn client_config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_certificate_pem {
+            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+            None => config.with_native_roots(),
+        };
+        if let Some((certificate, key)) = &self.client_identity_pem {
+            config = config.identity(Identity::from_pem(certificate, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
+/// `e` and its causes, joined by `: `.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A whole answer with what the gateway reported about it.
@@ -378,21 +561,48 @@ pub struct GatewayClient {
 
 impl GatewayClient {
     /// Connects to `address` (for example `http://127.0.0.1:50051`) with a
-    /// 5 s connect timeout.
+    /// 5 s connect timeout. An `https://` address is served over TLS,
+    /// verified against the system's trust store (for a private CA or mutual
+    /// TLS, see [`GatewayClient::tls_endpoint`]).
     pub async fn connect(address: impl Into<String>) -> Result<Self, ClientError> {
-        let endpoint = Self::endpoint(address)?;
+        let address = address.into();
+        let endpoint = if address.starts_with("https://") {
+            Self::tls_endpoint(address, &TlsOptions::new())?
+        } else {
+            Self::endpoint(address)?
+        };
         Self::connect_with(endpoint).await
     }
 
-    /// The endpoint builder `connect` uses: set TLS
-    /// (`Endpoint::tls_config`, with a tonic TLS feature), timeouts or
-    /// keep-alive on it and pass it to [`GatewayClient::connect_with`].
+    /// The endpoint builder `connect` uses for a plaintext address: set
+    /// timeouts or keep-alive on it and pass it to
+    /// [`GatewayClient::connect_with`]. For TLS, start from
+    /// [`GatewayClient::tls_endpoint`] instead.
     pub fn endpoint(address: impl Into<String>) -> Result<Endpoint, ClientError> {
         let endpoint = Endpoint::from_shared(address.into())
             .map_err(|e| ClientError::InvalidEndpoint(e.to_string()))?;
         Ok(endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true))
+    }
+
+    /// The endpoint builder for an `https://` address served over TLS with
+    /// `tls`; pass it to [`GatewayClient::connect_with`]. TLS is only spoken
+    /// to `https://` addresses, so any other scheme is refused here rather
+    /// than silently connecting in plain text.
+    pub fn tls_endpoint(
+        address: impl Into<String>,
+        tls: &TlsOptions,
+    ) -> Result<Endpoint, ClientError> {
+        let address = address.into();
+        if !address.starts_with("https://") {
+            return Err(ClientError::InvalidTls(format!(
+                "TLS needs an https:// address, not `{address}`"
+            )));
+        }
+        Self::endpoint(address)?
+            .tls_config(tls.client_config())
+            .map_err(|e| ClientError::InvalidTls(error_chain(&e)))
     }
 
     /// Connects through a configured endpoint.
@@ -459,9 +669,18 @@ impl GatewayClient {
 
     /// The providers the gateway serves.
     pub async fn providers(&mut self) -> Result<v1::ListProvidersResponse, ClientError> {
+        self.providers_with(&CallOptions::new()).await
+    }
+
+    /// The providers the gateway serves, asked with `options` (a deadline,
+    /// an auth key).
+    pub async fn providers_with(
+        &mut self,
+        options: &CallOptions,
+    ) -> Result<v1::ListProvidersResponse, ClientError> {
         Ok(self
             .raw
-            .list_providers(v1::ListProvidersRequest {})
+            .list_providers(options.request(v1::ListProvidersRequest {})?)
             .await?
             .into_inner())
     }
@@ -486,5 +705,29 @@ mod tests {
         assert_eq!(m.get("x-retry-max-backoff-ms").unwrap(), "1500");
         assert_eq!(m.get("x-retry-on").unwrap(), "none");
         assert!(m.get("x-retry-initial-backoff-ms").is_none());
+    }
+
+    #[test]
+    fn auth_key_is_bearer_metadata_and_never_printed() {
+        let options = CallOptions::new().auth_key("k-123");
+        let request = options.request(()).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer k-123"
+        );
+        assert!(!format!("{options:?}").contains("k-123"));
+        let bad = CallOptions::new().auth_key("line\nbreak");
+        assert!(matches!(bad.request(()), Err(ClientError::InvalidAuthKey)));
+    }
+
+    #[test]
+    fn tls_needs_an_https_address() {
+        let err =
+            GatewayClient::tls_endpoint("http://127.0.0.1:1", &TlsOptions::new()).unwrap_err();
+        assert!(matches!(err, ClientError::InvalidTls(_)), "{err}");
+        let tls = TlsOptions::new()
+            .client_identity("cert", "secret-key")
+            .domain("gw");
+        assert!(!format!("{tls:?}").contains("secret-key"));
     }
 }

@@ -33,6 +33,10 @@ use tonic::transport::server::TcpIncoming;
 pub use config::{Config, ConfigError, EnvSource, ProcessEnv};
 pub use registry::Registry;
 
+/// How long connections get to write the last frames of the calls that
+/// finished during a shutdown.
+const FLUSH_DELAY: Duration = Duration::from_millis(250);
+
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "provider_gateway.v1.ProviderGateway";
 
@@ -255,10 +259,16 @@ pub async fn serve_with(
         "shutting down: listener closed, no new calls; waiting for those in flight"
     );
 
-    if tokio::time::timeout(options.shutdown_grace, gate.wait_idle())
+    let drained_by = tokio::time::Instant::now() + options.shutdown_grace;
+    if tokio::time::timeout_at(drained_by, gate.wait_idle())
         .await
-        .is_err()
+        .is_ok()
     {
+        // A call is done when its last frame is handed to its connection;
+        // give the connections a moment to write it before the process
+        // exits and drops them.
+        tokio::time::sleep_until(drained_by.min(tokio::time::Instant::now() + FLUSH_DELAY)).await;
+    } else {
         tracing::warn!(
             in_flight = gate.in_flight(),
             grace_ms = options.shutdown_grace.as_millis() as u64,

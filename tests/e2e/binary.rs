@@ -22,7 +22,8 @@ fn command() -> Command {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env("NO_COLOR", "1").env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
+    cmd.env("NO_COLOR", "1")
+        .env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
