@@ -69,6 +69,8 @@ pub struct ProviderSummary {
     pub kind: &'static str,
     /// The default model.
     pub default_model: String,
+    /// The model file, for a model running inside the gateway.
+    pub local_model: Option<providers::LocalModelInfo>,
 }
 
 /// Per-call context from the caller.
@@ -208,6 +210,7 @@ impl Registry {
                 name: p.name.clone(),
                 kind: p.provider.kind(),
                 default_model: p.provider.default_model().to_string(),
+                local_model: p.provider.local_model(),
             })
             .collect()
     }

@@ -262,6 +262,11 @@ impl GatewayService {
                 name: p.name,
                 kind: p.kind.to_string(),
                 default_model: p.default_model,
+                local_model: p.local_model.map(|m| pb::LocalModel {
+                    file_name: m.file_name,
+                    parameter_count: m.parameter_count,
+                    context_length: m.context_length,
+                }),
             })
             .collect();
         Ok(Response::new(pb::ListProvidersResponse {

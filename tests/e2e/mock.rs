@@ -56,7 +56,8 @@ async fn mock_echoes_and_lists_itself() {
         [v1::ProviderInfo {
             name: "mock".into(),
             kind: "mock".into(),
-            default_model: "mock-1".into()
+            default_model: "mock-1".into(),
+            local_model: None
         }]
     );
 }

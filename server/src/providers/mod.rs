@@ -33,6 +33,11 @@ pub trait Provider: Send + Sync + 'static {
     /// The model used when a request names none.
     fn default_model(&self) -> &str;
 
+    /// The model file, for a model running inside the gateway.
+    fn local_model(&self) -> Option<LocalModelInfo> {
+        None
+    }
+
     /// Makes one upstream call for a whole answer.
     fn complete<'a>(
         &'a self,
@@ -45,6 +50,17 @@ pub trait Provider: Send + Sync + 'static {
         &'a self,
         request: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<EventStream, ProviderError>>;
+}
+
+/// What `ListProviders` shows of a model running inside the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalModelInfo {
+    /// The model file's name.
+    pub file_name: String,
+    /// Its parameter count.
+    pub parameter_count: u64,
+    /// The context length it runs with.
+    pub context_length: u32,
 }
 
 /// An API key read from the environment. Its `Debug` never shows it.

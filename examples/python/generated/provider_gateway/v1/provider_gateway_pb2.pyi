@@ -234,11 +234,23 @@ class ListProvidersResponse(_message.Message):
     def __init__(self, providers: _Optional[_Iterable[_Union[ProviderInfo, _Mapping]]] = ..., default_provider: _Optional[str] = ...) -> None: ...
 
 class ProviderInfo(_message.Message):
-    __slots__ = ("name", "kind", "default_model")
+    __slots__ = ("name", "kind", "default_model", "local_model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     default_model: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_model: _Optional[str] = ...) -> None: ...
+    local_model: LocalModel
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_model: _Optional[str] = ..., local_model: _Optional[_Union[LocalModel, _Mapping]] = ...) -> None: ...
+
+class LocalModel(_message.Message):
+    __slots__ = ("file_name", "parameter_count", "context_length")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    parameter_count: int
+    context_length: int
+    def __init__(self, file_name: _Optional[str] = ..., parameter_count: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
