@@ -208,6 +208,9 @@ pub async fn serve_with(
         ProviderGatewayServer::new(service::GatewayService::new(registry, gate.clone()))
             .max_decoding_message_size(options.limits.max_request_bytes),
         move |mut request: tonic::Request<()>| {
+            request
+                .extensions_mut()
+                .insert(service::Arrival(std::time::Instant::now()));
             if let Some(auth) = &authenticator {
                 let client = auth.check(request.metadata())?;
                 request.extensions_mut().insert(client);

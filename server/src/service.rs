@@ -29,10 +29,19 @@ pub const ATTEMPTS_HEADER: &str = "x-gateway-attempts";
 /// Response metadata: the provider that served (or failed).
 pub const PROVIDER_HEADER: &str = "x-gateway-provider";
 
-/// The gateway answers `DEADLINE_EXCEEDED` itself this long before the
-/// caller's deadline, so the answer, with its reason, reaches the caller
-/// before the transport's own timer cancels the call without one.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+/// When a call arrived (set by the server's interceptor, before the body is
+/// decoded), so the caller's deadline counts from then.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub std::time::Instant);
+
+/// How long before the caller's deadline the gateway answers
+/// `DEADLINE_EXCEEDED` itself: a tenth of the timeout, between 10 ms and
+/// 250 ms. The answer, with its reason (attempts, last error), then reaches
+/// the caller before the transport's own timer cancels the call without one,
+/// even on a loaded machine.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250))
+}
 
 /// The `ProviderGateway` service.
 #[derive(Debug, Clone)]
@@ -164,7 +173,7 @@ impl GatewayService {
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
         let admission = self.gate.admit(CallKind::Request)?;
-        let mut options = call_options(request.metadata())?;
+        let mut options = call_options(&request)?;
         options.provider = request.get_ref().provider.clone();
         self.authorize(&request, &mut options)?;
         let r = request.into_inner();
@@ -200,7 +209,7 @@ impl GatewayService {
         span: tracing::Span,
     ) -> Result<Response<StreamBody>, Status> {
         let admission = self.gate.admit(CallKind::Stream)?;
-        let mut options = call_options(request.metadata())?;
+        let mut options = call_options(&request)?;
         options.provider = request.get_ref().provider.clone();
         self.authorize(&request, &mut options)?;
         let r = request.into_inner();
@@ -306,10 +315,15 @@ fn status_of(error: &GatewayError) -> Status {
 }
 
 /// Reads what the registry needs from the request metadata: the caller's
-/// deadline (`grpc-timeout`, less [`DEADLINE_MARGIN`]), the `x-retry-*`
+/// deadline (`grpc-timeout` from the call's arrival, less the margin), the `x-retry-*`
 /// overrides and `grpc-previous-rpc-attempts`. A malformed value is
 /// INVALID_ARGUMENT naming its key, before anything goes upstream.
-fn call_options(metadata: &MetadataMap) -> Result<CallOptions, Status> {
+fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
+    let metadata = request.metadata();
+    let waited = request
+        .extensions()
+        .get::<Arrival>()
+        .map_or(Duration::ZERO, |a| a.0.elapsed());
     let text = |key: &str| -> Result<Option<&str>, Status> {
         metadata
             .get(key)
@@ -326,7 +340,7 @@ fn call_options(metadata: &MetadataMap) -> Result<CallOptions, Status> {
             })
         })
         .transpose()?
-        .map(|t| t.saturating_sub(DEADLINE_MARGIN));
+        .map(|t| t.saturating_sub(deadline_margin(t)).saturating_sub(waited));
     let client_previous_attempts = text("grpc-previous-rpc-attempts")?
         .map(|v| {
             v.trim().parse::<u32>().map_err(|_| {
