@@ -297,6 +297,43 @@ impl ProviderConfig {
         }
     }
 
+    /// The provider's breaker, fallback, resume and hedging keys.
+    pub fn resilience(&self) -> ResilienceConfig {
+        let from = |breaker: &Option<BreakerConfig>,
+                    fallback: &Vec<FallbackHop>,
+                    resume: Option<bool>,
+                    max_resumes: Option<u32>,
+                    hedge: Option<u64>| ResilienceConfig {
+            breaker: breaker.clone(),
+            fallback: fallback.clone(),
+            stream_resume: resume.unwrap_or(false),
+            max_resumes: max_resumes.unwrap_or(2),
+            hedge_after_ms: hedge,
+        };
+        #[allow(unreachable_patterns)]
+        match self {
+            Self::Anthropic(c) | Self::Openai(c) | Self::Databricks(c) => from(
+                &c.breaker,
+                &c.fallback,
+                c.stream_resume,
+                c.max_resumes,
+                c.hedge_after_ms,
+            ),
+            Self::Mock(c) => from(
+                &c.breaker,
+                &c.fallback,
+                c.stream_resume,
+                c.max_resumes,
+                c.hedge_after_ms,
+            ),
+            // Kinds without these keys (a local model) have none.
+            _ => ResilienceConfig {
+                max_resumes: 2,
+                ..ResilienceConfig::default()
+            },
+        }
+    }
+
     /// The provider's own retry section, if any.
     pub fn retry(&self) -> Option<&RetryConfig> {
         match self {
@@ -304,6 +341,94 @@ impl ProviderConfig {
             Self::Mock(c) => c.retry.as_ref(),
         }
     }
+}
+
+/// `[providers.X.breaker]`: when to stop calling a failing provider.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Open when this share of the calls in the window failed...
+    pub failure_ratio: f64,
+    /// ... and the window holds at least this many calls.
+    pub min_requests: u32,
+    /// The sliding window.
+    pub window_ms: u64,
+    /// Or open after this many failures in a row (0 = never).
+    pub consecutive_failures: u32,
+    /// How long an open breaker waits before a probe.
+    pub cooldown_ms: u64,
+    /// The cooldown doubles after each failed probe, up to this.
+    pub max_cooldown_ms: u64,
+    /// Probes let through while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_ratio: 0.5,
+            min_requests: 10,
+            window_ms: 10_000,
+            consecutive_failures: 5,
+            cooldown_ms: 5_000,
+            max_cooldown_ms: 60_000,
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// One hop of a fallback chain: a provider name, or a table naming the
+/// provider and the model to ask it for.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum FallbackHop {
+    /// `"name"`: the provider with its default model.
+    Name(String),
+    /// `{ provider = "name", model = "m" }`.
+    Table(FallbackTable),
+}
+
+/// The table form of a [`FallbackHop`].
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackTable {
+    /// The provider.
+    pub provider: String,
+    /// The model to ask it for; its default when absent.
+    pub model: Option<String>,
+}
+
+impl FallbackHop {
+    /// The provider's name.
+    pub fn provider(&self) -> &str {
+        match self {
+            Self::Name(n) => n,
+            Self::Table(t) => &t.provider,
+        }
+    }
+
+    /// The model, when the hop names one.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Self::Name(_) => None,
+            Self::Table(t) => t.model.as_deref(),
+        }
+    }
+}
+
+/// The resilience keys of one provider section.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResilienceConfig {
+    /// The breaker, if configured.
+    pub breaker: Option<BreakerConfig>,
+    /// The fallback chain.
+    pub fallback: Vec<FallbackHop>,
+    /// Whether broken streams are resumed.
+    pub stream_resume: bool,
+    /// How many breaks may be resumed.
+    pub max_resumes: u32,
+    /// The hedge delay.
+    pub hedge_after_ms: Option<u64>,
 }
 
 /// The keys of a provider reached over HTTP.
@@ -325,6 +450,18 @@ pub struct HttpProviderConfig {
     pub pool_idle_timeout_ms: Option<u64>,
     /// The provider's retry policy over `[retry]`.
     pub retry: Option<RetryConfig>,
+    /// A circuit breaker for this provider (none when absent).
+    pub breaker: Option<BreakerConfig>,
+    /// Providers to try, in order, when this one cannot serve.
+    #[serde(default)]
+    pub fallback: Vec<FallbackHop>,
+    /// Resume a stream that broke inside text with a continuation request.
+    pub stream_resume: Option<bool>,
+    /// How many breaks of one stream may be resumed (default 2).
+    pub max_resumes: Option<u32>,
+    /// Start a second attempt when the first has produced no content after
+    /// this long.
+    pub hedge_after_ms: Option<u64>,
 }
 
 /// The keys of the built-in `mock` provider.
@@ -355,6 +492,18 @@ pub struct MockConfig {
     pub break_stream_after: Option<u32>,
     /// The provider's retry policy over `[retry]`.
     pub retry: Option<RetryConfig>,
+    /// A circuit breaker for this provider (none when absent).
+    pub breaker: Option<BreakerConfig>,
+    /// Providers to try, in order, when this one cannot serve.
+    #[serde(default)]
+    pub fallback: Vec<FallbackHop>,
+    /// Resume a stream that broke inside text with a continuation request.
+    pub stream_resume: Option<bool>,
+    /// How many breaks of one stream may be resumed (default 2).
+    pub max_resumes: Option<u32>,
+    /// Start a second attempt when the first has produced no content after
+    /// this long.
+    pub hedge_after_ms: Option<u64>,
 }
 
 impl Config {
@@ -494,6 +643,37 @@ impl Config {
                 provider.retry(),
                 &format!("providers.{name}.retry"),
             )?;
+            let resilience = provider.resilience();
+            for hop in &resilience.fallback {
+                if hop.provider() == name || !self.providers.contains_key(hop.provider()) {
+                    return Err(err(format!(
+                        "config key `providers.{name}.fallback`: `{}` is not another configured provider",
+                        hop.provider()
+                    )));
+                }
+            }
+            if let Some(b) = &resilience.breaker {
+                let bad = |key: &str, why: &str| {
+                    err(format!(
+                        "config key `providers.{name}.breaker.{key}`: {why}"
+                    ))
+                };
+                if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+                    return Err(bad("failure_ratio", "must be in (0, 1]"));
+                }
+                if b.window_ms < 1_000 {
+                    return Err(bad("window_ms", "must be at least 1000"));
+                }
+                if b.cooldown_ms == 0 || b.max_cooldown_ms < b.cooldown_ms {
+                    return Err(bad(
+                        "max_cooldown_ms",
+                        "must be at least cooldown_ms, which must be > 0",
+                    ));
+                }
+                if b.half_open_probes == 0 {
+                    return Err(bad("half_open_probes", "must be at least 1"));
+                }
+            }
             match provider {
                 ProviderConfig::Anthropic(c) | ProviderConfig::Openai(c) => {
                     check_url(name, c.base_url.as_deref())?;

@@ -202,6 +202,17 @@ pub enum GatewayError {
         /// The wait the upstream asked for.
         retry_after: Duration,
     },
+    /// The provider's circuit breaker is open (and no fallback served).
+    BreakerOpen {
+        /// The provider.
+        provider: String,
+        /// Upstream attempts made (before the breaker refused).
+        attempts: u32,
+        /// How long until the breaker lets a probe through.
+        retry_after: Duration,
+        /// The last upstream error of this call, if any.
+        last_error: Option<ProviderError>,
+    },
     /// The caller's deadline ran out.
     DeadlineExceeded {
         /// The provider that was being called.
@@ -214,6 +225,17 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// Upstream attempts made before this error.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            Self::Upstream { attempts, .. }
+            | Self::RetryAfterTooLong { attempts, .. }
+            | Self::BreakerOpen { attempts, .. }
+            | Self::DeadlineExceeded { attempts, .. } => *attempts,
+            Self::InvalidArgument(_) | Self::UnknownProvider(_) => 0,
+        }
+    }
+
     /// The gRPC status the caller sees. The message names the provider, the
     /// attempts and the last upstream error; it never holds a secret.
     pub fn to_status(&self) -> Status {
@@ -232,6 +254,25 @@ impl GatewayError {
                     msg.push_str(&format!("; last error: {err}"));
                 }
                 Status::deadline_exceeded(msg)
+            }
+            Self::BreakerOpen {
+                provider,
+                attempts,
+                retry_after,
+                last_error,
+            } => {
+                let mut msg = format!(
+                    "provider `{provider}` is unavailable: its circuit breaker is open for {} ms more; {attempts} attempt(s) made",
+                    retry_after.as_millis()
+                );
+                if let Some(err) = last_error {
+                    msg.push_str(&format!("; last error: {err}"));
+                }
+                Status::with_error_details(
+                    Code::Unavailable,
+                    msg,
+                    ErrorDetails::with_retry_info(Some(*retry_after)),
+                )
             }
             Self::RetryAfterTooLong {
                 provider,

@@ -231,6 +231,7 @@ impl CallObservation {
                 error, attempts, ..
             } => (error.class.as_str(), *attempts),
             GatewayError::DeadlineExceeded { attempts, .. } => ("deadline_exceeded", *attempts),
+            GatewayError::BreakerOpen { attempts, .. } => ("breaker_open", *attempts),
             GatewayError::InvalidArgument(_) | GatewayError::UnknownProvider(_) => {
                 ("invalid_request", 0)
             }

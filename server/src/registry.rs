@@ -9,8 +9,8 @@
 //! full-jitter waits between attempts. A stream is retried until its commit
 //! point (the first content delta), never after.
 
+use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +20,13 @@ use futures_util::{StreamExt, stream};
 use tokio::time::Instant;
 
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent, Usage};
-use crate::config::{Config, ConfigError, EnvSource, ProviderConfig};
+use crate::config::{Config, ConfigError, EnvSource, ProviderConfig, ResilienceConfig};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::observe::CallObservation;
 use crate::providers::{self, EventStream, Provider};
 use crate::retry::{
-    self, Clock, Decision, GiveUp, Jitter, RetryBudget, RetryLimits, RetryOverride, RetryPolicy,
-    TokioClock,
+    self, CircuitBreaker, Clock, Decision, GiveUp, Jitter, RetryBudget, RetryLimits, RetryOverride,
+    RetryPolicy, TokioClock, Transition,
 };
 use crate::telemetry::GatewayMetrics;
 use tracing::Instrument;
@@ -41,6 +41,10 @@ pub struct RegisteredProvider {
     pub policy: RetryPolicy,
     /// Its retry budget, shared by all calls to it.
     pub budget: RetryBudget,
+    /// Its circuit breaker, when configured.
+    pub breaker: Option<CircuitBreaker>,
+    /// Its fallback, resume and hedging settings.
+    pub resilience: ResilienceConfig,
 }
 
 impl RegisteredProvider {
@@ -56,7 +60,19 @@ impl RegisteredProvider {
             provider,
             policy,
             budget,
+            breaker: None,
+            resilience: ResilienceConfig {
+                max_resumes: 2,
+                ..ResilienceConfig::default()
+            },
         }
+    }
+
+    /// Adds the breaker, fallback, resume and hedging settings.
+    pub fn with_resilience(mut self, resilience: ResilienceConfig) -> Self {
+        self.breaker = resilience.breaker.clone().map(CircuitBreaker::new);
+        self.resilience = resilience;
+        self
     }
 }
 
@@ -86,6 +102,9 @@ pub struct CallOptions {
     pub client_previous_attempts: u32,
     /// The authenticated client's own ceilings, within the operator's.
     pub limits: Option<RetryLimits>,
+    /// The request's fallback chain (`x-fallback-providers`); `None` = the
+    /// provider's configured chain, empty = none.
+    pub fallback: Option<Vec<String>>,
 }
 
 /// A whole answer and how it was obtained.
@@ -149,7 +168,10 @@ impl Registry {
                     Duration::from_millis(providers::databricks::DEFAULT_PER_TRY_TIMEOUT_MS);
             }
             let provider = providers::build(name, section, env)?;
-            providers.push(RegisteredProvider::new(name, provider, policy));
+            providers.push(
+                RegisteredProvider::new(name, provider, policy)
+                    .with_resilience(section.resilience()),
+            );
         }
         Ok(Self::from_providers(
             providers,
@@ -239,29 +261,145 @@ impl Registry {
         policy
     }
 
-    /// Gets a whole answer, retrying as the policy allows.
+    /// The providers a call may use, in order: the named (or default)
+    /// provider, then its fallback chain (or the request's own). A request
+    /// with tools or tool results only goes to providers that support tools.
+    fn chain<'r>(
+        &'r self,
+        request: &ChatRequest,
+        options: &CallOptions,
+    ) -> Result<Vec<Hop<'r>>, GatewayError> {
+        let primary = self.get(&options.provider)?;
+        let mut hops = vec![Hop {
+            entry: primary,
+            model: None,
+        }];
+        let configured: Vec<(String, Option<String>)> = primary
+            .resilience
+            .fallback
+            .iter()
+            .map(|h| (h.provider().to_string(), h.model().map(str::to_string)))
+            .collect();
+        let names = match &options.fallback {
+            Some(requested) => requested.iter().map(|n| (n.clone(), None)).collect(),
+            None => configured,
+        };
+        let uses_tools = !request.tools.is_empty()
+            || request.messages.iter().flat_map(|m| &m.content).any(|c| {
+                matches!(
+                    c,
+                    crate::chat::Content::ToolUse { .. } | crate::chat::Content::ToolResult { .. }
+                )
+            });
+        for (name, model) in names {
+            let entry = self.providers.get(&name).ok_or_else(|| {
+                GatewayError::InvalidArgument(format!(
+                    "x-fallback-providers: `{name}` is not a configured provider"
+                ))
+            })?;
+            if entry.name == primary.name || (uses_tools && !entry.provider.supports_tools()) {
+                continue;
+            }
+            hops.push(Hop { entry, model });
+        }
+        Ok(hops)
+    }
+
+    /// Runs a call through its chain of providers: each hop under its own
+    /// policy, the caller's deadline over the whole chain, attempts counted
+    /// across hops. A hop is left for the next one when its retries are
+    /// spent on upstream faults, its budget refused, its breaker is open or
+    /// it asked for a wait longer than the gateway may wait.
+    async fn run_chain<'r, T>(
+        &'r self,
+        request: &ChatRequest,
+        options: &CallOptions,
+        attempt: impl Fn(
+            Arc<dyn Provider>,
+            Arc<ChatRequest>,
+            Duration,
+        ) -> BoxFuture<'static, Result<T, ProviderError>>,
+    ) -> Result<Served<'r, T>, GatewayError> {
+        let hops = self.chain(request, options)?;
+        let deadline = options.timeout.map(|t| self.clock.now() + t);
+        let mut attempts = 0;
+        let mut hops = hops.into_iter().peekable();
+        while let Some(hop) = hops.next() {
+            let hop_request = Arc::new(match &hop.model {
+                _ if attempts == 0 && hop.entry.name == self.get(&options.provider)?.name => {
+                    request.clone()
+                }
+                model => ChatRequest {
+                    model: model.clone().unwrap_or_default(),
+                    ..request.clone()
+                },
+            });
+            let policy = self.call_policy(hop.entry, options);
+            let mut obs = self.observe(hop.entry, &hop_request);
+            let chat = obs.chat.clone();
+            let run = RunContext {
+                entry: hop.entry,
+                policy: &policy,
+                deadline,
+                attempts_before: attempts,
+                has_fallback: hops.peek().is_some(),
+            };
+            let result = self
+                .with_retries(&run, &mut obs, |_| {
+                    attempt(
+                        hop.entry.provider.clone(),
+                        hop_request.clone(),
+                        policy.stream_idle_timeout,
+                    )
+                })
+                .instrument(chat)
+                .await;
+            match result {
+                Ok((value, total, span)) => {
+                    return Ok(Served {
+                        entry: hop.entry,
+                        request: hop_request,
+                        policy,
+                        value,
+                        attempts: total,
+                        span,
+                        obs,
+                    });
+                }
+                Err(error) => {
+                    obs.failed(&error);
+                    if hops.peek().is_none() || !falls_back(&error) {
+                        return Err(error);
+                    }
+                    attempts = error.attempts();
+                    tracing::info!(
+                        provider = %hop.entry.name,
+                        "falling back to the next provider: {error}"
+                    );
+                }
+            }
+        }
+        Err(GatewayError::UnknownProvider(options.provider.clone()))
+    }
+
+    /// Gets a whole answer, retrying and falling back as configured.
     pub async fn complete(
         &self,
         request: &ChatRequest,
         options: &CallOptions,
     ) -> Result<Completion, GatewayError> {
-        let entry = self.get(&options.provider)?;
-        let policy = self.call_policy(entry, options);
-        let mut obs = self.observe(entry, request);
-        let chat = obs.chat.clone();
-        let result = self
-            .with_retries(entry, &policy, options.timeout, &mut obs, |_| {
-                entry.provider.complete(request)
+        let served = self
+            .run_chain(request, options, |provider, request, _| {
+                Box::pin(async move { provider.complete(&request).await })
             })
-            .instrument(chat)
-            .await;
-        let (response, attempts, _) = match result {
-            Ok(done) => done,
-            Err(error) => {
-                obs.failed(&error);
-                return Err(error);
-            }
-        };
+            .await?;
+        let Served {
+            entry,
+            value: response,
+            attempts,
+            mut obs,
+            ..
+        } = served;
         obs.succeeded(
             &response.model,
             &response.id,
@@ -276,33 +414,29 @@ impl Registry {
         })
     }
 
-    /// Opens a stream, retrying every failure before its commit point (the
-    /// first content delta, or the stop of an empty answer) invisibly to the
-    /// caller. After the commit point a failure ends the stream with an
-    /// error, never quietly.
+    /// Opens a stream, retrying (and falling back) on every failure before
+    /// its commit point (the first content delta, or the stop of an empty
+    /// answer) invisibly to the caller. After the commit point a failure
+    /// ends the stream with an error, never quietly.
     pub async fn stream(
         &self,
         request: &ChatRequest,
         options: &CallOptions,
     ) -> Result<OpenStream, GatewayError> {
-        let entry = self.get(&options.provider)?;
-        let policy = self.call_policy(entry, options);
-        let idle = policy.stream_idle_timeout;
-        let mut obs = self.observe(entry, request);
-        let chat = obs.chat.clone();
-        let result = self
-            .with_retries(entry, &policy, options.timeout, &mut obs, |_| {
-                open_until_commit(entry.provider.as_ref(), request, idle)
+        let served = self
+            .run_chain(request, options, |provider, request, idle| {
+                Box::pin(async move { open_until_commit(provider.as_ref(), &request, idle).await })
             })
-            .instrument(chat)
-            .await;
-        let ((events, mut head), attempt, attempt_span) = match result {
-            Ok(done) => done,
-            Err(error) => {
-                obs.failed(&error);
-                return Err(error);
-            }
-        };
+            .await?;
+        let Served {
+            entry,
+            request: served_request,
+            policy,
+            value: (events, mut head),
+            attempts,
+            span,
+            mut obs,
+        } = served;
         if head.iter().any(StreamEvent::is_content) {
             obs.first_chunk();
         }
@@ -310,16 +444,18 @@ impl Registry {
         if !matches!(head.front(), Some(StreamEvent::Start { .. })) {
             head.push_front(StreamEvent::Start {
                 id: String::new(),
-                model: request.model_or(entry.provider.default_model()).to_string(),
+                model: served_request
+                    .model_or(entry.provider.default_model())
+                    .to_string(),
             });
         }
         let deadline = options.timeout.map(|t| self.clock.now() + t);
         Ok(OpenStream {
             provider: entry.name.clone(),
-            attempt,
+            attempt: attempts,
             events: committed(Committed {
                 obs,
-                _attempt_span: attempt_span,
+                _attempt_span: span,
                 id: String::new(),
                 model: String::new(),
                 usage: Usage::default(),
@@ -327,11 +463,11 @@ impl Registry {
                 head,
                 delivered: 0,
                 done: false,
-                idle,
+                idle: policy.stream_idle_timeout,
                 deadline,
                 clock: self.clock.clone(),
                 provider: entry.name.clone(),
-                attempts: attempt,
+                attempts,
             }),
         })
     }
@@ -346,27 +482,40 @@ impl Registry {
         )
     }
 
-    /// Runs `attempt` until it succeeds or the policy says stop; returns
-    /// the result, the number of attempts made and the span of the attempt
-    /// that succeeded. Each attempt runs in its own span; backoffs lie
-    /// between them.
-    async fn with_retries<T, F, Fut>(
+    /// Records a breaker's change of state.
+    fn breaker_changed(&self, entry: &RegisteredProvider, transition: Option<Transition>) {
+        let Some(t) = transition else { return };
+        tracing::info!(
+            provider = %entry.name,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            "circuit breaker changed state"
+        );
+        self.metrics.breaker_transitions.add(
+            1,
+            &[
+                opentelemetry::KeyValue::new("gateway.provider", entry.name.clone()),
+                opentelemetry::KeyValue::new("gateway.breaker.state", t.to.as_str()),
+            ],
+        );
+    }
+
+    /// Runs `attempt` on one provider until it succeeds or the policy says
+    /// stop; returns the result, the attempts made in all (earlier hops
+    /// included) and the span of the attempt that succeeded. Each attempt
+    /// runs in its own span; backoffs lie between them.
+    async fn with_retries<T>(
         &self,
-        entry: &RegisteredProvider,
-        policy: &RetryPolicy,
-        timeout: Option<Duration>,
+        run: &RunContext<'_>,
         obs: &mut CallObservation,
-        mut attempt: F,
-    ) -> Result<(T, u32, tracing::Span), GatewayError>
-    where
-        F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Result<T, ProviderError>>,
-    {
-        let deadline = timeout.map(|t| self.clock.now() + t);
+        attempt: impl Fn(u32) -> BoxFuture<'static, Result<T, ProviderError>>,
+    ) -> Result<(T, u32, tracing::Span), GatewayError> {
+        let (entry, policy, deadline) = (run.entry, run.policy, run.deadline);
         entry.budget.deposit(self.clock.now());
         let mut last_error: Option<ProviderError> = None;
-        let mut attempts = 0;
+        let mut tries = 0;
         loop {
+            let attempts = run.attempts_before + tries;
             let remaining = deadline.map(|d| d.saturating_duration_since(self.clock.now()));
             if remaining.is_some_and(|r| r.is_zero()) {
                 return Err(GatewayError::DeadlineExceeded {
@@ -375,7 +524,26 @@ impl Registry {
                     last_error,
                 });
             }
-            attempts += 1;
+            let permit = match &entry.breaker {
+                None => None,
+                Some(breaker) => {
+                    let (admitted, transition) = breaker.admit(self.clock.now());
+                    self.breaker_changed(entry, transition);
+                    match admitted {
+                        Ok(permit) => Some(permit),
+                        Err(retry_after) => {
+                            return Err(GatewayError::BreakerOpen {
+                                provider: entry.name.clone(),
+                                attempts,
+                                retry_after,
+                                last_error,
+                            });
+                        }
+                    }
+                }
+            };
+            tries += 1;
+            let attempts = attempts + 1;
             let limit = remaining.map_or(policy.per_try_timeout, |r| r.min(policy.per_try_timeout));
             let by_deadline = remaining.is_some_and(|r| r <= policy.per_try_timeout);
             let span = obs.attempt_span(attempts);
@@ -385,6 +553,9 @@ impl Registry {
             let took = started.elapsed();
             let error = match outcome {
                 Ok(Ok(value)) => {
+                    if let (Some(breaker), Some(permit)) = (&entry.breaker, permit) {
+                        self.breaker_changed(entry, breaker.record(permit, None, self.clock.now()));
+                    }
                     obs.attempt_done(&span, took, None);
                     return Ok((value, attempts, span));
                 }
@@ -413,11 +584,17 @@ impl Registry {
                     ),
                 ),
             };
+            if let (Some(breaker), Some(permit)) = (&entry.breaker, permit) {
+                self.breaker_changed(
+                    entry,
+                    breaker.record(permit, Some(&error), self.clock.now()),
+                );
+            }
             let now = self.clock.now();
             let remaining = deadline.map(|d| d.saturating_duration_since(now));
             let decision = retry::decide(
                 policy,
-                attempts,
+                tries,
                 &error,
                 remaining,
                 &entry.budget,
@@ -425,6 +602,12 @@ impl Registry {
                 now,
             );
             obs.attempt_done(&span, took, Some((&error, decision)));
+            if run.has_fallback
+                && let Decision::GiveUp(reason) = decision
+                && falls_back(&give_up(entry, attempts, error.clone(), reason))
+            {
+                span.record("gateway.retry.decision", "fallback");
+            }
             tracing::debug!(
                 parent: &span,
                 provider = %entry.name,
@@ -448,6 +631,51 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+/// One provider of a call's chain.
+struct Hop<'r> {
+    entry: &'r RegisteredProvider,
+    /// The model a fallback hop asks for (`None` = its default).
+    model: Option<String>,
+}
+
+/// What one hop's retry loop works with.
+struct RunContext<'r> {
+    entry: &'r RegisteredProvider,
+    policy: &'r RetryPolicy,
+    deadline: Option<Instant>,
+    attempts_before: u32,
+    has_fallback: bool,
+}
+
+/// A call that a provider of its chain served.
+struct Served<'r, T> {
+    entry: &'r RegisteredProvider,
+    request: Arc<ChatRequest>,
+    policy: RetryPolicy,
+    value: T,
+    attempts: u32,
+    span: tracing::Span,
+    obs: CallObservation,
+}
+
+/// Whether a failed hop leaves the call to the next provider.
+fn falls_back(error: &GatewayError) -> bool {
+    match error {
+        GatewayError::Upstream {
+            error,
+            delivered: None,
+            ..
+        } => error.class.is_transient(),
+        GatewayError::BreakerOpen { .. } | GatewayError::RetryAfterTooLong { .. } => true,
+        GatewayError::Upstream {
+            delivered: Some(_), ..
+        }
+        | GatewayError::DeadlineExceeded { .. }
+        | GatewayError::InvalidArgument(_)
+        | GatewayError::UnknownProvider(_) => false,
     }
 }
 

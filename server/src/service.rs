@@ -304,6 +304,9 @@ fn status_of(error: &GatewayError) -> Status {
         | GatewayError::RetryAfterTooLong {
             provider, attempts, ..
         }
+        | GatewayError::BreakerOpen {
+            provider, attempts, ..
+        }
         | GatewayError::DeadlineExceeded {
             provider, attempts, ..
         } => {
@@ -371,12 +374,25 @@ fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
         }
     }
     let overrides = RetryOverride::parse(pairs).map_err(Status::invalid_argument)?;
+    let fallback = text("x-fallback-providers")?.map(|v| {
+        let v = v.trim();
+        if v == "none" {
+            Vec::new()
+        } else {
+            v.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect()
+        }
+    });
     Ok(CallOptions {
         provider: String::new(),
         timeout,
         overrides,
         client_previous_attempts,
         limits: None,
+        fallback,
     })
 }
 

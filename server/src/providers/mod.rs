@@ -38,6 +38,17 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether requests with tools or tool results may be sent here.
+    fn supports_tools(&self) -> bool {
+        true
+    }
+
+    /// Whether a last assistant message is continued (prefill), which a
+    /// resumed stream needs.
+    fn supports_prefill(&self) -> bool {
+        false
+    }
+
     /// Makes one upstream call for a whole answer.
     fn complete<'a>(
         &'a self,

@@ -3,6 +3,7 @@
 //! attempt. Only the registry consults this module; providers never retry.
 
 mod backoff;
+mod breaker;
 mod budget;
 mod clock;
 mod overrides;
@@ -11,6 +12,7 @@ mod policy;
 use std::time::Duration;
 
 pub use backoff::{Jitter, ceiling};
+pub use breaker::{BreakerState, CircuitBreaker, Permit, Transition};
 pub use budget::RetryBudget;
 pub use clock::{Clock, TokioClock};
 pub use overrides::{PREFIX as OVERRIDE_PREFIX, RetryOverride};
