@@ -13,6 +13,7 @@ mod deploy;
 mod mock;
 mod openai;
 mod operations;
+mod resilience;
 mod retry;
 mod status;
 mod support;

@@ -134,6 +134,11 @@ impl ScriptedClock {
         })
     }
 
+    /// Moves time forward (a cooldown passing).
+    pub fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap() += by;
+    }
+
     /// Every wait the registry asked for, in order.
     pub fn sleeps(&self) -> Vec<Duration> {
         self.sleeps.lock().unwrap().clone()

@@ -1,0 +1,230 @@
+//! Resilience beyond retry: circuit breakers and fallback chains.
+
+use std::time::Duration;
+
+use provider_gateway_client::{CallOptions, request};
+use serde_json::json;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::support::{ENV, Gateway, Reply, ScriptedClock, Upstream};
+
+fn unavailable() -> Reply {
+    Reply::json(
+        503,
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "down"}}),
+    )
+}
+
+fn anthropic_ok(text: &str) -> Reply {
+    Reply::json(
+        200,
+        json!({
+            "id": "m", "model": "claude", "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}
+        }),
+    )
+}
+
+fn openai_ok(text: &str) -> Reply {
+    Reply::json(
+        200,
+        json!({
+            "id": "c", "model": "gpt", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}
+        }),
+    )
+}
+
+async fn call(
+    gw: &Gateway,
+    options: &CallOptions,
+) -> Result<provider_gateway_client::Answer, tonic::Status> {
+    gw.client()
+        .await
+        .complete(request::user("hi"), options)
+        .await
+        .map_err(|e| e.status().unwrap().clone())
+}
+
+#[tokio::test]
+async fn an_open_breaker_fails_fast_then_a_probe_closes_it() {
+    let mut script = vec![unavailable(), unavailable(), unavailable()];
+    script.extend([anthropic_ok("probe"), anthropic_ok("closed")]);
+    let upstream = Upstream::start(script).await;
+    let clock = ScriptedClock::new();
+    let toml = format!(
+        "[providers.p]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n\
+         [providers.p.retry]\nmax_attempts = 1\n\
+         [providers.p.breaker]\nconsecutive_failures = 3\ncooldown_ms = 10000\n",
+        upstream.url()
+    );
+    let gw = Gateway::start_scripted(&toml, ENV, clock.clone()).await;
+    for _ in 0..3 {
+        assert_eq!(
+            call(&gw, &CallOptions::new()).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+    }
+    assert_eq!(upstream.request_count(), 3);
+
+    // Open: answered at once, with the time until a probe, and no upstream call.
+    for _ in 0..5 {
+        let status = call(&gw, &CallOptions::new()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("circuit breaker is open"),
+            "{}",
+            status.message()
+        );
+        let delay = status
+            .get_error_details()
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            .unwrap();
+        assert!(
+            delay <= Duration::from_secs(10) && delay > Duration::from_secs(9),
+            "{delay:?}"
+        );
+    }
+    assert_eq!(upstream.request_count(), 3, "no upstream call while open");
+
+    // After the cooldown one probe goes through; its success closes the breaker.
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        call(&gw, &CallOptions::new()).await.unwrap().text(),
+        "probe"
+    );
+    assert_eq!(
+        call(&gw, &CallOptions::new()).await.unwrap().text(),
+        "closed"
+    );
+    assert_eq!(upstream.request_count(), 5);
+}
+
+/// A primary anthropic provider at `primary` falling back to an openai one
+/// at `backup`.
+fn chain_config(primary: &Upstream, backup: &Upstream, primary_extra: &str) -> String {
+    format!(
+        "default_provider = \"primary\"\n\
+         [providers.primary]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\nfallback = [{{ provider = \"backup\", model = \"gpt-backup\" }}]\n\
+         [providers.primary.retry]\nmax_attempts = 2\ninitial_backoff_ms = 0\nmax_backoff_ms = 0\n{primary_extra}\n\
+         [providers.backup]\nkind = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n",
+        primary.url(),
+        backup.url()
+    )
+}
+
+#[tokio::test]
+async fn a_failing_primary_is_served_by_the_fallback() {
+    let primary = Upstream::start(vec![unavailable(), unavailable()]).await;
+    let backup = Upstream::start(vec![openai_ok("from backup")]).await;
+    let gw = Gateway::start_scripted(
+        &chain_config(&primary, &backup, ""),
+        ENV,
+        ScriptedClock::new(),
+    )
+    .await;
+    let answer = call(&gw, &CallOptions::new()).await.unwrap();
+    assert_eq!(answer.text(), "from backup");
+    assert_eq!(
+        (answer.provider.as_str(), answer.response.provider.as_str()),
+        ("backup", "backup")
+    );
+    assert_eq!(
+        (answer.attempts, answer.response.attempts),
+        (3, 3),
+        "attempts across both providers"
+    );
+    assert_eq!((primary.request_count(), backup.request_count()), (2, 1));
+    assert_eq!(
+        backup.requests()[0].body["model"],
+        "gpt-backup",
+        "the hop's own model"
+    );
+}
+
+#[tokio::test]
+async fn an_open_primary_breaker_goes_straight_to_the_fallback() {
+    let primary = Upstream::start(vec![unavailable(), unavailable()]).await;
+    let backup = Upstream::start(vec![openai_ok("one"), openai_ok("two")]).await;
+    let extra = "[providers.primary.breaker]\nconsecutive_failures = 2\ncooldown_ms = 60000";
+    let gw = Gateway::start_scripted(
+        &chain_config(&primary, &backup, extra),
+        ENV,
+        ScriptedClock::new(),
+    )
+    .await;
+    assert_eq!(call(&gw, &CallOptions::new()).await.unwrap().text(), "one");
+    let answer = call(&gw, &CallOptions::new()).await.unwrap();
+    assert_eq!((answer.text().as_str(), answer.attempts), ("two", 1));
+    assert_eq!(
+        primary.request_count(),
+        2,
+        "the open primary was not touched"
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_spans_the_whole_chain() {
+    let slow_fail = || unavailable().delay(Duration::from_millis(300));
+    let primary = Upstream::start(vec![slow_fail(), slow_fail()]).await;
+    let backup = Upstream::start(vec![openai_ok("late").delay(Duration::from_secs(5))]).await;
+    let gw = Gateway::start_scripted(
+        &chain_config(&primary, &backup, ""),
+        ENV,
+        ScriptedClock::new(),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let status = call(
+        &gw,
+        &CallOptions::new().deadline(Duration::from_millis(1200)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("3 attempt(s)"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        backup.request_count(),
+        1,
+        "the chain reached the fallback within the deadline"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn the_request_chooses_its_fallbacks() {
+    let primary = Upstream::start(vec![unavailable(); 4]).await;
+    let backup = Upstream::start(vec![]).await;
+    let gw = Gateway::start_scripted(
+        &chain_config(&primary, &backup, ""),
+        ENV,
+        ScriptedClock::new(),
+    )
+    .await;
+    let mut raw = provider_gateway_client::RawClient::connect(gw.url())
+        .await
+        .unwrap();
+    let with = |value: &str| {
+        let mut req = tonic::Request::new(request::user("hi"));
+        req.metadata_mut()
+            .insert("x-fallback-providers", value.parse().unwrap());
+        req
+    };
+    let status = raw.complete(with("nope")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("x-fallback-providers") && status.message().contains("nope"));
+    assert_eq!(
+        primary.request_count(),
+        0,
+        "rejected before any upstream call"
+    );
+    let status = raw.complete(with("none")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(backup.request_count(), 0, "`none` disables the chain");
+}
