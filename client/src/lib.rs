@@ -514,6 +514,16 @@ pub enum StreamEvent {
     Usage(Usage),
     /// The answer is complete.
     Stop(StopReason),
+    /// The upstream stream broke inside text and the gateway resumed it;
+    /// the text deltas that follow continue the text delivered so far.
+    Resumed {
+        /// The attempt serving the continuation.
+        attempt: u32,
+        /// The provider serving it.
+        provider: String,
+        /// Characters of text delivered before the break.
+        characters_delivered: u64,
+    },
 }
 
 impl StreamEvent {
@@ -543,6 +553,11 @@ impl StreamEvent {
                 },
             },
             Event::Usage(u) => Self::Usage(u),
+            Event::Resumed(r) => Self::Resumed {
+                attempt: r.attempt,
+                provider: r.provider,
+                characters_delivered: r.characters_delivered,
+            },
             Event::Stop(s) => {
                 Self::Stop(StopReason::try_from(s.stop_reason).unwrap_or(StopReason::Unspecified))
             }

@@ -180,6 +180,16 @@ pub enum StreamEvent {
     Usage(Usage),
     /// Generation ended normally; nothing follows.
     Stop(StopReason),
+    /// The stream broke inside text and continues from a continuation
+    /// request (the registry emits this; providers never do).
+    Resumed {
+        /// The attempt serving the continuation.
+        attempt: u32,
+        /// The provider serving it.
+        provider: String,
+        /// Characters of text delivered before the break.
+        characters_delivered: u64,
+    },
 }
 
 impl StreamEvent {

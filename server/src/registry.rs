@@ -105,6 +105,8 @@ pub struct CallOptions {
     /// The request's fallback chain (`x-fallback-providers`); `None` = the
     /// provider's configured chain, empty = none.
     pub fallback: Option<Vec<String>>,
+    /// The request's `x-stream-resume`; `None` = the provider's setting.
+    pub stream_resume: Option<bool>,
 }
 
 /// A whole answer and how it was obtained.
@@ -450,6 +452,20 @@ impl Registry {
             });
         }
         let deadline = options.timeout.map(|t| self.clock.now() + t);
+        let resume_wanted = options
+            .stream_resume
+            .unwrap_or(entry.resilience.stream_resume);
+        let resume = (resume_wanted && entry.provider.supports_prefill()).then(|| Resume {
+            provider: entry.provider.clone(),
+            request: served_request.clone(),
+            per_try_timeout: policy.per_try_timeout,
+            text: String::new(),
+            text_index: None,
+            in_tool: false,
+            remaining: entry.resilience.max_resumes,
+            usage_before: Usage::default(),
+            resumed: false,
+        });
         Ok(OpenStream {
             provider: entry.name.clone(),
             attempt: attempts,
@@ -468,6 +484,7 @@ impl Registry {
                 clock: self.clock.clone(),
                 provider: entry.name.clone(),
                 attempts,
+                resume,
             }),
         })
     }
@@ -766,6 +783,51 @@ struct Committed {
     clock: Arc<dyn Clock>,
     provider: String,
     attempts: u32,
+    /// How to resume the stream if it breaks inside text (opt-in).
+    resume: Option<Resume>,
+}
+
+/// What a stream needs to resume after a break inside text: the request
+/// that produced it, the text delivered so far, and resumes left.
+struct Resume {
+    provider: Arc<dyn Provider>,
+    request: Arc<ChatRequest>,
+    per_try_timeout: Duration,
+    text: String,
+    text_index: Option<u32>,
+    in_tool: bool,
+    remaining: u32,
+    usage_before: Usage,
+    resumed: bool,
+}
+
+impl Resume {
+    /// The continuation request: the conversation plus an assistant turn
+    /// holding exactly the text delivered (appended to a prefill the
+    /// request already had).
+    fn continuation(&self) -> ChatRequest {
+        let mut request = (*self.request).clone();
+        match request.messages.last_mut() {
+            Some(last) if last.role == crate::chat::Role::Assistant => {
+                match last.content.last_mut() {
+                    Some(crate::chat::Content::Text(t)) => t.push_str(&self.text),
+                    _ => last
+                        .content
+                        .push(crate::chat::Content::Text(self.text.clone())),
+                }
+            }
+            _ => request.messages.push(crate::chat::Message {
+                role: crate::chat::Role::Assistant,
+                content: vec![crate::chat::Content::Text(self.text.clone())],
+            }),
+        }
+        request
+    }
+
+    /// A continuation's block index, moved to follow the broken block.
+    fn remap(&self, index: u32) -> u32 {
+        self.text_index.unwrap_or(0) + index
+    }
 }
 
 /// The rest of a committed stream: the buffered head, then each upstream
@@ -777,63 +839,161 @@ fn committed(state: Committed) -> GatewayStream {
         if st.done {
             return None;
         }
-        let next = match st.head.pop_front() {
-            Some(event) => Ok(Some(Ok(event))),
-            None => {
-                let (wait, by_deadline) = match st.deadline {
-                    Some(d) => {
-                        let remaining = d.saturating_duration_since(st.clock.now());
-                        (st.idle.min(remaining), remaining <= st.idle)
-                    }
-                    None => (st.idle, false),
-                };
-                tokio::time::timeout(wait, st.events.next())
-                    .await
-                    .map_err(|_| by_deadline)
-            }
-        };
-        let item = match next {
-            Ok(Some(Ok(event))) => {
-                match &event {
-                    StreamEvent::Start { id, model } => {
-                        st.id.clone_from(id);
-                        st.model.clone_from(model);
-                    }
-                    StreamEvent::Usage(u) => st.usage = *u,
-                    StreamEvent::Stop(stop) => {
-                        st.done = true;
-                        let (model, id, usage, attempts) =
-                            (st.model.clone(), st.id.clone(), st.usage, st.attempts);
-                        st.obs.succeeded(&model, &id, *stop, usage, attempts);
-                    }
-                    StreamEvent::Text { .. }
-                    | StreamEvent::ToolUseStart { .. }
-                    | StreamEvent::ToolInputJson { .. } => st.delivered += 1,
+        loop {
+            let next = match st.head.pop_front() {
+                Some(event) => Ok(Some(Ok(event))),
+                None => {
+                    let (wait, by_deadline) = match st.deadline {
+                        Some(d) => {
+                            let remaining = d.saturating_duration_since(st.clock.now());
+                            (st.idle.min(remaining), remaining <= st.idle)
+                        }
+                        None => (st.idle, false),
+                    };
+                    tokio::time::timeout(wait, st.events.next())
+                        .await
+                        .map_err(|_| by_deadline)
                 }
-                Ok(event)
+            };
+            let broke = match next {
+                Ok(Some(Ok(event))) => return Some((Ok(st.relay(event)), st)),
+                Ok(Some(Err(error))) => error,
+                Ok(None) => no_stop(),
+                Err(true) => {
+                    st.done = true;
+                    let error = GatewayError::DeadlineExceeded {
+                        provider: st.provider.clone(),
+                        attempts: st.attempts,
+                        last_error: None,
+                    };
+                    st.obs.failed(&error);
+                    return Some((Err(error), st));
+                }
+                Err(false) => stalled(st.idle),
+            };
+            if st.try_resume(&broke).await {
+                continue;
             }
-            Ok(Some(Err(error))) => Err(st.broken(error)),
-            Ok(None) => Err(st.broken(no_stop())),
-            Err(true) => {
-                st.done = true;
-                let error = GatewayError::DeadlineExceeded {
-                    provider: st.provider.clone(),
-                    attempts: st.attempts,
-                    last_error: None,
-                };
-                st.obs.failed(&error);
-                Err(error)
-            }
-            Err(false) => {
-                let error = stalled(st.idle);
-                Err(st.broken(error))
-            }
-        };
-        Some((item, st))
+            let error = st.broken(broke);
+            return Some((Err(error), st));
+        }
     }))
 }
 
 impl Committed {
+    /// Bookkeeping for one event on its way to the caller.
+    fn relay(&mut self, event: StreamEvent) -> StreamEvent {
+        let resumed = self.resume.as_ref().is_some_and(|r| r.resumed);
+        let event = match event {
+            StreamEvent::Text { index, text } if resumed => StreamEvent::Text {
+                index: self.resume.as_ref().map_or(index, |r| r.remap(index)),
+                text,
+            },
+            StreamEvent::ToolUseStart { index, id, name } if resumed => StreamEvent::ToolUseStart {
+                index: self.resume.as_ref().map_or(index, |r| r.remap(index)),
+                id,
+                name,
+            },
+            StreamEvent::ToolInputJson { index, json } if resumed => StreamEvent::ToolInputJson {
+                index: self.resume.as_ref().map_or(index, |r| r.remap(index)),
+                json,
+            },
+            other => other,
+        };
+        match &event {
+            StreamEvent::Start { id, model } => {
+                self.id.clone_from(id);
+                self.model.clone_from(model);
+            }
+            StreamEvent::Usage(u) => {
+                let before = self
+                    .resume
+                    .as_ref()
+                    .map_or(Usage::default(), |r| r.usage_before);
+                self.usage = Usage {
+                    input_tokens: before.input_tokens + u.input_tokens,
+                    output_tokens: before.output_tokens + u.output_tokens,
+                };
+                return StreamEvent::Usage(self.usage);
+            }
+            StreamEvent::Stop(stop) => {
+                self.done = true;
+                let (model, id, usage, attempts) = (
+                    self.model.clone(),
+                    self.id.clone(),
+                    self.usage,
+                    self.attempts,
+                );
+                self.obs.succeeded(&model, &id, *stop, usage, attempts);
+            }
+            StreamEvent::Text { index, text } => {
+                self.delivered += 1;
+                if let Some(r) = &mut self.resume {
+                    r.text.push_str(text);
+                    r.text_index = Some(*index);
+                }
+            }
+            StreamEvent::ToolUseStart { .. } | StreamEvent::ToolInputJson { .. } => {
+                self.delivered += 1;
+                if let Some(r) = &mut self.resume {
+                    r.in_tool = true;
+                }
+            }
+            StreamEvent::Resumed { .. } => {}
+        }
+        event
+    }
+
+    /// After a break inside text, sends the continuation request and, once
+    /// it delivers content, carries on with its events after a `resumed`
+    /// event. A break inside a tool call, no resumes left, or a failed
+    /// continuation leave the break as it is.
+    async fn try_resume(&mut self, broke: &ProviderError) -> bool {
+        let Some(r) = &self.resume else { return false };
+        if r.in_tool || r.text.is_empty() || r.remaining == 0 {
+            return false;
+        }
+        let continuation = r.continuation();
+        let (provider, timeout, idle) = (r.provider.clone(), r.per_try_timeout, self.idle);
+        let attempt = self.attempts + 1;
+        let span = self.obs.attempt_span(attempt);
+        tracing::info!(
+            parent: &span,
+            provider = %self.provider,
+            characters = r.text.chars().count(),
+            "resuming a stream that broke inside text: {broke}"
+        );
+        let opened = tokio::time::timeout(
+            timeout,
+            open_until_commit(provider.as_ref(), &continuation, idle).instrument(span.clone()),
+        )
+        .await;
+        let Ok(Ok((events, head))) = opened else {
+            span.record("otel.status_code", "ERROR");
+            return false;
+        };
+        let characters_delivered = r.text.chars().count() as u64;
+        self.attempts = attempt;
+        self._attempt_span = span;
+        let usage = self.usage;
+        if let Some(r) = &mut self.resume {
+            r.remaining -= 1;
+            r.usage_before = usage;
+            r.resumed = true;
+        }
+        self.events = events;
+        self.head = head
+            .into_iter()
+            .filter(|e| !matches!(e, StreamEvent::Start { .. }))
+            .collect();
+        self.head.push_front(StreamEvent::Resumed {
+            attempt,
+            provider: self.provider.clone(),
+            characters_delivered,
+        });
+        true
+    }
+
     fn broken(&mut self, error: ProviderError) -> GatewayError {
         self.done = true;
         let error = GatewayError::Upstream {

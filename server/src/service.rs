@@ -374,6 +374,16 @@ fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
         }
     }
     let overrides = RetryOverride::parse(pairs).map_err(Status::invalid_argument)?;
+    let stream_resume = match text("x-stream-resume")?.map(str::trim) {
+        None => None,
+        Some("continue") => Some(true),
+        Some("off") => Some(false),
+        Some(other) => {
+            return Err(Status::invalid_argument(format!(
+                "x-stream-resume: `{other}` is not `continue` or `off`"
+            )));
+        }
+    };
     let fallback = text("x-fallback-providers")?.map(|v| {
         let v = v.trim();
         if v == "none" {
@@ -393,6 +403,7 @@ fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
         client_previous_attempts,
         limits: None,
         fallback,
+        stream_resume,
     })
 }
 
@@ -710,6 +721,15 @@ fn stream_response(event: StreamEvent, provider: &str, attempt: u32) -> pb::Stre
         }
         StreamEvent::ToolInputJson { index, json } => delta(index, Delta::ToolInputJson(json)),
         StreamEvent::Usage(u) => Event::Usage(usage(u)),
+        StreamEvent::Resumed {
+            attempt,
+            provider,
+            characters_delivered,
+        } => Event::Resumed(pb::StreamResumed {
+            attempt,
+            provider,
+            characters_delivered,
+        }),
         StreamEvent::Stop(s) => Event::Stop(pb::StreamStop {
             stop_reason: stop_reason(s) as i32,
         }),

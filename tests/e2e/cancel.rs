@@ -25,6 +25,10 @@ async fn dropping_the_stream_closes_the_upstream_connection() {
     ));
     assert!(matches!(
         events.next().await,
+        Some(Ok(StreamEvent::Usage(_)))
+    ));
+    assert!(matches!(
+        events.next().await,
         Some(Ok(StreamEvent::Text { .. }))
     ));
     assert_eq!(

@@ -228,3 +228,168 @@ async fn the_request_chooses_its_fallbacks() {
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(backup.request_count(), 0, "`none` disables the chain");
 }
+
+mod resume {
+    use futures_util::StreamExt;
+    use provider_gateway_client::{CallOptions, StopReason, StreamEvent, request, v1};
+    use serde_json::json;
+    use tonic::Code;
+
+    use crate::anthropic::{drain, text_stream};
+    use crate::support::{
+        ENV, Gateway, Reply, ScriptedClock, Step, Upstream, provider_config, sse_event,
+    };
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_text_is_resumed_with_the_delivered_prefill() {
+        let mut cut = text_stream(&["The ", "quick ", "brown"], None);
+        cut.push(Step::Cut);
+        let upstream = Upstream::start(vec![
+            Reply::sse_steps(cut),
+            Reply::sse_steps(text_stream(&[" fox", " jumps"], Some("end_turn"))),
+        ])
+        .await;
+        let toml = provider_config("anthropic", &upstream.url(), "stream_resume = true");
+        let gw = Gateway::start_scripted(&toml, ENV, ScriptedClock::new()).await;
+        let (events, status) = drain(
+            gw.client()
+                .await
+                .stream(request::user("Say it"), &CallOptions::new())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert!(status.is_none(), "{status:?}");
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Text { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "The quick brown fox jumps", "the full text, once");
+        let resumed: Vec<&StreamEvent> = events
+            .iter()
+            .filter(|e| matches!(e, StreamEvent::Resumed { .. }))
+            .collect();
+        assert_eq!(
+            resumed,
+            [&StreamEvent::Resumed {
+                attempt: 2,
+                provider: "p".into(),
+                characters_delivered: 15
+            }]
+        );
+        let at = events
+            .iter()
+            .position(|e| matches!(e, StreamEvent::Resumed { .. }))
+            .unwrap();
+        assert!(
+            matches!(&events[at - 1], StreamEvent::Text { text, .. } if text == "brown"),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e, StreamEvent::Text { index, .. } if *index != 0)),
+            "one text block"
+        );
+        // Usage sums both parts: 9 + 9 input; 1 output reported by the broken
+        // part's message_start, 2 by the continuation.
+        let last_usage = events.iter().rev().find_map(|e| match e {
+            StreamEvent::Usage(u) => Some(*u),
+            _ => None,
+        });
+        assert_eq!(
+            last_usage,
+            Some(v1::Usage {
+                input_tokens: 18,
+                output_tokens: 3
+            }),
+            "{events:?}"
+        );
+        assert_eq!(events.last(), Some(&StreamEvent::Stop(StopReason::EndTurn)));
+        let requests = upstream.requests();
+        assert_eq!(requests.len(), 2);
+        let messages = requests[1].body["messages"].as_array().unwrap();
+        assert_eq!(
+            messages.last().unwrap(),
+            &json!({"role": "assistant", "content": [{"type": "text", "text": "The quick brown"}]})
+        );
+        assert_eq!(messages.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_cut_inside_a_tool_call_is_not_resumed() {
+        let ev = |name: &str, v: serde_json::Value| Step::Chunk(sse_event(name, &v.to_string()));
+        let upstream = Upstream::start(vec![
+            Reply::sse_steps(vec![
+                ev("message_start", json!({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}})),
+                ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}})),
+                ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}})),
+                Step::Cut,
+            ]),
+            Reply::sse_steps(text_stream(&["never"], Some("end_turn"))),
+        ])
+        .await;
+        let toml = provider_config("anthropic", &upstream.url(), "stream_resume = true");
+        let gw = Gateway::start_scripted(&toml, ENV, ScriptedClock::new()).await;
+        let mut req = request::user("Call f");
+        req.tools = vec![request::tool("f", "", r#"{"type":"object"}"#)];
+        let (_, status) = drain(
+            gw.client()
+                .await
+                .stream(req, &CallOptions::new())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status.expect("not OK").code(), Code::Unavailable);
+        assert_eq!(upstream.request_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_opts_in_and_each_break_is_resumed_up_to_the_limit() {
+        // The mock breaks every stream after 2 chunks; resumed twice, the
+        // third part finishes.
+        let gw = Gateway::start(
+            "[providers.m]\nkind = \"mock\"\nbreak_stream_after = 2\n",
+            &[],
+        )
+        .await;
+        let mut raw = provider_gateway_client::RawClient::connect(gw.url())
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(request::to_stream(request::user(
+            "one two three four five six",
+        )));
+        req.metadata_mut()
+            .insert("x-stream-resume", "continue".parse().unwrap());
+        let mut body = raw.stream(req).await.unwrap().into_inner();
+        let mut text = String::new();
+        let mut resumes = 0;
+        while let Some(event) = body.message().await.expect("the stream ends OK") {
+            match event.event {
+                Some(v1::stream_response::Event::Delta(d)) => {
+                    if let Some(v1::content_delta::Delta::Text(t)) = d.delta {
+                        text.push_str(&t);
+                    }
+                }
+                Some(v1::stream_response::Event::Resumed(_)) => resumes += 1,
+                _ => {}
+            }
+        }
+        assert_eq!((text.as_str(), resumes), ("one two three four five six", 2));
+        // Without the opt-in the same break is an error.
+        let (_, status) = drain(
+            gw.client()
+                .await
+                .stream(request::user("one two three"), &CallOptions::new())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status.unwrap().code(), Code::Unavailable);
+        let _ = futures_util::stream::empty::<()>().next().await;
+    }
+}

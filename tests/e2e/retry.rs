@@ -447,7 +447,7 @@ async fn a_stall_before_content_is_retried_and_after_content_is_an_error() {
         "{events:?}"
     );
     assert_eq!(
-        events[1],
+        events[2],
         StreamEvent::Text {
             index: 0,
             text: "partial".into()

@@ -520,6 +520,15 @@ async fn stream(
             }
             StreamEvent::Usage(u) => usage = Some(u),
             StreamEvent::Stop(reason) => stop = Some(reason),
+            // The text continues where it broke; the summary names who served.
+            StreamEvent::Resumed {
+                provider: p,
+                attempt,
+                ..
+            } => {
+                provider = p;
+                attempts = attempt;
+            }
             // This command offers no tools, so no tool calls are expected.
             StreamEvent::ToolUseStart { .. } | StreamEvent::ToolInputJson { .. } => {}
         }

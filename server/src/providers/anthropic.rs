@@ -149,6 +149,10 @@ impl Provider for AnthropicProvider {
         &self.model
     }
 
+    fn supports_prefill(&self) -> bool {
+        true
+    }
+
     fn complete<'a>(
         &'a self,
         req: &'a ChatRequest,
@@ -274,6 +278,9 @@ impl SseTranslator for Translator {
                     id: m["id"].as_str().unwrap_or_default().into(),
                     model: m["model"].as_str().unwrap_or_default().into(),
                 }));
+                // The prompt's size is known now; a stream that breaks later
+                // still reports it (and a resumed one sums it).
+                out.push_back(Ok(StreamEvent::Usage(self.usage)));
             }
             "content_block_start" => {
                 let block = &v["content_block"];

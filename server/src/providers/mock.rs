@@ -153,11 +153,27 @@ impl MockProvider {
                 .map(|i| WORDS[i % WORDS.len()].to_string())
                 .collect(),
         };
+        // A last assistant turn is a prefill: the answer continues after the
+        // words it already holds.
+        let prefilled = match req.messages.last() {
+            Some(m) if m.role == Role::Assistant => m
+                .content
+                .iter()
+                .map(|c| match c {
+                    Content::Text(t) => t.split_whitespace().count(),
+                    Content::ToolUse { .. } | Content::ToolResult { .. } => 0,
+                })
+                .sum(),
+            _ => 0,
+        };
         let mut chunks = Vec::new();
         let mut text = String::new();
         let mut stop = StopReason::EndTurn;
-        for (i, word) in words.iter().enumerate() {
-            if req.max_tokens.is_some_and(|max| i as u32 >= max) {
+        for (i, word) in words.iter().enumerate().skip(prefilled) {
+            if req
+                .max_tokens
+                .is_some_and(|max| (i - prefilled) as u32 >= max)
+            {
                 stop = StopReason::MaxTokens;
                 break;
             }
@@ -173,9 +189,19 @@ impl MockProvider {
                 .filter_map(|s| text.find(s.as_str()).map(|at| (at, s)))
                 .min()
             {
-                let kept = cut - (text.len() - chunk.len());
-                if kept > 0 {
-                    chunks.push(chunk[..kept].to_string());
+                // The answer ends just before the stop sequence, which may
+                // start in an earlier chunk.
+                chunks.push(chunk);
+                let mut excess = text.len() - cut;
+                while excess > 0 {
+                    let Some(last) = chunks.last_mut() else { break };
+                    if last.len() <= excess {
+                        excess -= last.len();
+                        chunks.pop();
+                    } else {
+                        last.truncate(last.len() - excess);
+                        excess = 0;
+                    }
                 }
                 stop = StopReason::StopSequence;
                 break;
@@ -238,6 +264,10 @@ impl Provider for MockProvider {
 
     fn default_model(&self) -> &str {
         &self.model
+    }
+
+    fn supports_prefill(&self) -> bool {
+        true
     }
 
     fn complete<'a>(
@@ -369,6 +399,13 @@ mod tests {
         assert_eq!(
             (a.chunks.concat().as_str(), a.stop),
             ("one two", StopReason::MaxTokens)
+        );
+        let mut r = req("one two three four");
+        r.stop_sequences = vec!["e t".into()];
+        let a = mock.answer(&r);
+        assert_eq!(
+            (a.chunks.concat().as_str(), a.stop),
+            ("on", StopReason::StopSequence)
         );
         let mut r = req("one two three four");
         r.stop_sequences = vec!["thr".into()];
