@@ -107,6 +107,9 @@ pub struct CallOptions {
     pub fallback: Option<Vec<String>>,
     /// The request's `x-stream-resume`; `None` = the provider's setting.
     pub stream_resume: Option<bool>,
+    /// The request's `x-hedge-after-ms`; `None` = the provider's setting,
+    /// zero = no hedge.
+    pub hedge_after: Option<Duration>,
 }
 
 /// A whole answer and how it was obtained.
@@ -345,6 +348,18 @@ impl Registry {
                 deadline,
                 attempts_before: attempts,
                 has_fallback: hops.peek().is_some(),
+                hedge_after: if attempts == 0 {
+                    options
+                        .hedge_after
+                        .or(hop
+                            .entry
+                            .resilience
+                            .hedge_after_ms
+                            .map(Duration::from_millis))
+                        .filter(|d| !d.is_zero())
+                } else {
+                    None
+                },
             };
             let result = self
                 .with_retries(&run, &mut obs, |_| {
@@ -499,6 +514,45 @@ impl Registry {
         )
     }
 
+    /// Runs `first`; if it has produced nothing after `delay` and the
+    /// budget allows, starts `second` too. The first to succeed wins and
+    /// the other is dropped (its upstream request with it); if one fails the
+    /// other is awaited. Returns the outcome and, when a hedge was sent,
+    /// whether it won.
+    async fn race_with_hedge<T, A, B>(
+        &self,
+        entry: &RegisteredProvider,
+        delay: Duration,
+        first: A,
+        second: impl FnOnce() -> B,
+    ) -> (Result<T, ProviderError>, Option<bool>)
+    where
+        A: std::future::Future<Output = Result<T, ProviderError>>,
+        B: std::future::Future<Output = Result<T, ProviderError>>,
+    {
+        tokio::pin!(first);
+        tokio::select! {
+            result = &mut first => return (result, None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        if !entry.budget.withdraw(self.clock.now()) {
+            return (first.await, None);
+        }
+        tracing::debug!(provider = %entry.name, delay_ms = delay.as_millis() as u64, "sending a hedge");
+        let second = second();
+        tokio::pin!(second);
+        tokio::select! {
+            result = &mut first => match result {
+                Ok(value) => (Ok(value), Some(false)),
+                Err(_) => (second.await, Some(true)),
+            },
+            result = &mut second => match result {
+                Ok(value) => (Ok(value), Some(true)),
+                Err(_) => (first.await, Some(false)),
+            },
+        }
+    }
+
     /// Records a breaker's change of state.
     fn breaker_changed(&self, entry: &RegisteredProvider, transition: Option<Transition>) {
         let Some(t) = transition else { return };
@@ -563,10 +617,41 @@ impl Registry {
             let attempts = attempts + 1;
             let limit = remaining.map_or(policy.per_try_timeout, |r| r.min(policy.per_try_timeout));
             let by_deadline = remaining.is_some_and(|r| r <= policy.per_try_timeout);
-            let span = obs.attempt_span(attempts);
+            let mut span = obs.attempt_span(attempts);
             let started = std::time::Instant::now();
-            let outcome =
-                tokio::time::timeout(limit, attempt(attempts).instrument(span.clone())).await;
+            let hedge_after = run.hedge_after.filter(|_| tries == 1);
+            let outcome = match hedge_after {
+                None => {
+                    tokio::time::timeout(limit, attempt(attempts).instrument(span.clone())).await
+                }
+                Some(delay) => {
+                    let hedge_span = obs.attempt_span(attempts + 1);
+                    let raced = tokio::time::timeout(
+                        limit,
+                        self.race_with_hedge(
+                            entry,
+                            delay,
+                            attempt(attempts).instrument(span.clone()),
+                            || attempt(attempts + 1).instrument(hedge_span.clone()),
+                        ),
+                    )
+                    .await;
+                    match raced {
+                        Ok((result, hedge)) => {
+                            if let Some(second_won) = hedge {
+                                // The hedge was an attempt of its own.
+                                tries += 1;
+                                if second_won {
+                                    span = hedge_span;
+                                }
+                            }
+                            Ok(result)
+                        }
+                        Err(elapsed) => Err(elapsed),
+                    }
+                }
+            };
+            let attempts = run.attempts_before + tries;
             let took = started.elapsed();
             let error = match outcome {
                 Ok(Ok(value)) => {
@@ -665,6 +750,8 @@ struct RunContext<'r> {
     deadline: Option<Instant>,
     attempts_before: u32,
     has_fallback: bool,
+    /// Start a hedge when the first attempt has no content after this.
+    hedge_after: Option<Duration>,
 }
 
 /// A call that a provider of its chain served.

@@ -384,6 +384,18 @@ fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
             )));
         }
     };
+    let hedge_after = text("x-hedge-after-ms")?
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "x-hedge-after-ms: `{v}` is not an integer >= 0"
+                    ))
+                })
+        })
+        .transpose()?;
     let fallback = text("x-fallback-providers")?.map(|v| {
         let v = v.trim();
         if v == "none" {
@@ -404,6 +416,7 @@ fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
         limits: None,
         fallback,
         stream_resume,
+        hedge_after,
     })
 }
 

@@ -16,7 +16,7 @@ fn unavailable() -> Reply {
     )
 }
 
-fn anthropic_ok(text: &str) -> Reply {
+pub fn anthropic_ok(text: &str) -> Reply {
     Reply::json(
         200,
         json!({
@@ -391,5 +391,87 @@ mod resume {
         .await;
         assert_eq!(status.unwrap().code(), Code::Unavailable);
         let _ = futures_util::stream::empty::<()>().next().await;
+    }
+}
+
+mod hedging {
+    use std::time::{Duration, Instant};
+
+    use provider_gateway_client::{CallOptions, StreamEvent, request};
+
+    use crate::anthropic::{drain, text_stream};
+    use crate::resilience::anthropic_ok;
+    use crate::support::{ENV, Gateway, Reply, ScriptedClock, Step, Upstream, provider_config};
+
+    #[tokio::test]
+    async fn a_slow_stream_is_hedged_and_the_slow_request_cancelled() {
+        let mut slow = text_stream(&[], None);
+        slow.truncate(1); // message_start, then silence
+        slow.push(Step::Stall);
+        let upstream = Upstream::start(vec![
+            Reply::sse_steps(slow),
+            Reply::sse_steps(text_stream(&["fast"], Some("end_turn"))),
+        ])
+        .await;
+        let toml = provider_config("anthropic", &upstream.url(), "hedge_after_ms = 200");
+        let gw = Gateway::start_scripted(&toml, ENV, ScriptedClock::new()).await;
+        let started = Instant::now();
+        let (events, status) = drain(
+            gw.client()
+                .await
+                .stream(request::user("hi"), &CallOptions::new())
+                .await
+                .unwrap(),
+        )
+        .await;
+        let elapsed = started.elapsed();
+        assert!(status.is_none(), "{status:?}");
+        assert!(
+            matches!(events[0], StreamEvent::Start { attempt: 2, .. }),
+            "the hedge served: {events:?}"
+        );
+        assert!(events.contains(&StreamEvent::Text {
+            index: 0,
+            text: "fast".into()
+        }));
+        // About the hedge delay plus the fast answer; without the hedge the
+        // stall would last until the 30 s idle timeout.
+        assert!(
+            elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(5),
+            "{elapsed:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), upstream.wait_closed())
+            .await
+            .expect("the slow upstream request was cancelled");
+    }
+
+    #[tokio::test]
+    async fn a_request_can_ask_for_a_hedge() {
+        let upstream = Upstream::start(vec![
+            anthropic_ok("slow").delay(Duration::from_secs(30)),
+            anthropic_ok("fast"),
+        ])
+        .await;
+        let gw = Gateway::start_scripted(
+            &provider_config("anthropic", &upstream.url(), ""),
+            ENV,
+            ScriptedClock::new(),
+        )
+        .await;
+        let mut raw = provider_gateway_client::RawClient::connect(gw.url())
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(request::user("hi"));
+        req.metadata_mut()
+            .insert("x-hedge-after-ms", "100".parse().unwrap());
+        let started = Instant::now();
+        let answer = raw.complete(req).await.unwrap().into_inner();
+        assert_eq!(answer.attempts, 2);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let text = match &answer.content[0].block {
+            Some(provider_gateway_client::v1::content_block::Block::Text(t)) => t.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text, "fast");
     }
 }
