@@ -349,14 +349,7 @@ async fn error_event_after_content_ends_unavailable_not_ok() {
     )));
     let upstream = Upstream::start(vec![Reply::sse_steps(steps)]).await;
     let gw = gateway(&upstream).await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("Hi"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("Hi")).await;
     let status = status.expect("the stream must not end OK");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
@@ -380,14 +373,7 @@ async fn connection_cut_mid_stream_ends_unavailable() {
     steps.push(Step::Cut);
     let upstream = Upstream::start(vec![Reply::sse_steps(steps)]).await;
     let gw = gateway(&upstream).await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("Hi"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("Hi")).await;
     let status = status.expect("a cut stream must not end OK");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
@@ -410,14 +396,7 @@ async fn stream_ending_without_stop_reason_is_an_error() {
     // The body ends cleanly, but no message_delta / message_stop came.
     let upstream = Upstream::start(vec![Reply::sse_steps(text_stream(&["a", "b"], None))]).await;
     let gw = gateway(&upstream).await;
-    let (_, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("Hi"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, status) = gw.stream_all(request::user("Hi")).await;
     let status = status.expect("no stop reason must not end OK");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(

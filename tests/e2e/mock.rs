@@ -124,14 +124,7 @@ async fn mock_stream_break_is_unavailable_after_the_delivered_chunks() {
         &[],
     )
     .await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("one two three four"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("one two three four")).await;
     let status = status.expect("a broken stream never ends OK");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(

@@ -108,14 +108,7 @@ async fn openai_stream_accumulates_tool_calls_by_index_and_reports_usage() {
     ])])
     .await;
     let gw = Gateway::start(&provider_config("openai", &upstream.url(), ""), ENV).await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("Weather and time?"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("Weather and time?")).await;
     assert!(status.is_none(), "{status:?}");
     assert_eq!(
         events,
@@ -172,14 +165,7 @@ async fn openai_stream_without_finish_reason_is_truncated() {
     ])])
     .await;
     let gw = Gateway::start(&provider_config("openai", &upstream.url(), ""), ENV).await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("Hi"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("Hi")).await;
     let status = status.expect("a truncated stream must not end OK");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
@@ -246,13 +232,7 @@ async fn databricks_calls_the_serving_endpoint_with_a_bearer_token() {
     req.model = "other-endpoint".into();
     let (events, status) = drain(client.stream(req, &CallOptions::new()).await.unwrap()).await;
     assert!(status.is_none(), "{status:?}");
-    let text: String = events
-        .iter()
-        .filter_map(|e| match e {
-            StreamEvent::Text { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = crate::support::text_of(&events);
     assert_eq!(text, "streamed");
     assert_eq!(events.last(), Some(&StreamEvent::Stop(StopReason::EndTurn)));
     assert!(events.contains(&StreamEvent::Usage(v1::Usage {

@@ -231,11 +231,11 @@ async fn the_request_chooses_its_fallbacks() {
 
 mod resume {
     use futures_util::StreamExt;
-    use provider_gateway_client::{CallOptions, StopReason, StreamEvent, request, v1};
+    use provider_gateway_client::{StopReason, StreamEvent, request, v1};
     use serde_json::json;
     use tonic::Code;
 
-    use crate::anthropic::{drain, text_stream};
+    use crate::anthropic::text_stream;
     use crate::support::{
         ENV, Gateway, Reply, ScriptedClock, Step, Upstream, provider_config, sse_event,
     };
@@ -251,22 +251,9 @@ mod resume {
         .await;
         let toml = provider_config("anthropic", &upstream.url(), "stream_resume = true");
         let gw = Gateway::start_scripted(&toml, ENV, ScriptedClock::new()).await;
-        let (events, status) = drain(
-            gw.client()
-                .await
-                .stream(request::user("Say it"), &CallOptions::new())
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (events, status) = gw.stream_all(request::user("Say it")).await;
         assert!(status.is_none(), "{status:?}");
-        let text: String = events
-            .iter()
-            .filter_map(|e| match e {
-                StreamEvent::Text { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect();
+        let text = crate::support::text_of(&events);
         assert_eq!(text, "The quick brown fox jumps", "the full text, once");
         let resumed: Vec<&StreamEvent> = events
             .iter()
@@ -336,14 +323,7 @@ mod resume {
         let gw = Gateway::start_scripted(&toml, ENV, ScriptedClock::new()).await;
         let mut req = request::user("Call f");
         req.tools = vec![request::tool("f", "", r#"{"type":"object"}"#)];
-        let (_, status) = drain(
-            gw.client()
-                .await
-                .stream(req, &CallOptions::new())
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (_, status) = gw.stream_all(req).await;
         assert_eq!(status.expect("not OK").code(), Code::Unavailable);
         assert_eq!(upstream.request_count(), 1);
     }
@@ -381,14 +361,7 @@ mod resume {
         }
         assert_eq!((text.as_str(), resumes), ("one two three four five six", 2));
         // Without the opt-in the same break is an error.
-        let (_, status) = drain(
-            gw.client()
-                .await
-                .stream(request::user("one two three"), &CallOptions::new())
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (_, status) = gw.stream_all(request::user("one two three")).await;
         assert_eq!(status.unwrap().code(), Code::Unavailable);
         let _ = futures_util::stream::empty::<()>().next().await;
     }
@@ -397,9 +370,9 @@ mod resume {
 mod hedging {
     use std::time::{Duration, Instant};
 
-    use provider_gateway_client::{CallOptions, StreamEvent, request};
+    use provider_gateway_client::{StreamEvent, request};
 
-    use crate::anthropic::{drain, text_stream};
+    use crate::anthropic::text_stream;
     use crate::resilience::anthropic_ok;
     use crate::support::{ENV, Gateway, Reply, ScriptedClock, Step, Upstream, provider_config};
 
@@ -416,14 +389,7 @@ mod hedging {
         let toml = provider_config("anthropic", &upstream.url(), "hedge_after_ms = 200");
         let gw = Gateway::start_scripted(&toml, ENV, ScriptedClock::new()).await;
         let started = Instant::now();
-        let (events, status) = drain(
-            gw.client()
-                .await
-                .stream(request::user("hi"), &CallOptions::new())
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (events, status) = gw.stream_all(request::user("hi")).await;
         let elapsed = started.elapsed();
         assert!(status.is_none(), "{status:?}");
         assert!(

@@ -11,7 +11,7 @@ use serde_json::json;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::anthropic::{drain, text_stream};
+use crate::anthropic::text_stream;
 use crate::support::{
     ENV, Gateway, Reply, ScriptedClock, Step, Upstream, provider_config, sse_event,
 };
@@ -389,14 +389,7 @@ async fn an_error_event_before_content_is_retried_into_one_clean_stream() {
     ])
     .await;
     let (gw, clock) = gateway(&upstream, "").await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("hi"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("hi")).await;
     assert!(status.is_none(), "{status:?}");
     assert!(
         matches!(&events[0], StreamEvent::Start { attempt: 2, id, .. } if id == "msg_s"),
@@ -409,13 +402,7 @@ async fn an_error_event_before_content_is_retried_into_one_clean_stream() {
             .count(),
         1
     );
-    let text: String = events
-        .iter()
-        .filter_map(|e| match e {
-            StreamEvent::Text { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = crate::support::text_of(&events);
     assert_eq!(text, "clean answer");
     assert_eq!(events.last(), Some(&StreamEvent::Stop(StopReason::EndTurn)));
     assert_eq!(clock.sleeps().len(), 1);
@@ -434,14 +421,7 @@ async fn a_stall_before_content_is_retried_and_after_content_is_an_error() {
     ])
     .await;
     let (gw, _) = gateway(&upstream, "stream_idle_timeout_ms = 200").await;
-    let (events, status) = drain(
-        gw.client()
-            .await
-            .stream(request::user("hi"), &CallOptions::new())
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (events, status) = gw.stream_all(request::user("hi")).await;
     assert!(
         matches!(events[0], StreamEvent::Start { attempt: 2, .. }),
         "{events:?}"

@@ -92,6 +92,24 @@ impl Gateway {
     pub async fn client(&self) -> GatewayClient {
         GatewayClient::connect(self.url()).await.expect("connects")
     }
+
+    /// Streams `request` to its end: the events, and the final status when
+    /// the stream did not end OK.
+    pub async fn stream_all(
+        &self,
+        request: provider_gateway_client::CompleteRequest,
+    ) -> (
+        Vec<provider_gateway_client::StreamEvent>,
+        Option<tonic::Status>,
+    ) {
+        let events = self
+            .client()
+            .await
+            .stream(request, &provider_gateway_client::CallOptions::new())
+            .await
+            .expect("the stream opens");
+        crate::anthropic::drain(events).await
+    }
 }
 
 impl Drop for Gateway {
@@ -157,4 +175,15 @@ impl Clock for ScriptedClock {
         }
         Box::pin(std::future::ready(()))
     }
+}
+
+/// The text deltas of a stream, concatenated.
+pub fn text_of(events: &[provider_gateway_client::StreamEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            provider_gateway_client::StreamEvent::Text { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
 }
