@@ -33,6 +33,9 @@ use tonic::transport::server::TcpIncoming;
 pub use config::{Config, ConfigError, EnvSource, ProcessEnv};
 pub use registry::Registry;
 
+/// How often health re-reads whether any provider can serve.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
 /// How long connections get to write the last frames of the calls that
 /// finished during a shutdown.
 const FLUSH_DELAY: Duration = Duration::from_millis(250);
@@ -205,7 +208,7 @@ pub async fn serve_with(
     ));
     let authenticator = options.auth.clone();
     let gateway = tonic::service::interceptor::InterceptedService::new(
-        ProviderGatewayServer::new(service::GatewayService::new(registry, gate.clone()))
+        ProviderGatewayServer::new(service::GatewayService::new(registry.clone(), gate.clone()))
             .max_decoding_message_size(options.limits.max_request_bytes),
         move |mut request: tonic::Request<()>| {
             request
@@ -224,6 +227,33 @@ pub async fn serve_with(
             .await;
     }
 
+    // Health follows the providers: NOT_SERVING while every provider's
+    // breaker is open.
+    let watcher = {
+        let (registry, health, gate) = (registry.clone(), health_reporter.clone(), gate.clone());
+        tokio::spawn(async move {
+            let mut serving = true;
+            loop {
+                tokio::time::sleep(HEALTH_INTERVAL).await;
+                if gate.is_draining() {
+                    return;
+                }
+                let now = registry.can_serve();
+                if now != serving {
+                    serving = now;
+                    let status = if now {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    tracing::warn!(serving = now, "provider availability changed");
+                    for name in [SERVICE_NAME, ""] {
+                        health.set_service_status(name, status).await;
+                    }
+                }
+            }
+        })
+    };
     let draining = {
         let gate = gate.clone();
         async move {
@@ -251,6 +281,7 @@ pub async fn serve_with(
         .await
         .map_err(ServeError::Transport)?;
 
+    watcher.abort();
     // The listener is closed now; open connections still read health.
     for name in [SERVICE_NAME, ""] {
         health_reporter

@@ -250,6 +250,16 @@ impl Registry {
             .ok_or_else(|| GatewayError::UnknownProvider(name.to_string()))
     }
 
+    /// Whether some provider can take a call now: one without a breaker,
+    /// or whose breaker is not open (half-open counts: it takes probes).
+    pub fn can_serve(&self) -> bool {
+        self.providers.values().any(|p| {
+            p.breaker.as_ref().is_none_or(|b| {
+                b.state() != crate::retry::BreakerState::Open || b.admits_probe(self.clock.now())
+            })
+        })
+    }
+
     /// Retries refused by `provider`'s budget so far.
     pub fn budget_refusals(&self, provider: &str) -> Option<u64> {
         self.providers.get(provider).map(|p| p.budget.refusals())

@@ -88,6 +88,29 @@ async fn an_open_breaker_fails_fast_then_a_probe_closes_it() {
         );
     }
     assert_eq!(upstream.request_count(), 3, "no upstream call while open");
+    // With its only provider's breaker open, the gateway reads NOT_SERVING.
+    let channel = tonic::transport::Endpoint::from_shared(gw.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = |channel: tonic::transport::Channel| async move {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        client.check(request).await.unwrap().into_inner().status
+    };
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let mut status = 0;
+    for _ in 0..40 {
+        status = health(channel.clone()).await;
+        if status == not_serving {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, not_serving);
 
     // After the cooldown one probe goes through; its success closes the breaker.
     clock.advance(Duration::from_secs(10));

@@ -132,6 +132,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether an open breaker's cooldown is over (its next call would be
+    /// a probe).
+    pub fn admits_probe(&self, now: Instant) -> bool {
+        match self.lock().state {
+            State::Open { until, .. } => now >= until,
+            State::Closed | State::HalfOpen { .. } => true,
+        }
+    }
+
     /// Asks to call the upstream: a permit, or how long until a probe may
     /// go (with the transition to half-open when the cooldown is over).
     pub fn admit(&self, now: Instant) -> (Result<Permit, Duration>, Option<Transition>) {
