@@ -284,6 +284,9 @@ pub enum ProviderConfig {
     Databricks(HttpProviderConfig),
     /// The built-in deterministic provider.
     Mock(MockConfig),
+    /// A local GGUF model running inside the gateway (cargo feature
+    /// `embedded`).
+    Embedded(EmbeddedConfig),
 }
 
 impl ProviderConfig {
@@ -294,6 +297,7 @@ impl ProviderConfig {
             Self::Openai(_) => "openai",
             Self::Databricks(_) => "databricks",
             Self::Mock(_) => "mock",
+            Self::Embedded(_) => "embedded",
         }
     }
 
@@ -339,6 +343,7 @@ impl ProviderConfig {
         match self {
             Self::Anthropic(c) | Self::Openai(c) | Self::Databricks(c) => c.retry.as_ref(),
             Self::Mock(c) => c.retry.as_ref(),
+            Self::Embedded(c) => c.retry.as_ref(),
         }
     }
 }
@@ -504,6 +509,41 @@ pub struct MockConfig {
     /// Start a second attempt when the first has produced no content after
     /// this long.
     pub hedge_after_ms: Option<u64>,
+}
+
+/// The keys of the `embedded` provider: a GGUF model file run in-process.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// The GGUF model file.
+    pub model_path: String,
+    /// The context length to run with (prompt + answer, in tokens; default:
+    /// the model's own, at most 4096); more than the model supports fails
+    /// start-up.
+    pub context_length: Option<u32>,
+    /// Threads of the provider's inference pool (default: the machine's
+    /// cores); candle's quantized kernels size their own pool from
+    /// `CANDLE_NUM_THREADS`.
+    pub threads: Option<usize>,
+    /// Generations that run at once (default 1).
+    pub max_sessions: Option<u32>,
+    /// How long a request waits for a free session, in arrival order,
+    /// before it fails as `busy` (default 5000; 0 = fail at once).
+    pub queue_wait_ms: Option<u64>,
+    /// Tokens generated when a request sets no `max_tokens` (default 512).
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature when a request sets none (default 0.8; 0 =
+    /// greedy).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling when a request sets none (default 0.95).
+    pub top_p: Option<f32>,
+    /// Sampling seed: the same request gives the same answer (default: a
+    /// new seed per request).
+    pub seed: Option<u64>,
+    /// The model name reported (default: the file's stem).
+    pub model: Option<String>,
+    /// The provider's retry policy over `[retry]`.
+    pub retry: Option<RetryConfig>,
 }
 
 impl Config {
@@ -685,6 +725,28 @@ impl Config {
                         )));
                     }
                     check_url(name, c.base_url.as_deref())?;
+                }
+                ProviderConfig::Embedded(c) => {
+                    let key = |k: &str| format!("config key `providers.{name}.{k}`");
+                    if c.model_path.trim().is_empty() {
+                        return Err(err(format!("{}: must name a GGUF file", key("model_path"))));
+                    }
+                    for (k, v) in [
+                        ("context_length", c.context_length.map(u64::from)),
+                        ("threads", c.threads.map(|t| t as u64)),
+                        ("max_sessions", c.max_sessions.map(u64::from)),
+                        ("max_tokens", c.max_tokens.map(u64::from)),
+                    ] {
+                        if v == Some(0) {
+                            return Err(err(format!("{}: must be greater than 0", key(k))));
+                        }
+                    }
+                    if c.temperature.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
+                        return Err(err(format!("{}: must be 0 or more", key("temperature"))));
+                    }
+                    if c.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+                        return Err(err(format!("{}: must be in (0, 1]", key("top_p"))));
+                    }
                 }
                 ProviderConfig::Mock(c) => {
                     if let Some(class) = &c.fail_class {

@@ -10,6 +10,8 @@ mod cancel;
 mod cli;
 mod config;
 mod deploy;
+#[cfg(feature = "embedded")]
+mod embedded;
 mod mock;
 mod openai;
 mod operations;

@@ -5,6 +5,8 @@
 
 pub mod anthropic;
 pub mod databricks;
+#[cfg(feature = "embedded")]
+pub mod embedded;
 mod http;
 pub mod mock;
 pub mod openai;
@@ -127,5 +129,15 @@ pub fn build(
         ProviderConfig::Openai(c) => Arc::new(openai::OpenAiProvider::new(name, c, env)?),
         ProviderConfig::Databricks(c) => Arc::new(databricks::provider(name, c, env)?),
         ProviderConfig::Mock(c) => Arc::new(mock::MockProvider::new(c)?),
+        #[cfg(feature = "embedded")]
+        ProviderConfig::Embedded(c) => Arc::new(embedded::EmbeddedProvider::new(name, c)?),
+        #[cfg(not(feature = "embedded"))]
+        ProviderConfig::Embedded(_) => {
+            return Err(ConfigError(format!(
+                "provider `{name}`: kind `embedded` needs a gateway binary built with the \
+                 `embedded` cargo feature; this one was built without it \
+                 (cargo build --features embedded)"
+            )));
+        }
     })
 }

@@ -1,0 +1,434 @@
+//! The `embedded` provider: a local GGUF model run inside the gateway with
+//! candle (pure Rust, CPU), behind the same [`Provider`] trait as the HTTP
+//! providers.
+//!
+//! What it owns:
+//! - **Sessions.** `max_sessions` generations run at once, each with its own
+//!   KV cache. A request waits for a free session up to `queue_wait_ms` in a
+//!   fair (FIFO) queue, then fails with class `busy`. The provider never
+//!   loops or sleeps on a busy model: whether and when to try again is the
+//!   registry's retry policy (`busy` is in the default `retry_on`), like any
+//!   other transient failure.
+//! - **Generation off the runtime.** Each generation runs on a blocking
+//!   thread; its forward passes run on the provider's own rayon pool of
+//!   `threads` threads (candle's quantized matrix kernels use candle's one
+//!   process-wide pool, sized by `CANDLE_NUM_THREADS`, else the physical
+//!   cores), so inference never blocks the async runtime. Text streams
+//!   through a bounded channel token by token; when the caller goes away the
+//!   channel closes and generation stops before the next token.
+//! - **The prompt** comes from the file's own chat template
+//!   ([`template`]), tokenized by the file's own vocabulary (`tokenizer`).
+//!
+//! Tools are not supported: a request that forces a tool call, or carries
+//! tool calls or results, is refused as `invalid-request`; tools offered
+//! with `auto` are ignored.
+
+mod generate;
+mod model;
+pub mod template;
+pub mod tiny;
+mod tokenizer;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt, stream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use self::generate::{Generated, Job, NextToken};
+use self::model::Weights;
+use self::template::{ChatTemplate, Turn};
+use self::tokenizer::Tokenizer;
+use super::{EventStream, LocalModelInfo, Provider};
+use crate::chat::{ChatRequest, ChatResponse, Content, Role, StreamEvent, ToolChoice};
+use crate::config::{ConfigError, EmbeddedConfig};
+use crate::error::{ErrorClass, ProviderError};
+
+pub use self::model::DEFAULT_CONTEXT_LENGTH;
+
+/// Tokens generated when neither the request nor the configuration says.
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
+/// Sampling temperature when neither the request nor the configuration says.
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+/// Nucleus sampling when neither the request nor the configuration says.
+pub const DEFAULT_TOP_P: f32 = 0.95;
+/// How long a request waits for a free session when the configuration
+/// does not say: long enough to absorb a short burst in the fair queue,
+/// short enough that a saturated model answers `busy` and the registry's
+/// policy decides.
+pub const DEFAULT_QUEUE_WAIT_MS: u64 = 5_000;
+/// Text pieces a generation may run ahead of its reader.
+pub const CHANNEL_CAPACITY: usize = 16;
+
+/// What the sessions share: the vocabulary, the template, the idle
+/// sessions' models and the inference threads.
+struct Engine {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    idle: Mutex<Vec<Weights>>,
+    threads: rayon::ThreadPool,
+    context_length: usize,
+    generated: AtomicU64,
+}
+
+/// A model running inside the gateway.
+pub struct EmbeddedProvider {
+    model: String,
+    info: LocalModelInfo,
+    engine: Arc<Engine>,
+    sessions: Arc<Semaphore>,
+    max_sessions: usize,
+    queue_wait: Duration,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+    seed: Option<u64>,
+    calls: AtomicU64,
+}
+
+impl std::fmt::Debug for EmbeddedProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedProvider")
+            .field("model", &self.model)
+            .field("info", &self.info)
+            .field("max_sessions", &self.max_sessions)
+            .finish()
+    }
+}
+
+impl EmbeddedProvider {
+    /// Loads the model file of `[providers.<name>]`. Fails naming the path
+    /// when the file is missing, not GGUF, or of an unsupported kind.
+    pub fn new(name: &str, c: &EmbeddedConfig) -> Result<Self, ConfigError> {
+        let path = Path::new(&c.model_path);
+        let fail = |why: String| {
+            ConfigError(format!(
+                "provider `{name}`: config key `providers.{name}.model_path`: {}: {why}",
+                path.display()
+            ))
+        };
+        let max_sessions = c.max_sessions.unwrap_or(1).max(1) as usize;
+        let loaded = model::load(path, c.context_length, max_sessions).map_err(fail)?;
+        let threads = c.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("embedded-{i}"))
+            .build()
+            .map_err(|e| ConfigError(format!("provider `{name}`: cannot start threads: {e}")))?;
+        let model = c.model.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map_or_else(|| "embedded".into(), |s| s.to_string_lossy().into_owned())
+        });
+        tracing::info!(
+            provider = name,
+            model = %model,
+            parameters = loaded.info.parameter_count,
+            context_length = loaded.info.context_length,
+            vocabulary = loaded.tokenizer.vocab_size(),
+            chat_template = if loaded.template.is_from_file() { "file" } else { "fallback" },
+            max_sessions,
+            threads,
+            kernel_threads = candle_core::utils::get_num_threads(),
+            "loaded the embedded model"
+        );
+        Ok(Self {
+            model,
+            engine: Arc::new(Engine {
+                tokenizer: loaded.tokenizer,
+                template: loaded.template,
+                idle: Mutex::new(loaded.sessions),
+                threads: pool,
+                context_length: loaded.info.context_length as usize,
+                generated: AtomicU64::new(0),
+            }),
+            info: loaded.info,
+            sessions: Arc::new(Semaphore::new(max_sessions)),
+            max_sessions,
+            queue_wait: Duration::from_millis(c.queue_wait_ms.unwrap_or(DEFAULT_QUEUE_WAIT_MS)),
+            max_tokens: c.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            temperature: c.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            top_p: c.top_p.unwrap_or(DEFAULT_TOP_P),
+            seed: c.seed,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Tokens generated since start-up, over all requests.
+    pub fn generated_tokens(&self) -> u64 {
+        self.engine.generated.load(Ordering::Relaxed)
+    }
+
+    /// Sessions generating right now.
+    pub fn busy_sessions(&self) -> usize {
+        self.max_sessions - self.sessions.available_permits()
+    }
+
+    /// Builds the generation job for `req`: validates what this provider
+    /// cannot do, renders the prompt and checks it fits the context.
+    fn job(&self, req: &ChatRequest) -> Result<Job, ProviderError> {
+        let invalid = |msg: &str| ProviderError::new(ErrorClass::InvalidRequest, msg);
+        if matches!(req.tool_choice, ToolChoice::Any | ToolChoice::Tool(_)) {
+            return Err(invalid("the embedded provider cannot call tools"));
+        }
+        let mut turns = Vec::with_capacity(req.messages.len() + 1);
+        if !req.system.is_empty() {
+            turns.push(Turn {
+                role: "system",
+                content: req.system.clone(),
+            });
+        }
+        for m in &req.messages {
+            let mut content = String::new();
+            for block in &m.content {
+                match block {
+                    Content::Text(t) => content.push_str(t),
+                    Content::ToolUse { .. } | Content::ToolResult { .. } => {
+                        return Err(invalid(
+                            "the embedded provider cannot take tool calls or tool results",
+                        ));
+                    }
+                }
+            }
+            turns.push(Turn {
+                role: match m.role {
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                },
+                content,
+            });
+        }
+        let prompt_text = self
+            .engine
+            .template
+            .render(&turns)
+            .map_err(|e| invalid(&e))?;
+        let prompt = self.engine.tokenizer.encode(&prompt_text);
+        let context = self.engine.context_length;
+        if prompt.len() >= context {
+            return Err(ProviderError::new(
+                ErrorClass::ContextLength,
+                format!(
+                    "the prompt is {} tokens; the model's context is {context}",
+                    prompt.len()
+                ),
+            ));
+        }
+        let seed = self.seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(self.calls.load(Ordering::Relaxed));
+            h.finish()
+        });
+        Ok(Job {
+            prompt,
+            max_tokens: req.max_tokens.unwrap_or(self.max_tokens),
+            context_length: context,
+            temperature: f64::from(req.temperature.unwrap_or(self.temperature)),
+            top_p: f64::from(req.top_p.unwrap_or(self.top_p)),
+            seed,
+            stop_sequences: req.stop_sequences.clone(),
+        })
+    }
+
+    /// Waits for a free session, in arrival order, up to `queue_wait`.
+    async fn session(&self) -> Result<Session, ProviderError> {
+        let busy = || {
+            ProviderError::new(
+                ErrorClass::Busy,
+                format!(
+                    "all {} session(s) of the local model are busy (waited {} ms for one)",
+                    self.max_sessions,
+                    self.queue_wait.as_millis()
+                ),
+            )
+        };
+        let permit = match self.sessions.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) if self.queue_wait.is_zero() => return Err(busy()),
+            Err(_) => {
+                match tokio::time::timeout(self.queue_wait, self.sessions.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) | Err(_) => return Err(busy()),
+                }
+            }
+        };
+        let weights = self
+            .engine
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .ok_or_else(|| {
+                ProviderError::new(ErrorClass::ServerError, "no idle model for a free session")
+            })?;
+        Ok(Session {
+            weights: Some(weights),
+            engine: self.engine.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Starts `job` on a blocking thread; its output arrives on the
+    /// returned channel.
+    fn start(
+        &self,
+        mut session: Session,
+        job: Job,
+    ) -> mpsc::Receiver<Result<Generated, ProviderError>> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        tokio::task::spawn_blocking(move || {
+            let engine = session.engine.clone();
+            let last = session.weights.as_mut().and_then(|weights| {
+                let mut model = OnThreads {
+                    weights,
+                    threads: &engine.threads,
+                };
+                generate::generate(&mut model, &engine.tokenizer, job, &tx, &engine.generated)
+            });
+            // Free the session before the caller can see the end, so that a
+            // caller's next request never finds its own session still busy.
+            drop(session);
+            if let Some(last) = last {
+                let _ = tx.blocking_send(last);
+            }
+        });
+        rx
+    }
+
+    fn next_id(&self) -> String {
+        format!("embedded-{}", self.calls.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A session's model while it generates; back to the idle pool on drop,
+/// then its permit frees the session.
+struct Session {
+    weights: Option<Weights>,
+    engine: Arc<Engine>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(w) = self.weights.take() {
+            self.engine
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(w);
+        }
+    }
+}
+
+/// Forward passes on the provider's inference threads.
+struct OnThreads<'a> {
+    weights: &'a mut Weights,
+    threads: &'a rayon::ThreadPool,
+}
+
+impl NextToken for OnThreads<'_> {
+    fn logits(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
+        let weights = &mut *self.weights;
+        self.threads
+            .install(|| weights.forward(tokens, pos))
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn ended_early() -> ProviderError {
+    ProviderError::new(
+        ErrorClass::ServerError,
+        "the local model stopped before finishing its answer",
+    )
+}
+
+impl Provider for EmbeddedProvider {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn default_model(&self) -> &str {
+        &self.model
+    }
+
+    fn supports_tools(&self) -> bool {
+        false
+    }
+
+    fn local_model(&self) -> Option<LocalModelInfo> {
+        Some(self.info.clone())
+    }
+
+    fn complete<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        async move {
+            let job = self.job(req)?;
+            let session = self.session().await?;
+            let id = self.next_id();
+            let mut rx = self.start(session, job);
+            let mut text = String::new();
+            while let Some(item) = rx.recv().await {
+                match item? {
+                    Generated::Text(t) => text.push_str(&t),
+                    Generated::Finished { stop, usage } => {
+                        return Ok(ChatResponse {
+                            id,
+                            model: req.model_or(&self.model).to_string(),
+                            content: if text.is_empty() {
+                                Vec::new()
+                            } else {
+                                vec![Content::Text(text)]
+                            },
+                            stop_reason: stop,
+                            usage,
+                        });
+                    }
+                }
+            }
+            Err(ended_early())
+        }
+        .boxed()
+    }
+
+    fn stream<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
+        async move {
+            let job = self.job(req)?;
+            let session = self.session().await?;
+            let id = self.next_id();
+            let rx = self.start(session, job);
+            let start = StreamEvent::Start {
+                id,
+                model: req.model_or(&self.model).to_string(),
+            };
+            let generated = stream::unfold(rx, |mut rx| async move {
+                let item = rx.recv().await?;
+                Some((item, rx))
+            })
+            .flat_map(|item| {
+                let events: Vec<Result<StreamEvent, ProviderError>> = match item {
+                    Ok(Generated::Text(text)) => vec![Ok(StreamEvent::Text { index: 0, text })],
+                    Ok(Generated::Finished { stop, usage }) => {
+                        vec![Ok(StreamEvent::Usage(usage)), Ok(StreamEvent::Stop(stop))]
+                    }
+                    Err(e) => vec![Err(e)],
+                };
+                stream::iter(events)
+            });
+            let events = stream::once(async move { Ok(start) }).chain(generated);
+            Ok(Box::pin(events) as EventStream)
+        }
+        .boxed()
+    }
+}
