@@ -110,6 +110,8 @@ pub struct CallOptions {
     /// The request's `x-hedge-after-ms`; `None` = the provider's setting,
     /// zero = no hedge.
     pub hedge_after: Option<Duration>,
+    /// The providers the authenticated client may use; `None` = all.
+    pub allowed_providers: Option<Vec<String>>,
 }
 
 /// A whole answer and how it was obtained.
@@ -312,7 +314,14 @@ impl Registry {
                     "x-fallback-providers: `{name}` is not a configured provider"
                 ))
             })?;
-            if entry.name == primary.name || (uses_tools && !entry.provider.supports_tools()) {
+            let allowed = options
+                .allowed_providers
+                .as_ref()
+                .is_none_or(|a| a.contains(&entry.name));
+            if entry.name == primary.name
+                || !allowed
+                || (uses_tools && !entry.provider.supports_tools())
+            {
                 continue;
             }
             hops.push(Hop { entry, model });

@@ -75,6 +75,8 @@ impl GatewayService {
             }
         }
         options.limits = client.limits.clone();
+        // Fallback hops stay within the providers the client may use.
+        options.allowed_providers = client.providers.clone();
         Ok(())
     }
 }
@@ -417,6 +419,7 @@ fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
         fallback,
         stream_resume,
         hedge_after,
+        allowed_providers: None,
     })
 }
 

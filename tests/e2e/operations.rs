@@ -368,3 +368,38 @@ async fn requests_over_the_limit_are_shed_at_once() {
     assert_eq!(&order[..4], &[Err(Code::ResourceExhausted); 4], "{order:?}");
     assert_eq!(&order[4..], &[Ok(()), Ok(())], "{order:?}");
 }
+
+#[tokio::test]
+async fn a_client_limited_to_some_providers_never_falls_back_outside_them() {
+    let toml = format!(
+        "default_provider = \"down\"\n\
+         [providers.down]\nkind = \"mock\"\nfail_first = 1000\nfallback = [\"other\"]\n\
+         [providers.down.retry]\nmax_attempts = 1\n\
+         [providers.other]\nkind = \"mock\"\n\
+         [auth]\nkeys = [\"{}\"]\n\
+         [[auth.clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nproviders = [\"down\"]\n",
+        key_hash_hex("open-key"),
+        key_hash_hex("limited-key"),
+    );
+    let gw = Gateway::start(&toml, &[]).await;
+    let mut raw = RawClient::connect(gw.url()).await.unwrap();
+    let served = raw
+        .complete(authed(request::user("hi"), Some("open-key")))
+        .await
+        .unwrap();
+    assert_eq!(
+        served.into_inner().provider,
+        "other",
+        "the chain serves an unrestricted client"
+    );
+    let status = raw
+        .complete(authed(request::user("hi"), Some("limited-key")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("provider `down`"),
+        "{}",
+        status.message()
+    );
+}
