@@ -127,8 +127,6 @@ pub struct TelemetryConfig {
     pub admin_listen: String,
     /// `text` (default) or `json` logs.
     pub log_format: String,
-    /// Record prompt and completion text in spans (off by default).
-    pub capture_content: bool,
     /// Spans queued for export before new ones are dropped.
     pub max_queue_size: usize,
 }
@@ -144,7 +142,6 @@ impl Default for TelemetryConfig {
             resource_attributes: BTreeMap::new(),
             admin_listen: DEFAULT_ADMIN_LISTEN.to_string(),
             log_format: "text".into(),
-            capture_content: false,
             max_queue_size: 2048,
         }
     }

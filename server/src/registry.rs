@@ -226,11 +226,6 @@ impl Registry {
         &self.default
     }
 
-    /// The ceilings for per-request overrides.
-    pub fn limits(&self) -> &RetryLimits {
-        &self.limits
-    }
-
     /// Every provider, ordered by name.
     pub fn summaries(&self) -> Vec<ProviderSummary> {
         self.providers
@@ -260,11 +255,6 @@ impl Registry {
                 b.state() != crate::retry::BreakerState::Open || b.admits_probe(self.clock.now())
             })
         })
-    }
-
-    /// Retries refused by `provider`'s budget so far.
-    pub fn budget_refusals(&self, provider: &str) -> Option<u64> {
-        self.providers.get(provider).map(|p| p.budget.refusals())
     }
 
     /// The policy of one call: the provider's, the request's overrides
@@ -324,7 +314,12 @@ impl Registry {
             {
                 continue;
             }
-            hops.push(Hop { entry, model });
+            // A fallback asks for its own model (empty = its default): the
+            // caller's model belongs to the primary.
+            hops.push(Hop {
+                entry,
+                model: Some(model.unwrap_or_default()),
+            });
         }
         Ok(hops)
     }
@@ -350,11 +345,9 @@ impl Registry {
         let mut hops = hops.into_iter().peekable();
         while let Some(hop) = hops.next() {
             let hop_request = Arc::new(match &hop.model {
-                _ if attempts == 0 && hop.entry.name == self.get(&options.provider)?.name => {
-                    request.clone()
-                }
-                model => ChatRequest {
-                    model: model.clone().unwrap_or_default(),
+                None => request.clone(),
+                Some(model) => ChatRequest {
+                    model: model.clone(),
                     ..request.clone()
                 },
             });
@@ -415,6 +408,8 @@ impl Registry {
                 }
             }
         }
+        // Not reached: the chain always holds the primary, whose outcome the
+        // last iteration returns.
         Err(GatewayError::UnknownProvider(options.provider.clone()))
     }
 
@@ -758,7 +753,8 @@ impl Registry {
 /// One provider of a call's chain.
 struct Hop<'r> {
     entry: &'r RegisteredProvider,
-    /// The model a fallback hop asks for (`None` = its default).
+    /// The model a fallback hop asks for (empty = its default); `None` for
+    /// the primary, which keeps the request's model.
     model: Option<String>,
 }
 

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::admission::{CallKind, Gate};
+use crate::admission::{Admission, CallKind, Gate};
 use crate::auth::ClientIdentity;
 use crate::chat::{
     ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, ToolChoice,
@@ -58,10 +58,26 @@ impl GatewayService {
 
     /// Checks that the authenticated client (if any) may use the provider
     /// the request names, and applies its retry ceilings.
-    fn authorize<T>(&self, request: &Request<T>, options: &mut CallOptions) -> Result<(), Status> {
-        let Some(client) = request.extensions().get::<Arc<ClientIdentity>>() else {
-            return Ok(());
-        };
+    /// Everything before a call reaches the registry: admission (shed
+    /// load, refuse while draining), the metadata (deadline, overrides),
+    /// the client's permissions, and the request's validation.
+    fn accept<T: Into<ChatFields>>(
+        &self,
+        request: Request<T>,
+        kind: CallKind,
+    ) -> Result<(Admission, CallOptions, ChatRequest), Status> {
+        let admission = self.gate.admit(kind)?;
+        let mut options = call_options(&request)?;
+        let client = request.extensions().get::<Arc<ClientIdentity>>().cloned();
+        let fields: ChatFields = request.into_inner().into();
+        options.provider.clone_from(&fields.provider);
+        if let Some(client) = client {
+            self.authorize(&client, &mut options)?;
+        }
+        Ok((admission, options, chat_request(fields)?))
+    }
+
+    fn authorize(&self, client: &ClientIdentity, options: &mut CallOptions) -> Result<(), Status> {
         if let Some(allowed) = &client.providers {
             let entry = self
                 .registry
@@ -174,22 +190,7 @@ impl GatewayService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let admission = self.gate.admit(CallKind::Request)?;
-        let mut options = call_options(&request)?;
-        options.provider = request.get_ref().provider.clone();
-        self.authorize(&request, &mut options)?;
-        let r = request.into_inner();
-        let chat = chat_request(ChatFields {
-            model: r.model,
-            system: r.system,
-            messages: r.messages,
-            max_tokens: r.max_tokens,
-            temperature: r.temperature,
-            top_p: r.top_p,
-            stop_sequences: r.stop_sequences,
-            tools: r.tools,
-            tool_choice: r.tool_choice,
-        })?;
+        let (admission, options, chat) = self.accept(request, CallKind::Request)?;
         let done = self
             .registry
             .complete(&chat, &options)
@@ -210,22 +211,7 @@ impl GatewayService {
         request: Request<pb::StreamRequest>,
         span: tracing::Span,
     ) -> Result<Response<StreamBody>, Status> {
-        let admission = self.gate.admit(CallKind::Stream)?;
-        let mut options = call_options(&request)?;
-        options.provider = request.get_ref().provider.clone();
-        self.authorize(&request, &mut options)?;
-        let r = request.into_inner();
-        let chat = chat_request(ChatFields {
-            model: r.model,
-            system: r.system,
-            messages: r.messages,
-            max_tokens: r.max_tokens,
-            temperature: r.temperature,
-            top_p: r.top_p,
-            stop_sequences: r.stop_sequences,
-            tools: r.tools,
-            tool_choice: r.tool_choice,
-        })?;
+        let (admission, options, chat) = self.accept(request, CallKind::Stream)?;
         let open = self
             .registry
             .stream(&chat, &options)
@@ -443,6 +429,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 /// The fields Complete and Stream share.
 struct ChatFields {
+    provider: String,
     model: String,
     system: String,
     messages: Vec<pb::Message>,
@@ -453,6 +440,30 @@ struct ChatFields {
     tools: Vec<pb::Tool>,
     tool_choice: Option<pb::ToolChoice>,
 }
+
+/// Complete and Stream requests carry the same fields.
+macro_rules! chat_fields_from {
+    ($request:ty) => {
+        impl From<$request> for ChatFields {
+            fn from(r: $request) -> Self {
+                Self {
+                    provider: r.provider,
+                    model: r.model,
+                    system: r.system,
+                    messages: r.messages,
+                    max_tokens: r.max_tokens,
+                    temperature: r.temperature,
+                    top_p: r.top_p,
+                    stop_sequences: r.stop_sequences,
+                    tools: r.tools,
+                    tool_choice: r.tool_choice,
+                }
+            }
+        }
+    };
+}
+chat_fields_from!(pb::CompleteRequest);
+chat_fields_from!(pb::StreamRequest);
 
 fn invalid(msg: String) -> Status {
     Status::invalid_argument(msg)

@@ -175,8 +175,6 @@ pub struct Settings {
     pub resource_attributes: Vec<(String, String)>,
     /// JSON logs.
     pub json_logs: bool,
-    /// Record prompt and completion text in spans.
-    pub capture_content: bool,
     /// The span export queue's bound.
     pub max_queue_size: usize,
 }
@@ -227,7 +225,6 @@ impl Settings {
             sampler_arg,
             resource_attributes,
             json_logs: config.log_format == "json",
-            capture_content: config.capture_content,
             max_queue_size: config.max_queue_size.max(1),
         };
         settings.sampler()?;
@@ -373,11 +370,6 @@ impl Telemetry {
     /// The metric instruments.
     pub fn metrics(&self) -> Arc<GatewayMetrics> {
         self.metrics.clone()
-    }
-
-    /// Whether spans may carry prompt and completion text.
-    pub fn capture_content(&self) -> bool {
-        self.settings.capture_content
     }
 
     /// The `tracing` subscriber: an env filter (`RUST_LOG`, default `info`),

@@ -122,7 +122,6 @@ async fn retried_request(
     }
     drop(guard);
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let _ = CallOptions::new();
     (spans, upstream, telemetry, logs)
 }
 

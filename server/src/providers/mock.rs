@@ -90,11 +90,6 @@ impl MockProvider {
         })
     }
 
-    /// How many calls the provider has received.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-
     /// Counts a call; fails it when it is one of the first `fail_first`.
     fn begin(&self) -> Result<u64, ProviderError> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);

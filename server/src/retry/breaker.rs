@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::window::SlidingWindow;
 use crate::config::BreakerConfig;
 use crate::error::{ErrorClass, ProviderError};
 
@@ -84,11 +85,8 @@ enum State {
 #[derive(Debug)]
 struct Inner {
     state: State,
-    /// `(successes, failures)` per one-second slot.
-    slots: Vec<(u32, u32)>,
-    slot_of_current: u64,
-    current: usize,
-    origin: Option<Instant>,
+    /// `(successes, failures)` per second.
+    window: SlidingWindow,
     consecutive: u32,
 }
 
@@ -102,17 +100,13 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Self {
-        let slots = (config.window_ms / 1_000).max(1) as usize;
         Self {
-            config,
             inner: Mutex::new(Inner {
                 state: State::Closed,
-                slots: vec![(0, 0); slots],
-                slot_of_current: 0,
-                current: 0,
-                origin: None,
+                window: SlidingWindow::new(config.window_ms / 1_000),
                 consecutive: 0,
             }),
+            config,
         }
     }
 
@@ -226,9 +220,7 @@ impl CircuitBreaker {
                 (None, None) => {
                     inner.state = State::Closed;
                     inner.consecutive = 0;
-                    for slot in inner.slots.iter_mut() {
-                        *slot = (0, 0);
-                    }
+                    inner.window.clear();
                     Some(Transition {
                         from: BreakerState::HalfOpen,
                         to: BreakerState::Closed,
@@ -239,27 +231,22 @@ impl CircuitBreaker {
         if !matches!(inner.state, State::Closed) {
             return None;
         }
-        inner.advance(now);
-        let current = inner.current;
         match (fault, outcome) {
             (None, Some(_)) => return None,
             (None, None) => {
-                inner.slots[current].0 += 1;
+                inner.window.at(now).0 += 1;
                 inner.consecutive = 0;
                 return None;
             }
             (Some(_), _) => {
-                inner.slots[current].1 += 1;
+                inner.window.at(now).1 += 1;
                 inner.consecutive += 1;
             }
         }
-        let (ok, failed) = inner
-            .slots
-            .iter()
-            .fold((0u32, 0u32), |(a, b), (s, f)| (a + s, b + f));
+        let (ok, failed) = inner.window.totals();
         let total = ok + failed;
-        let by_ratio = total >= self.config.min_requests
-            && f64::from(failed) / f64::from(total.max(1)) >= self.config.failure_ratio;
+        let by_ratio = total >= u64::from(self.config.min_requests)
+            && failed as f64 / total.max(1) as f64 >= self.config.failure_ratio;
         let by_run = self.config.consecutive_failures > 0
             && inner.consecutive >= self.config.consecutive_failures;
         if !(by_ratio || by_run) {
@@ -274,23 +261,6 @@ impl CircuitBreaker {
             from: BreakerState::Closed,
             to: BreakerState::Open,
         })
-    }
-}
-
-impl Inner {
-    fn advance(&mut self, now: Instant) {
-        let origin = *self.origin.get_or_insert(now);
-        let slot = now.saturating_duration_since(origin).as_secs();
-        let len = self.slots.len();
-        let steps = slot.saturating_sub(self.slot_of_current);
-        for _ in 0..steps.min(len as u64) {
-            self.current = (self.current + 1) % len;
-            let current = self.current;
-            self.slots[current] = (0, 0);
-        }
-        if steps > 0 {
-            self.slot_of_current = slot;
-        }
     }
 }
 

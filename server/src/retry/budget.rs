@@ -19,75 +19,57 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::window::SlidingWindow;
+
 /// One provider's retry budget.
 #[derive(Debug)]
 pub struct RetryBudget {
     ratio: f64,
     min_per_second: f64,
-    window: Window,
+    /// `(requests, retries)` per second.
+    window: Mutex<SlidingWindow>,
     refusals: AtomicU64,
-}
-
-#[derive(Debug)]
-struct Window {
-    slot: Duration,
-    slots: Mutex<Slots>,
-}
-
-#[derive(Debug)]
-struct Slots {
-    /// `(requests, retries)` per slot.
-    counts: Vec<(u64, u64)>,
-    /// The slot index of `counts[current]`, counted from `origin`.
-    current_slot: u64,
-    current: usize,
-    origin: Option<Instant>,
 }
 
 impl RetryBudget {
     /// A budget allowing `ratio` retries per request plus `min_per_second`,
     /// over a sliding window of `window` (at least one second).
     pub fn new(ratio: f64, min_per_second: f64, window: Duration) -> Self {
-        let slots = window.as_secs().max(1) as usize;
         Self {
             ratio,
             min_per_second,
-            window: Window {
-                slot: Duration::from_secs(1),
-                slots: Mutex::new(Slots {
-                    counts: vec![(0, 0); slots],
-                    current_slot: 0,
-                    current: 0,
-                    origin: None,
-                }),
-            },
+            window: Mutex::new(SlidingWindow::new(window.as_secs())),
             refusals: AtomicU64::new(0),
+        }
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, SlidingWindow> {
+        match self.window.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
     /// Counts a new request (its first attempt).
     pub fn deposit(&self, now: Instant) {
-        self.window
-            .with(now, |slots| slots.counts[slots.current].0 += 1);
+        self.window().at(now).0 += 1;
     }
 
     /// Takes one retry from the budget; `false` (and a counted refusal)
     /// when it is spent.
     pub fn withdraw(&self, now: Instant) -> bool {
-        let allowed = self.window.with(now, |slots| {
-            let (requests, retries) = slots
-                .counts
-                .iter()
-                .fold((0u64, 0u64), |(a, b), (r, t)| (a + r, b + t));
-            let window_secs = slots.counts.len() as f64;
-            let limit = self.min_per_second * window_secs + self.ratio * requests as f64;
-            if (retries + 1) as f64 <= limit {
-                slots.counts[slots.current].1 += 1;
-                true
-            } else {
-                false
+        let allowed = {
+            let mut window = self.window();
+            window.at(now);
+            let (requests, retries) = window.totals();
+            let limit =
+                self.min_per_second * window.seconds() as f64 + self.ratio * requests as f64;
+            let allowed = (retries + 1) as f64 <= limit;
+            if allowed {
+                window.at(now).1 += 1;
             }
-        });
+            allowed
+        };
         if !allowed {
             self.refusals.fetch_add(1, Ordering::Relaxed);
         }
@@ -97,30 +79,6 @@ impl RetryBudget {
     /// How many retries the budget has refused.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
-    }
-}
-
-impl Window {
-    /// Runs `f` on the slots after expiring those older than the window.
-    fn with<T>(&self, now: Instant, f: impl FnOnce(&mut Slots) -> T) -> T {
-        let mut slots = match self.slots.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let origin = *slots.origin.get_or_insert(now);
-        let slot_now =
-            (now.saturating_duration_since(origin).as_nanos() / self.slot.as_nanos().max(1)) as u64;
-        let len = slots.counts.len();
-        let advance = slot_now.saturating_sub(slots.current_slot);
-        for _ in 0..advance.min(len as u64) {
-            slots.current = (slots.current + 1) % len;
-            let current = slots.current;
-            slots.counts[current] = (0, 0);
-        }
-        if advance > 0 {
-            slots.current_slot = slot_now;
-        }
-        f(&mut slots)
     }
 }
 

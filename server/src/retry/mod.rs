@@ -8,6 +8,7 @@ mod budget;
 mod clock;
 mod overrides;
 mod policy;
+mod window;
 
 use std::time::Duration;
 

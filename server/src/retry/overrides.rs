@@ -85,11 +85,6 @@ impl RetryOverride {
         Ok(o)
     }
 
-    /// Whether the request overrides anything.
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
     /// The policy for one request: `policy` with these overrides, each
     /// clamped to the operator's `limits` (a request may lower a limit,
     /// never raise it).
