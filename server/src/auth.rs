@@ -110,6 +110,8 @@ impl Authenticator {
                         max_attempts: own.max_attempts.min(operator.max_attempts),
                         max_backoff: own.max_backoff.min(operator.max_backoff),
                         per_try_timeout: own.per_try_timeout.min(operator.per_try_timeout),
+                        min_hedge_after: own.min_hedge_after.max(operator.min_hedge_after),
+                        request_hedging: own.request_hedging && operator.request_hedging,
                     })
                 }
             };

@@ -190,6 +190,9 @@ pub enum StreamEvent {
         /// Characters of text delivered before the break.
         characters_delivered: u64,
     },
+    /// The upstream is alive but has nothing to say yet (an Anthropic
+    /// `ping`): it resets the stream's idle timer and is never relayed.
+    KeepAlive,
 }
 
 impl StreamEvent {

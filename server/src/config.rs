@@ -267,6 +267,11 @@ pub struct RetryLimitsConfig {
     pub max_backoff_ms: Option<u64>,
     /// The longest per-try timeout a request may ask for.
     pub per_try_timeout_ms: Option<u64>,
+    /// The shortest `x-hedge-after-ms` a request may ask for (default 50).
+    pub min_hedge_after_ms: Option<u64>,
+    /// Whether `x-hedge-after-ms` may turn hedging on or shorten its delay
+    /// (default true); when false it can only turn hedging off.
+    pub request_hedging: Option<bool>,
 }
 
 /// One provider's section, told apart by `kind`.

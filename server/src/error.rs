@@ -1,14 +1,12 @@
-//! The gateway's errors: what failed upstream (its class and retry hints), and
-//! the one place where an error becomes a gRPC status.
+//! The gateway's errors: what failed upstream (its class and retry hints),
+//! and why a call failed. Nothing here knows gRPC: the service maps a
+//! [`GatewayError`] to its status.
 //!
 //! Every mapping below is an exhaustive `match` without `_`, so a new class or
-//! variant forces a decision about its status.
+//! variant forces a decision.
 
 use std::fmt;
 use std::time::Duration;
-
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 /// What kind of failure an upstream error is. The retry policy decides from
 /// the class alone (plus an upstream `x-should-retry`), never from a message.
@@ -236,12 +234,12 @@ impl GatewayError {
         }
     }
 
-    /// The gRPC status the caller sees. The message names the provider, the
-    /// attempts and the last upstream error; it never holds a secret.
-    pub fn to_status(&self) -> Status {
+    /// The message the caller sees: it names the provider, the attempts
+    /// and the last upstream error, and never holds a secret.
+    pub fn message(&self) -> String {
         match self {
-            Self::InvalidArgument(msg) => Status::invalid_argument(msg.clone()),
-            Self::UnknownProvider(name) => Status::not_found(format!("unknown provider `{name}`")),
+            Self::InvalidArgument(msg) => msg.clone(),
+            Self::UnknownProvider(name) => format!("unknown provider `{name}`"),
             Self::DeadlineExceeded {
                 provider,
                 attempts,
@@ -253,7 +251,7 @@ impl GatewayError {
                 if let Some(err) = last_error {
                     msg.push_str(&format!("; last error: {err}"));
                 }
-                Status::deadline_exceeded(msg)
+                msg
             }
             Self::BreakerOpen {
                 provider,
@@ -268,25 +266,17 @@ impl GatewayError {
                 if let Some(err) = last_error {
                     msg.push_str(&format!("; last error: {err}"));
                 }
-                Status::with_error_details(
-                    Code::Unavailable,
-                    msg,
-                    ErrorDetails::with_retry_info(Some(*retry_after)),
-                )
+                msg
             }
             Self::RetryAfterTooLong {
                 provider,
                 attempts,
                 error,
                 retry_after,
-            } => Status::with_error_details(
-                Code::ResourceExhausted,
-                format!(
-                    "provider `{provider}` asked to retry after {} ms, longer than the gateway \
-                     may wait; {attempts} attempt(s) made; last error: {error}",
-                    retry_after.as_millis()
-                ),
-                ErrorDetails::with_retry_info(Some(*retry_after)),
+            } => format!(
+                "provider `{provider}` asked to retry after {} ms, longer than the gateway \
+                 may wait; {attempts} attempt(s) made; last error: {error}",
+                retry_after.as_millis()
             ),
             Self::Upstream {
                 provider,
@@ -305,47 +295,30 @@ impl GatewayError {
                         "; the stream broke after {n} content delta(s) were delivered"
                     ));
                 }
-                let code = upstream_code(error.class, delivered.is_some());
-                match error.retry_after {
-                    Some(delay) if code == Code::ResourceExhausted || code == Code::Unavailable => {
-                        Status::with_error_details(
-                            code,
-                            msg,
-                            ErrorDetails::with_retry_info(Some(delay)),
-                        )
-                    }
-                    _ => Status::new(code, msg),
-                }
+                msg
+            }
+        }
+    }
+
+    /// How long the caller should wait before trying again, where a wait
+    /// would help: the breaker's remaining cooldown, or the upstream's (or
+    /// the gateway's own unfitting) wait.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::BreakerOpen { retry_after, .. } | Self::RetryAfterTooLong { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            Self::Upstream { error, .. } => error.retry_after,
+            Self::InvalidArgument(_) | Self::UnknownProvider(_) | Self::DeadlineExceeded { .. } => {
+                None
             }
         }
     }
 }
 
-/// The status of an upstream failure of `class`. A stream that broke after
-/// content was delivered is always UNAVAILABLE.
-fn upstream_code(class: ErrorClass, after_content: bool) -> Code {
-    if after_content && class.is_transient() {
-        return Code::Unavailable;
-    }
-    match class {
-        ErrorClass::RateLimited => Code::ResourceExhausted,
-        ErrorClass::Overloaded
-        | ErrorClass::ServerError
-        | ErrorClass::Timeout
-        | ErrorClass::Connection
-        | ErrorClass::StreamInterrupted
-        | ErrorClass::Busy => Code::Unavailable,
-        ErrorClass::InvalidRequest | ErrorClass::ContextLength => Code::InvalidArgument,
-        // The model or endpoint in the operator's configuration is missing, or
-        // the operator's credentials were refused: not the caller's fault.
-        ErrorClass::NotFound | ErrorClass::Auth => Code::FailedPrecondition,
-        ErrorClass::Cancelled => Code::Cancelled,
-    }
-}
-
 impl fmt::Display for GatewayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.to_status().message())
+        f.write_str(&self.message())
     }
 }
 
@@ -384,45 +357,5 @@ mod tests {
         for (status, class) in cases {
             assert_eq!(ErrorClass::from_http_status(status), class, "HTTP {status}");
         }
-    }
-
-    #[test]
-    fn rate_limit_status_carries_retry_info() {
-        let mut error = ProviderError::new(ErrorClass::RateLimited, "slow down").with_status(429);
-        error.retry_after = Some(Duration::from_secs(3));
-        let status = GatewayError::Upstream {
-            provider: "p".into(),
-            attempts: 1,
-            error,
-            delivered: None,
-            budget_exhausted: false,
-        }
-        .to_status();
-        assert_eq!(status.code(), Code::ResourceExhausted);
-        assert!(
-            status.message().contains("provider `p`"),
-            "{}",
-            status.message()
-        );
-        let details = status.get_error_details();
-        let info = details.retry_info().cloned();
-        assert_eq!(
-            info.and_then(|i| i.retry_delay),
-            Some(Duration::from_secs(3))
-        );
-    }
-
-    #[test]
-    fn broken_stream_after_content_is_unavailable() {
-        let status = GatewayError::Upstream {
-            provider: "p".into(),
-            attempts: 1,
-            error: ProviderError::new(ErrorClass::RateLimited, "x"),
-            delivered: Some(3),
-            budget_exhausted: false,
-        }
-        .to_status();
-        assert_eq!(status.code(), Code::Unavailable);
-        assert!(status.message().contains("3 content delta"));
     }
 }

@@ -1,9 +1,16 @@
-//! The telemetry of one call through the registry: the `chat {model}` span
-//! (GenAI semantic conventions), one span per upstream attempt, and the
-//! metrics recorded when the call ends. The registry decides; this module
-//! only records.
+//! The telemetry of one call through the registry: a `chat {model}` span
+//! per provider hop (GenAI semantic conventions), one span per upstream
+//! attempt under it, and the metrics recorded once when the call ends,
+//! however many hops it took. The registry decides; this module only
+//! records.
+//!
+//! Metric labels are bounded: `gen_ai.request.model` is a configured model,
+//! one of the first [`MAX_EXTRA_MODEL_LABELS`] other models callers named,
+//! or `other`, so no caller can create unbounded series. Spans, which are
+//! not series, carry the requested model as it was.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
@@ -25,6 +32,60 @@ pub fn finish_reason(stop: StopReason) -> &'static str {
     }
 }
 
+/// How many models besides the configured ones get a metric label.
+pub const MAX_EXTRA_MODEL_LABELS: usize = 32;
+
+/// The values the `gen_ai.request.model` metric label may take.
+#[derive(Debug, Default)]
+pub struct ModelLabels {
+    configured: HashSet<String>,
+    extra: Mutex<HashSet<String>>,
+}
+
+impl ModelLabels {
+    /// Labels for these configured models (and a few more).
+    pub fn new(configured: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            configured: configured.into_iter().collect(),
+            extra: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The label of `model`.
+    pub fn label(&self, model: &str) -> String {
+        if self.configured.contains(model) {
+            return model.to_string();
+        }
+        let mut extra = match self.extra.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if extra.contains(model) {
+            return model.to_string();
+        }
+        if extra.len() < MAX_EXTRA_MODEL_LABELS {
+            extra.insert(model.to_string());
+            return model.to_string();
+        }
+        "other".to_string()
+    }
+}
+
+/// What the `chat` span of one provider hop names.
+#[derive(Clone, Copy)]
+pub struct Hop<'a> {
+    /// The configured provider name.
+    pub provider: &'a str,
+    /// Its kind.
+    pub kind: &'static str,
+    /// The request this hop sends.
+    pub request: &'a ChatRequest,
+    /// The provider's default model.
+    pub default_model: &'a str,
+    /// The metric labels of models.
+    pub labels: &'a ModelLabels,
+}
+
 /// One call's spans, timings and metric attributes.
 pub struct CallObservation {
     /// The `chat {model}` span; attempt spans are its children.
@@ -38,15 +99,36 @@ pub struct CallObservation {
 }
 
 impl CallObservation {
-    /// Opens the `chat {model}` span for a call to `provider` (of `kind`).
-    pub fn start(
-        metrics: Arc<GatewayMetrics>,
-        provider: &str,
-        kind: &'static str,
-        request: &ChatRequest,
-        default_model: &str,
-    ) -> Self {
-        let model = request.model_or(default_model).to_string();
+    /// Opens the `chat {model}` span for a call to `provider` (of `kind`);
+    /// `label` is the model's metric label.
+    pub fn start(metrics: Arc<GatewayMetrics>, hop: Hop<'_>) -> Self {
+        let (chat, attributes) = Self::open_hop(&hop);
+        Self {
+            chat,
+            metrics,
+            attributes,
+            started: Instant::now(),
+            waited: Duration::ZERO,
+            provider: hop.provider.to_string(),
+            overhead_recorded: false,
+        }
+    }
+
+    /// The call moves on to another provider: its `chat` span ends (with
+    /// `error`, the reason) and the next hop's opens; the metrics still
+    /// count one call.
+    pub fn next_hop(&mut self, error: &GatewayError, hop: Hop<'_>) {
+        self.record_error(error);
+        let (chat, attributes) = Self::open_hop(&hop);
+        self.chat = chat;
+        self.attributes = attributes;
+        self.provider = hop.provider.to_string();
+    }
+
+    fn open_hop(hop: &Hop<'_>) -> (Span, Vec<KeyValue>) {
+        let (kind, request) = (hop.kind, hop.request);
+        let model = request.model_or(hop.default_model).to_string();
+        let provider = hop.provider;
         let chat = tracing::info_span!(
             "chat",
             otel.name = %format!("chat {model}"),
@@ -74,17 +156,9 @@ impl CallObservation {
         let attributes = vec![
             KeyValue::new("gen_ai.operation.name", "chat"),
             KeyValue::new("gen_ai.provider.name", kind),
-            KeyValue::new("gen_ai.request.model", model),
+            KeyValue::new("gen_ai.request.model", hop.labels.label(&model)),
         ];
-        Self {
-            chat,
-            metrics,
-            attributes,
-            started: Instant::now(),
-            waited: Duration::ZERO,
-            provider: provider.to_string(),
-            overhead_recorded: false,
-        }
+        (chat, attributes)
     }
 
     /// Opens the span of attempt `n` (1-based) under the chat span.
@@ -156,6 +230,14 @@ impl CallObservation {
         }
     }
 
+    /// Counts a hedge or continuation the retry budget refused.
+    pub fn budget_refused(&self) {
+        self.metrics.budget_refusals.add(
+            1,
+            &[KeyValue::new("gateway.provider", self.provider.clone())],
+        );
+    }
+
     /// Records a backoff's real duration (not the request's own work).
     pub fn waited(&mut self, took: Duration) {
         self.waited += took;
@@ -223,6 +305,11 @@ impl CallObservation {
 
     /// Records a failed call.
     pub fn failed(&mut self, error: &GatewayError) {
+        let (kind, attempts) = self.record_error(error);
+        self.finish(Some(kind), attempts);
+    }
+
+    fn record_error(&self, error: &GatewayError) -> (&'static str, u32) {
         let (kind, attempts) = match error {
             GatewayError::Upstream {
                 error, attempts, ..
@@ -238,7 +325,7 @@ impl CallObservation {
         };
         self.chat.record("otel.status_code", "ERROR");
         self.chat.record("error.type", kind);
-        self.finish(Some(kind), attempts);
+        (kind, attempts)
     }
 
     fn finish(&mut self, error: Option<&'static str>, attempts: u32) {

@@ -10,7 +10,8 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use provider_gateway::v1 as pb;
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -20,7 +21,7 @@ use crate::chat::{
     ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, ToolChoice,
     ToolSpec, Usage,
 };
-use crate::error::GatewayError;
+use crate::error::{ErrorClass, GatewayError};
 use crate::registry::{CallOptions, Registry};
 use crate::retry::{OVERRIDE_PREFIX, RetryOverride};
 
@@ -181,7 +182,14 @@ impl pb::provider_gateway_server::ProviderGateway for GatewayService {
         &self,
         request: Request<pb::ListProvidersRequest>,
     ) -> Result<Response<pb::ListProvidersResponse>, Status> {
-        self.list(request).await
+        let span = server_span("ListProviders", request.metadata());
+        let _entered = span.enter();
+        let result = self.list(request);
+        match &result {
+            Ok(r) => record_status(&span, tonic::Code::Ok, Some(r.metadata())),
+            Err(s) => record_status(&span, s.code(), Some(s.metadata())),
+        }
+        result
     }
 }
 
@@ -217,21 +225,29 @@ impl GatewayService {
             .stream(&chat, &options)
             .await
             .map_err(|e| status_of(&e))?;
-        let (provider, attempt) = (open.provider.clone(), open.attempt);
+        let (provider, first_attempts) = (open.provider.clone(), open.attempt);
+        // Continuations add attempts: the trailers report them all.
+        let mut attempts = first_attempts;
         let body = open.events.flat_map(move |item| {
             let items = match item {
                 // After the stop, an OK status carrying the attempt report
                 // becomes the stream's trailers.
                 Ok(event @ StreamEvent::Stop(_)) => {
                     let mut trailers = Status::ok("");
-                    report(trailers.metadata_mut(), &provider, attempt);
+                    report(trailers.metadata_mut(), &provider, attempts);
                     record_status(&span, tonic::Code::Ok, Some(trailers.metadata()));
                     vec![
-                        Ok(stream_response(event, &provider, attempt)),
+                        Ok(stream_response(event, &provider, first_attempts)),
                         Err(trailers),
                     ]
                 }
-                Ok(event) => vec![Ok(stream_response(event, &provider, attempt))],
+                Ok(StreamEvent::KeepAlive) => Vec::new(),
+                Ok(event) => {
+                    if let StreamEvent::Resumed { attempt, .. } = &event {
+                        attempts = *attempt;
+                    }
+                    vec![Ok(stream_response(event, &provider, first_attempts))]
+                }
                 Err(error) => {
                     let status = status_of(&error);
                     record_status(&span, status.code(), Some(status.metadata()));
@@ -243,14 +259,17 @@ impl GatewayService {
             futures_util::stream::iter(items)
         });
         let mut response = Response::new(Box::pin(body) as StreamBody);
-        report(response.metadata_mut(), &open.provider, attempt);
+        report(response.metadata_mut(), &open.provider, open.attempt);
         Ok(response)
     }
 
-    async fn list(
+    /// Lists the providers; admitted like any call, so a draining or
+    /// overloaded gateway refuses it too.
+    fn list(
         &self,
         _request: Request<pb::ListProvidersRequest>,
     ) -> Result<Response<pb::ListProvidersResponse>, Status> {
+        let _admission = self.gate.admit(CallKind::Request)?;
         let providers = self
             .registry
             .summaries()
@@ -281,10 +300,53 @@ fn report(metadata: &mut MetadataMap, provider: &str, attempts: u32) {
     metadata.insert(ATTEMPTS_HEADER, MetadataValue::from(attempts));
 }
 
-/// The caller-facing status of `error`, with the provider and attempts in
-/// its metadata when an upstream was called.
+/// The gRPC code of a failed call. Exhaustive, so a new variant or class
+/// forces a decision.
+fn code_of(error: &GatewayError) -> Code {
+    match error {
+        GatewayError::InvalidArgument(_) => Code::InvalidArgument,
+        GatewayError::UnknownProvider(_) => Code::NotFound,
+        GatewayError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+        GatewayError::BreakerOpen { .. } => Code::Unavailable,
+        GatewayError::RetryAfterTooLong { .. } => Code::ResourceExhausted,
+        // A stream that broke after content is UNAVAILABLE whatever the
+        // class: what was delivered cannot be taken back.
+        GatewayError::Upstream {
+            delivered: Some(_), ..
+        } => Code::Unavailable,
+        GatewayError::Upstream { error, .. } => match error.class {
+            ErrorClass::RateLimited => Code::ResourceExhausted,
+            ErrorClass::Overloaded
+            | ErrorClass::ServerError
+            | ErrorClass::Timeout
+            | ErrorClass::Connection
+            | ErrorClass::StreamInterrupted
+            | ErrorClass::Busy => Code::Unavailable,
+            ErrorClass::InvalidRequest | ErrorClass::ContextLength => Code::InvalidArgument,
+            // The model or endpoint in the operator's configuration is
+            // missing, or the operator's credentials were refused: not the
+            // caller's fault.
+            ErrorClass::NotFound | ErrorClass::Auth => Code::FailedPrecondition,
+            ErrorClass::Cancelled => Code::Cancelled,
+        },
+    }
+}
+
+/// The caller-facing status of `error`: its code, its message, RetryInfo
+/// where a wait would help, and the provider and attempts in its metadata
+/// when an upstream was called.
 fn status_of(error: &GatewayError) -> Status {
-    let mut status = error.to_status();
+    let code = code_of(error);
+    let mut status = match error.retry_after() {
+        Some(delay) if matches!(code, Code::ResourceExhausted | Code::Unavailable) => {
+            Status::with_error_details(
+                code,
+                error.message(),
+                ErrorDetails::with_retry_info(Some(delay)),
+            )
+        }
+        _ => Status::new(code, error.message()),
+    };
     match error {
         GatewayError::Upstream {
             provider, attempts, ..
@@ -726,6 +788,8 @@ fn complete_response(provider: &str, attempts: u32, r: ChatResponse) -> pb::Comp
     }
 }
 
+/// The wire form of a relayed event (a keep-alive is never relayed; it
+/// becomes an empty response, which callers skip).
 fn stream_response(event: StreamEvent, provider: &str, attempt: u32) -> pb::StreamResponse {
     use pb::content_delta::Delta;
     use pb::stream_response::Event;
@@ -760,6 +824,7 @@ fn stream_response(event: StreamEvent, provider: &str, attempt: u32) -> pb::Stre
         StreamEvent::Stop(s) => Event::Stop(pb::StreamStop {
             stop_reason: stop_reason(s) as i32,
         }),
+        StreamEvent::KeepAlive => return pb::StreamResponse { event: None },
     };
     pb::StreamResponse { event: Some(event) }
 }
@@ -767,6 +832,55 @@ fn stream_response(event: StreamEvent, provider: &str, attempt: u32) -> pb::Stre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::error::ProviderError;
+
+    #[test]
+    fn rate_limit_status_carries_retry_info() {
+        let mut error = ProviderError::new(ErrorClass::RateLimited, "slow down").with_status(429);
+        error.retry_after = Some(Duration::from_secs(3));
+        let status = status_of(&GatewayError::Upstream {
+            provider: "p".into(),
+            attempts: 1,
+            error,
+            delivered: None,
+            budget_exhausted: false,
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("provider `p`"),
+            "{}",
+            status.message()
+        );
+        let details = status.get_error_details();
+        let info = details.retry_info().cloned();
+        assert_eq!(
+            info.and_then(|i| i.retry_delay),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get(ATTEMPTS_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn a_stream_broken_after_content_is_unavailable_whatever_the_class() {
+        for class in [ErrorClass::RateLimited, ErrorClass::InvalidRequest] {
+            let status = status_of(&GatewayError::Upstream {
+                provider: "p".into(),
+                attempts: 1,
+                error: ProviderError::new(class, "x"),
+                delivered: Some(3),
+                budget_exhausted: false,
+            });
+            assert_eq!(status.code(), Code::Unavailable, "{class}");
+            assert!(status.message().contains("3 content delta"));
+        }
+    }
 
     #[test]
     fn grpc_timeout_units() {

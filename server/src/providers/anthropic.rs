@@ -265,7 +265,7 @@ impl SseTranslator for Translator {
     fn on_event(&mut self, event: SseEvent, out: &mut Out) {
         let v: Value = match serde_json::from_str(&event.data) {
             Ok(v) => v,
-            Err(_) if event.event == "ping" => return,
+            Err(_) if event.event == "ping" => return out.push_back(Ok(StreamEvent::KeepAlive)),
             Err(e) => return out.push_back(Err(http::bad_json("a stream event", &e))),
         };
         let kind = v["type"].as_str().unwrap_or(event.event.as_str());
@@ -342,6 +342,7 @@ impl SseTranslator for Translator {
                     self.usage.input_tokens = n.min(u32::MAX as u64) as u32;
                 }
             }
+            "ping" => out.push_back(Ok(StreamEvent::KeepAlive)),
             "message_stop" => {
                 out.push_back(Ok(StreamEvent::Usage(self.usage)));
                 match self.stop {

@@ -13,7 +13,7 @@ mod window;
 use std::time::Duration;
 
 pub use backoff::{Jitter, ceiling};
-pub use breaker::{BreakerState, CircuitBreaker, Permit, Transition};
+pub use breaker::{BreakerPermit, BreakerState, CircuitBreaker, Transition, is_upstream_fault};
 pub use budget::RetryBudget;
 pub use clock::{Clock, TokioClock};
 pub use overrides::{PREFIX as OVERRIDE_PREFIX, RetryOverride};
@@ -48,8 +48,11 @@ pub enum GiveUp {
     /// The upstream asked for a wait longer than `max_retry_after` or than
     /// the caller's remaining deadline.
     RetryAfterTooLong(Duration),
-    /// The next wait would outlast the caller's deadline.
+    /// The caller's deadline ran out during an attempt.
     Deadline,
+    /// The next wait (this long) would not leave a useful attempt before
+    /// the caller's deadline.
+    WaitPastDeadline(Duration),
 }
 
 impl GiveUp {
@@ -61,19 +64,32 @@ impl GiveUp {
             Self::BudgetExhausted => "budget_exhausted",
             Self::RetryAfterTooLong(_) => "retry_after_too_long",
             Self::Deadline => "deadline",
+            Self::WaitPastDeadline(_) => "wait_past_deadline",
         }
     }
 }
 
-/// Whether `error` may be retried under `policy`: the upstream's
-/// `x-should-retry` overrides the class, but a class that is never retried
-/// (invalid request, auth, not found, context length, cancelled) stays so.
+/// The least time a retry must have before the caller's deadline to be
+/// worth starting: 50 ms, or the per-try timeout if that is shorter.
+pub fn min_useful_attempt(policy: &RetryPolicy) -> Duration {
+    policy.per_try_timeout.min(Duration::from_millis(50))
+}
+
+/// Whether `error` may be retried under `policy`. The upstream's
+/// `x-should-retry` overrides the operator's `retry_on`, never the caller's
+/// own `x-retry-on`; a class that is never retried (invalid request, auth,
+/// not found, context length, cancelled) stays so whatever anyone says.
 pub fn is_retryable(policy: &RetryPolicy, error: &ProviderError) -> bool {
-    match error.should_retry {
+    let caller_allows = policy
+        .request_retry_on
+        .as_ref()
+        .is_none_or(|classes| classes.contains(&error.class));
+    let operator_allows = match error.should_retry {
         Some(false) => false,
-        Some(true) => error.class.is_transient(),
-        None => error.class.is_transient() && policy.retry_on.contains(&error.class),
-    }
+        Some(true) => true,
+        None => policy.retry_on.contains(&error.class),
+    };
+    error.class.is_transient() && caller_allows && operator_allows
 }
 
 /// Decides what follows attempt number `attempts` (1-based) that failed
@@ -95,15 +111,15 @@ pub fn decide(
         return Decision::GiveUp(GiveUp::AttemptsSpent);
     }
     if let Some(after) = error.retry_after
-        && (after > policy.max_retry_after || remaining.is_some_and(|r| after >= r))
+        && after > policy.max_retry_after
     {
         return Decision::GiveUp(GiveUp::RetryAfterTooLong(after));
     }
     let wait = jitter
         .backoff(policy, attempts)
         .max(error.retry_after.unwrap_or(Duration::ZERO));
-    if remaining.is_some_and(|r| wait >= r) {
-        return Decision::GiveUp(GiveUp::Deadline);
+    if remaining.is_some_and(|r| wait.saturating_add(min_useful_attempt(policy)) > r) {
+        return Decision::GiveUp(GiveUp::WaitPastDeadline(wait));
     }
     if !budget.withdraw(now) {
         return Decision::GiveUp(GiveUp::BudgetExhausted);
@@ -171,6 +187,15 @@ mod tests {
             decide_for(&narrow, 1, &told_yes, None),
             Decision::Retry { .. }
         ));
+        // The upstream's word never overrides the caller's own `x-retry-on`.
+        let caller_none = RetryPolicy {
+            request_retry_on: Some(vec![]),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            decide_for(&caller_none, 1, &told_yes, None),
+            Decision::GiveUp(GiveUp::NotRetryable)
+        );
         assert_eq!(
             decide_for(&p, 3, &overloaded, None),
             Decision::GiveUp(GiveUp::AttemptsSpent)
@@ -190,8 +215,17 @@ mod tests {
         );
         assert_eq!(
             decide_for(&p, 1, &limited, Some(Duration::from_secs(1))),
-            Decision::GiveUp(GiveUp::RetryAfterTooLong(Duration::from_secs(2)))
+            Decision::GiveUp(GiveUp::WaitPastDeadline(Duration::from_secs(2)))
         );
+        // A wait that leaves too little for the attempt is not started.
+        assert_eq!(
+            decide_for(&p, 1, &limited, Some(Duration::from_millis(2_010))),
+            Decision::GiveUp(GiveUp::WaitPastDeadline(Duration::from_secs(2)))
+        );
+        assert!(matches!(
+            decide_for(&p, 1, &limited, Some(Duration::from_millis(2_100))),
+            Decision::Retry { .. }
+        ));
         limited.retry_after = Some(Duration::from_secs(120));
         assert_eq!(
             decide_for(&p, 1, &limited, None),
@@ -208,9 +242,9 @@ mod tests {
         };
         let e = ProviderError::new(ErrorClass::ServerError, "x");
         // Jitter may pick a short wait; a deadline of 1 ns is shorter than any.
-        assert_eq!(
+        assert!(matches!(
             decide_for(&p, 1, &e, Some(Duration::from_nanos(1))),
-            Decision::GiveUp(GiveUp::Deadline)
-        );
+            Decision::GiveUp(GiveUp::WaitPastDeadline(_))
+        ));
     }
 }

@@ -107,8 +107,10 @@ impl RetryOverride {
         if let Some(d) = self.per_try_timeout {
             p.per_try_timeout = d.min(limits.per_try_timeout);
         }
+        // `x-retry-on` narrows the operator's `retry_on`, never widens it.
         if let Some(classes) = &self.retry_on {
-            p.retry_on = classes.clone();
+            p.retry_on.retain(|c| classes.contains(c));
+            p.request_retry_on = Some(classes.clone());
         }
         p
     }
@@ -175,6 +177,7 @@ mod tests {
             max_attempts: 4,
             max_backoff: Duration::from_secs(2),
             per_try_timeout: Duration::from_secs(10),
+            ..RetryLimits::default()
         };
         let policy = RetryPolicy::default();
         let o = parse(&[
@@ -191,5 +194,13 @@ mod tests {
             .unwrap()
             .apply(&policy, &limits);
         assert_eq!(lower.max_attempts, 1);
+        let operator = RetryPolicy {
+            retry_on: vec![ErrorClass::RateLimited],
+            ..RetryPolicy::default()
+        };
+        let wider = parse(&[("x-retry-on", "rate-limited,server-error")])
+            .unwrap()
+            .apply(&operator, &limits);
+        assert_eq!(wider.retry_on, [ErrorClass::RateLimited], "never widened");
     }
 }

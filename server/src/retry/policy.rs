@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::config::{ConfigError, RetryConfig, RetryLimitsConfig};
+use crate::config::{ConfigError, ProviderConfig, RetryConfig, RetryLimitsConfig};
 use crate::error::ErrorClass;
 
 /// A provider's retry policy with every value resolved.
@@ -25,6 +25,9 @@ pub struct RetryPolicy {
     pub stream_idle_timeout: Duration,
     /// The classes that are retried; only transient classes may appear.
     pub retry_on: Vec<ErrorClass>,
+    /// The caller's own `x-retry-on`, which narrows `retry_on` and which
+    /// no upstream `x-should-retry: true` overrides; `None` = not set.
+    pub request_retry_on: Option<Vec<ErrorClass>>,
     /// Retries may add at most this fraction of the recent request rate...
     pub budget_ratio: f64,
     /// ... plus this many per second.
@@ -49,6 +52,7 @@ impl Default for RetryPolicy {
                 .into_iter()
                 .filter(|c| c.is_transient())
                 .collect(),
+            request_retry_on: None,
             budget_ratio: 0.2,
             budget_min_per_second: 10.0,
             budget_window: Duration::from_secs(10),
@@ -65,7 +69,36 @@ impl RetryPolicy {
         provider: Option<&RetryConfig>,
         path: &str,
     ) -> Result<Self, ConfigError> {
-        let mut policy = Self::default();
+        Self::resolve_over(Self::default(), global, provider, path)
+    }
+
+    /// The policy of one provider section: the kind's own defaults (a
+    /// Databricks endpoint gets a longer per-try timeout, for long
+    /// generations), then `[retry]`, then the section's `retry`.
+    pub fn resolve_for(
+        name: &str,
+        section: &ProviderConfig,
+        global: &RetryConfig,
+    ) -> Result<Self, ConfigError> {
+        let mut base = Self::default();
+        if matches!(section, ProviderConfig::Databricks(_)) {
+            base.per_try_timeout =
+                Duration::from_millis(crate::providers::databricks::DEFAULT_PER_TRY_TIMEOUT_MS);
+        }
+        Self::resolve_over(
+            base,
+            global,
+            section.retry(),
+            &format!("providers.{name}.retry"),
+        )
+    }
+
+    fn resolve_over(
+        mut policy: Self,
+        global: &RetryConfig,
+        provider: Option<&RetryConfig>,
+        path: &str,
+    ) -> Result<Self, ConfigError> {
         policy.apply(global, "retry")?;
         if let Some(own) = provider {
             policy.apply(own, path)?;
@@ -170,6 +203,11 @@ pub struct RetryLimits {
     pub max_backoff: Duration,
     /// The longest per-try timeout a request may ask for.
     pub per_try_timeout: Duration,
+    /// The shortest hedge delay a request may ask for (`x-hedge-after-ms`).
+    pub min_hedge_after: Duration,
+    /// Whether a request may turn hedging on or shorten its delay; when
+    /// not, `x-hedge-after-ms` can only turn it off.
+    pub request_hedging: bool,
 }
 
 impl Default for RetryLimits {
@@ -178,6 +216,32 @@ impl Default for RetryLimits {
             max_attempts: 6,
             max_backoff: Duration::from_secs(30),
             per_try_timeout: Duration::from_secs(600),
+            min_hedge_after: Duration::from_millis(DEFAULT_MIN_HEDGE_AFTER_MS),
+            request_hedging: true,
+        }
+    }
+}
+
+/// The default of `[retry.limits] min_hedge_after_ms`.
+pub const DEFAULT_MIN_HEDGE_AFTER_MS: u64 = 50;
+
+impl RetryLimits {
+    /// The hedge delay of a call: the request's `x-hedge-after-ms` within
+    /// these limits, else the provider's own; `None` = no hedge. A request
+    /// may always turn hedging off (`0`) or lengthen the delay; it may only
+    /// turn hedging on or shorten the delay when `request_hedging` is on,
+    /// and never below `min_hedge_after`.
+    pub fn hedge_after(
+        &self,
+        requested: Option<Duration>,
+        configured: Option<Duration>,
+    ) -> Option<Duration> {
+        let configured = configured.filter(|d| !d.is_zero());
+        match requested {
+            None => configured,
+            Some(d) if d.is_zero() => None,
+            Some(d) if !self.request_hedging => configured.map(|c| c.max(d)),
+            Some(d) => Some(d.max(self.min_hedge_after)),
         }
     }
 }
@@ -206,6 +270,12 @@ impl RetryLimits {
             }
             limits.per_try_timeout = Duration::from_millis(ms);
         }
+        if let Some(ms) = c.min_hedge_after_ms {
+            limits.min_hedge_after = Duration::from_millis(ms);
+        }
+        if let Some(on) = c.request_hedging {
+            limits.request_hedging = on;
+        }
         Ok(limits)
     }
 }
@@ -230,6 +300,27 @@ mod tests {
         assert_eq!(p.max_attempts, 5);
         assert_eq!(p.initial_backoff, Duration::from_millis(100));
         assert_eq!(p.retry_on, [ErrorClass::RateLimited, ErrorClass::Busy]);
+    }
+
+    #[test]
+    fn a_request_hedge_is_clamped_by_the_operator() {
+        let ms = Duration::from_millis;
+        let limits = RetryLimits {
+            min_hedge_after: ms(100),
+            ..RetryLimits::default()
+        };
+        assert_eq!(limits.hedge_after(Some(ms(1)), None), Some(ms(100)));
+        assert_eq!(limits.hedge_after(Some(ms(500)), None), Some(ms(500)));
+        assert_eq!(limits.hedge_after(Some(ms(0)), Some(ms(300))), None);
+        assert_eq!(limits.hedge_after(None, Some(ms(300))), Some(ms(300)));
+        let off = RetryLimits {
+            request_hedging: false,
+            ..limits
+        };
+        assert_eq!(off.hedge_after(Some(ms(200)), None), None);
+        assert_eq!(off.hedge_after(Some(ms(200)), Some(ms(300))), Some(ms(300)));
+        assert_eq!(off.hedge_after(Some(ms(900)), Some(ms(300))), Some(ms(900)));
+        assert_eq!(off.hedge_after(Some(ms(0)), Some(ms(300))), None);
     }
 
     #[test]

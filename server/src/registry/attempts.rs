@@ -1,0 +1,820 @@
+//! The attempt gate: the one door through which every upstream call of a
+//! gateway call passes, and the retry loop over the call's chain of
+//! providers.
+//!
+//! Every upstream call, whatever its kind (a hop's first attempt, a retry,
+//! a hedge, a stream continuation, a breaker probe, which is any of these
+//! while the breaker is half-open), is admitted by [`AttemptGate::admit`]
+//! and ended by [`AttemptGate::settle`] or by dropping its [`Attempt`].
+//! No other code calls a provider. The gate keeps these invariants:
+//!
+//! 1. **One deadline.** The caller's deadline is fixed once, when the call
+//!    enters the registry, and bounds every attempt, wait, hedge, hop and
+//!    continuation, and the end of a committed stream. An attempt gets
+//!    `min(per_try_timeout, deadline - now)`. No wait is started that
+//!    would not leave [`min_useful_attempt`] before the deadline.
+//! 2. **One count.** Attempts are numbered by one counter per call, across
+//!    hops. The number in `x-gateway-attempts`, the response's `attempts`,
+//!    the trailers, the start and resumed events and the `attempt N` span
+//!    names all come from it, and it equals the upstream requests made.
+//! 3. **Bounded attempts.** Per hop, the first attempt, its retries and
+//!    its hedges together are at most the call's `max_attempts` (`1` = no
+//!    retry, no hedge, no continuation); continuations are at most the
+//!    provider's `max_resumes`, and are made only for a break whose class
+//!    the call's policy retries.
+//! 4. **Budget.** A hop's first attempt deposits into the provider's retry
+//!    budget; every later upstream call of the hop (retry, hedge,
+//!    continuation) withdraws from it, and is not made when it is spent.
+//!    A call refused by an open breaker deposits nothing.
+//! 5. **Breaker.** Every attempt holds a breaker permit (an RAII guard)
+//!    while it runs. Only upstream faults under the operator's own limits
+//!    count against the breaker: a timeout that fired because of the
+//!    caller's per-try override or deadline, a lost hedge, a cancelled
+//!    call, a panic are *abandoned*, which is neither a success nor a
+//!    fault. So no caller's settings change the breaker state other
+//!    callers see, and no permit outlives its attempt.
+//! 6. **Spans.** Each admitted attempt has exactly one `attempt N` span,
+//!    opened when it is admitted (never for a hedge that is not sent).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+use tracing::{Instrument, Span};
+
+use super::stream::{self, StreamSetup};
+use super::{Completion, OpenStream, RegisteredProvider};
+use crate::chat::{ChatRequest, StreamEvent};
+use crate::error::{ErrorClass, GatewayError, ProviderError};
+use crate::observe::{self, CallObservation, ModelLabels};
+use crate::retry::{
+    self, BreakerPermit, Clock, Decision, GiveUp, Jitter, RetryPolicy, Transition,
+    min_useful_attempt,
+};
+use crate::telemetry::GatewayMetrics;
+
+/// One provider of a call's chain, with what the call sends it.
+pub(crate) struct Hop {
+    pub(crate) entry: Arc<RegisteredProvider>,
+    /// The request for this hop (a fallback asks for its own model).
+    pub(crate) request: Arc<ChatRequest>,
+    /// The call's policy on this provider (overrides within the limits).
+    pub(crate) policy: RetryPolicy,
+    /// Send a hedge when the first attempt has no answer after this.
+    pub(crate) hedge_after: Option<Duration>,
+}
+
+impl Hop {
+    fn observed<'a>(&'a self, labels: &'a ModelLabels) -> observe::Hop<'a> {
+        observe::Hop {
+            provider: &self.entry.name,
+            kind: self.entry.provider.kind(),
+            request: &self.request,
+            default_model: self.entry.provider.default_model(),
+            labels,
+        }
+    }
+}
+
+/// What one hop of a call has spent.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct HopCount {
+    /// The first attempt, retries and hedges.
+    pub(crate) tries: u32,
+    /// Continuations of a committed stream.
+    pub(crate) resumes: u32,
+}
+
+/// What an upstream call is, for the gate's accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttemptKind {
+    /// A hop's first attempt: deposits into the budget.
+    First,
+    /// A retry: its budget draw was made when it was decided.
+    Retry,
+    /// A second attempt raced against a slow first.
+    Hedge,
+    /// A continuation of a committed stream that broke.
+    Continuation,
+}
+
+/// Why the gate did not admit an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// No (useful) time is left before the caller's deadline.
+    Deadline,
+    /// The hop's attempts, or its continuations, are spent.
+    Spent,
+    /// The provider's retry budget is spent.
+    Budget,
+    /// The provider's breaker is open for this long.
+    BreakerOpen(Duration),
+}
+
+/// Whose limit bounds an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bound {
+    /// The operator's per-try timeout: its expiry is an upstream fault.
+    Operator,
+    /// The caller's narrower `x-retry-per-try-timeout-ms`.
+    Caller,
+    /// The caller's deadline.
+    Deadline,
+}
+
+/// One admitted upstream call: its number, span, time limit and breaker
+/// permit. Dropping it unsettled abandons the permit.
+pub(crate) struct Attempt {
+    pub(crate) number: u32,
+    pub(crate) span: Span,
+    limit: Duration,
+    pub(crate) bound: Bound,
+    pub(crate) permit: Option<BreakerPermit>,
+    started: std::time::Instant,
+}
+
+/// How an attempt's future ended.
+pub(crate) enum Outcome<T> {
+    Done(T),
+    Failed(ProviderError),
+    TimedOut,
+}
+
+impl Attempt {
+    /// Runs `call` within the attempt's time limit and span.
+    pub(crate) fn run<T, F>(&self, call: F) -> impl Future<Output = Outcome<T>> + use<T, F>
+    where
+        F: Future<Output = Result<T, ProviderError>>,
+    {
+        let (limit, span) = (self.limit, self.span.clone());
+        async move {
+            match tokio::time::timeout(limit, call.instrument(span)).await {
+                Ok(Ok(value)) => Outcome::Done(value),
+                Ok(Err(error)) => Outcome::Failed(error),
+                Err(_) => Outcome::TimedOut,
+            }
+        }
+    }
+
+    /// How long it has run.
+    pub(crate) fn took(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The error of an attempt that ran out of time (not for the deadline,
+    /// which ends the call).
+    pub(crate) fn timeout_error(&self) -> ProviderError {
+        let ms = self.limit.as_millis();
+        ProviderError::new(
+            ErrorClass::Timeout,
+            match self.bound {
+                Bound::Caller => {
+                    format!("no answer within the request's per-try timeout of {ms} ms")
+                }
+                Bound::Operator | Bound::Deadline => {
+                    format!("no answer within the per-try timeout of {ms} ms")
+                }
+            },
+        )
+    }
+}
+
+/// One call's door to its providers: the deadline, the attempt counter and
+/// what admitting, settling and waiting need.
+pub(crate) struct AttemptGate {
+    clock: Arc<dyn Clock>,
+    jitter: Arc<Jitter>,
+    metrics: Arc<GatewayMetrics>,
+    deadline: Option<Instant>,
+    attempts: u32,
+}
+
+impl AttemptGate {
+    /// The gate of a call that entered now, whose caller waits `timeout`.
+    pub(crate) fn new(
+        clock: Arc<dyn Clock>,
+        jitter: Arc<Jitter>,
+        metrics: Arc<GatewayMetrics>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        let now = clock.now();
+        let deadline = timeout.map(|t| now.checked_add(t).unwrap_or(now));
+        Self {
+            clock,
+            jitter,
+            metrics,
+            deadline,
+            attempts: 0,
+        }
+    }
+
+    /// What is left of the deadline.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        let now = self.clock.now();
+        self.deadline.map(|d| d.saturating_duration_since(now))
+    }
+
+    /// Upstream calls admitted so far.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Waits between attempts, on the registry's clock.
+    pub(crate) async fn wait(&self, wait: Duration, obs: &mut CallObservation) {
+        if !wait.is_zero() {
+            let started = std::time::Instant::now();
+            self.clock.sleep(wait).await;
+            obs.waited(started.elapsed());
+        }
+    }
+
+    /// Decides what follows a failed attempt of `hop` (after `tries` of
+    /// its attempts); a granted retry has drawn from the budget.
+    pub(crate) fn decide(&self, hop: &Hop, tries: u32, error: &ProviderError) -> Decision {
+        retry::decide(
+            &hop.policy,
+            tries,
+            error,
+            self.remaining(),
+            &hop.entry.budget,
+            &self.jitter,
+            self.clock.now(),
+        )
+    }
+
+    /// The full-jitter wait before continuation `n` (`n >= 1`) of a stream.
+    pub(crate) fn backoff(&self, hop: &Hop, n: u32) -> Duration {
+        self.jitter.backoff(&hop.policy, n)
+    }
+
+    /// Admits one upstream call of `kind` to `hop`, or says why not.
+    pub(crate) fn admit(
+        &mut self,
+        hop: &Hop,
+        count: &mut HopCount,
+        kind: AttemptKind,
+        obs: &CallObservation,
+    ) -> Result<Attempt, Refusal> {
+        let remaining = self.remaining();
+        if remaining.is_some_and(|r| r.is_zero()) {
+            return Err(Refusal::Deadline);
+        }
+        let spent = match kind {
+            AttemptKind::First | AttemptKind::Retry | AttemptKind::Hedge => {
+                count.tries >= hop.policy.max_attempts
+            }
+            AttemptKind::Continuation => {
+                hop.policy.max_attempts <= 1 || count.resumes >= hop.entry.resilience.max_resumes
+            }
+        };
+        if spent {
+            return Err(Refusal::Spent);
+        }
+        let extra = matches!(kind, AttemptKind::Hedge | AttemptKind::Continuation);
+        if extra && remaining.is_some_and(|r| r < min_useful_attempt(&hop.policy)) {
+            return Err(Refusal::Deadline);
+        }
+        let now = self.clock.now();
+        let permit = match &hop.entry.breaker {
+            None => None,
+            Some(breaker) => {
+                let (admitted, transition) = breaker.admit(now);
+                self.breaker_changed(&hop.entry, transition);
+                Some(admitted.map_err(Refusal::BreakerOpen)?)
+            }
+        };
+        match kind {
+            AttemptKind::First => hop.entry.budget.deposit(now),
+            AttemptKind::Retry => {}
+            AttemptKind::Hedge | AttemptKind::Continuation => {
+                if !hop.entry.budget.withdraw(now) {
+                    obs.budget_refused();
+                    // The permit is dropped unused: abandoned.
+                    return Err(Refusal::Budget);
+                }
+            }
+        }
+        match kind {
+            AttemptKind::Continuation => count.resumes += 1,
+            AttemptKind::First | AttemptKind::Retry | AttemptKind::Hedge => count.tries += 1,
+        }
+        self.attempts += 1;
+        let per_try = hop.policy.per_try_timeout;
+        let (limit, bound) = match remaining {
+            Some(r) if r <= per_try => (r, Bound::Deadline),
+            _ if per_try < hop.entry.policy.per_try_timeout => (per_try, Bound::Caller),
+            _ => (per_try, Bound::Operator),
+        };
+        Ok(Attempt {
+            number: self.attempts,
+            span: obs.attempt_span(self.attempts),
+            limit,
+            bound,
+            permit,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Ends an attempt that ran to an outcome (`None` = success) under the
+    /// operator's limits: its breaker permit records it. Use
+    /// [`AttemptGate::abandon`] for one that ended by the caller's doing.
+    pub(crate) fn settle(
+        &self,
+        entry: &RegisteredProvider,
+        attempt: &mut Attempt,
+        outcome: Option<&ProviderError>,
+    ) {
+        if let Some(permit) = attempt.permit.take() {
+            let transition = permit.record(outcome, self.clock.now());
+            self.breaker_changed(entry, transition);
+        }
+    }
+
+    /// Ends an attempt without a verdict: its permit is given back.
+    pub(crate) fn abandon(attempt: &mut Attempt) {
+        attempt.permit.take();
+    }
+
+    /// A stream committed on `attempt`: a probe closes the breaker now.
+    pub(crate) fn commit(&self, entry: &RegisteredProvider, attempt: &mut Attempt) {
+        if let Some(permit) = &mut attempt.permit {
+            let transition = permit.commit(self.clock.now());
+            self.breaker_changed(entry, transition);
+        }
+    }
+
+    /// Records a breaker's change of state.
+    fn breaker_changed(&self, entry: &RegisteredProvider, transition: Option<Transition>) {
+        let Some(t) = transition else { return };
+        tracing::info!(
+            provider = %entry.name,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            "circuit breaker changed state"
+        );
+        self.metrics.breaker_transitions.add(
+            1,
+            &[
+                opentelemetry::KeyValue::new("gateway.provider", entry.name.clone()),
+                opentelemetry::KeyValue::new("gateway.breaker.state", t.to.as_str()),
+            ],
+        );
+    }
+
+    /// The caller-facing error of a refused attempt.
+    pub(crate) fn refused(
+        &self,
+        entry: &RegisteredProvider,
+        refusal: Refusal,
+        last_error: Option<ProviderError>,
+    ) -> GatewayError {
+        let provider = entry.name.clone();
+        let attempts = self.attempts;
+        match (refusal, last_error) {
+            (Refusal::BreakerOpen(retry_after), last_error) => GatewayError::BreakerOpen {
+                provider,
+                attempts,
+                retry_after,
+                last_error,
+            },
+            (Refusal::Deadline, last_error) | (_, last_error @ None) => {
+                GatewayError::DeadlineExceeded {
+                    provider,
+                    attempts,
+                    last_error,
+                }
+            }
+            (refusal @ (Refusal::Spent | Refusal::Budget), Some(error)) => GatewayError::Upstream {
+                provider,
+                attempts,
+                error,
+                delivered: None,
+                budget_exhausted: refusal == Refusal::Budget,
+            },
+        }
+    }
+}
+
+/// The attempt that served a hop, with its hop's accounting.
+struct Won<T> {
+    value: T,
+    attempt: Attempt,
+    count: HopCount,
+}
+
+/// A call's chain of providers, run through one gate.
+pub(crate) struct CallChain<'l> {
+    gate: AttemptGate,
+    first: Hop,
+    rest: Vec<Hop>,
+    metrics: Arc<GatewayMetrics>,
+    labels: &'l ModelLabels,
+}
+
+/// Makes one upstream call of a hop.
+type AttemptFn<'f, T> = &'f (dyn Fn(&Hop) -> BoxFuture<'static, Result<T, ProviderError>> + Sync);
+
+impl<'l> CallChain<'l> {
+    pub(crate) fn new(
+        gate: AttemptGate,
+        first: Hop,
+        hops: Vec<Hop>,
+        metrics: Arc<GatewayMetrics>,
+        labels: &'l ModelLabels,
+    ) -> Self {
+        Self {
+            gate,
+            first,
+            rest: hops,
+            metrics,
+            labels,
+        }
+    }
+
+    /// A whole answer: the chain's attempts until one answers.
+    pub(crate) async fn complete(self) -> Result<Completion, GatewayError> {
+        let call = |hop: &Hop| -> BoxFuture<'static, Result<_, ProviderError>> {
+            let (provider, request) = (hop.entry.provider.clone(), hop.request.clone());
+            Box::pin(async move { provider.complete(&request).await })
+        };
+        let Self {
+            mut gate,
+            first,
+            rest,
+            metrics,
+            labels,
+        } = self;
+        let (mut obs, result) = run(&mut gate, first, rest, metrics, labels, &call).await;
+        match result {
+            Ok((hop, mut won)) => {
+                gate.settle(&hop.entry, &mut won.attempt, None);
+                obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
+                let attempts = gate.attempts();
+                let response = won.value;
+                obs.succeeded(
+                    &response.model,
+                    &response.id,
+                    response.stop_reason,
+                    response.usage,
+                    attempts,
+                );
+                Ok(Completion {
+                    provider: hop.entry.name.clone(),
+                    attempts,
+                    response,
+                })
+            }
+            Err(error) => {
+                obs.failed(&error);
+                Err(error)
+            }
+        }
+    }
+
+    /// A stream, up to its commit point; the committed rest is relayed
+    /// (and resumed) by [`stream`].
+    pub(crate) async fn stream(
+        self,
+        stream_resume: Option<bool>,
+    ) -> Result<OpenStream, GatewayError> {
+        let call = |hop: &Hop| -> BoxFuture<'static, Result<_, ProviderError>> {
+            let (provider, request) = (hop.entry.provider.clone(), hop.request.clone());
+            let idle = hop.policy.stream_idle_timeout;
+            Box::pin(
+                async move { stream::open_until_commit(provider.as_ref(), &request, idle).await },
+            )
+        };
+        let Self {
+            mut gate,
+            first,
+            rest,
+            metrics,
+            labels,
+        } = self;
+        let (mut obs, result) = run(&mut gate, first, rest, metrics, labels, &call).await;
+        let (hop, mut won) = match result {
+            Ok(served) => served,
+            Err(error) => {
+                obs.failed(&error);
+                return Err(error);
+            }
+        };
+        gate.commit(&hop.entry, &mut won.attempt);
+        obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
+        let (events, head) = won.value;
+        if head.iter().any(StreamEvent::is_content) {
+            obs.first_chunk();
+        }
+        obs.committed();
+        let resume = stream_resume.unwrap_or(hop.entry.resilience.stream_resume)
+            && hop.entry.provider.supports_prefill();
+        Ok(stream::committed(StreamSetup {
+            gate,
+            hop,
+            count: won.count,
+            attempt: won.attempt,
+            obs,
+            events,
+            head,
+            resume,
+        }))
+    }
+}
+
+/// Runs the chain: each hop under its own policy, the caller's deadline
+/// over the whole chain, attempts counted across hops. A hop is left
+/// for the next one when its retries are spent on upstream faults, its
+/// breaker is open, or it asked for a wait the gateway may not make.
+async fn run<T: Send + 'static>(
+    gate: &mut AttemptGate,
+    first: Hop,
+    rest: Vec<Hop>,
+    metrics: Arc<GatewayMetrics>,
+    labels: &ModelLabels,
+    call: AttemptFn<'_, T>,
+) -> (CallObservation, Result<(Hop, Won<T>), GatewayError>) {
+    let mut hops = rest.into_iter().peekable();
+    let mut hop = first;
+    let mut obs = CallObservation::start(metrics, hop.observed(labels));
+    loop {
+        let has_fallback = hops.peek().is_some();
+        let chat = obs.chat.clone();
+        let result = run_hop(gate, &hop, &mut obs, has_fallback, call)
+            .instrument(chat)
+            .await;
+        match result {
+            Ok(won) => return (obs, Ok((hop, won))),
+            Err(error) => {
+                let next = match hops.next() {
+                    Some(next) if falls_back(&error) => next,
+                    _ => return (obs, Err(error)),
+                };
+                tracing::info!(
+                    provider = %hop.entry.name,
+                    next = %next.entry.name,
+                    "falling back to the next provider: {error}"
+                );
+                obs.next_hop(&error, next.observed(labels));
+                hop = next;
+            }
+        }
+    }
+}
+
+/// One hop's attempts: the first (raced against a hedge when the hop
+/// hedges), then retries as the policy decides.
+async fn run_hop<T: Send + 'static>(
+    gate: &mut AttemptGate,
+    hop: &Hop,
+    obs: &mut CallObservation,
+    has_fallback: bool,
+    call: AttemptFn<'_, T>,
+) -> Result<Won<T>, GatewayError> {
+    let mut count = HopCount::default();
+    let mut last_error: Option<ProviderError> = None;
+    let mut kind = AttemptKind::First;
+    loop {
+        let attempt = match gate.admit(hop, &mut count, kind, obs) {
+            Ok(attempt) => attempt,
+            Err(refusal) => return Err(gate.refused(&hop.entry, refusal, last_error)),
+        };
+        let (outcome, mut attempt) = match hop.hedge_after.filter(|_| kind == AttemptKind::First) {
+            Some(delay) => race(gate, hop, &mut count, obs, attempt, delay, call).await,
+            None => (attempt.run(call(hop)).await, attempt),
+        };
+        let took = attempt.took();
+        let error = match outcome {
+            Outcome::Done(value) => {
+                return Ok(Won {
+                    value,
+                    attempt,
+                    count,
+                });
+            }
+            Outcome::Failed(error) => {
+                gate.settle(&hop.entry, &mut attempt, Some(&error));
+                error
+            }
+            Outcome::TimedOut if attempt.bound == Bound::Deadline => {
+                AttemptGate::abandon(&mut attempt);
+                let error = ProviderError::new(
+                    ErrorClass::Timeout,
+                    "the caller's deadline ran out during the attempt",
+                );
+                obs.attempt_done(
+                    &attempt.span,
+                    took,
+                    Some((&error, Decision::GiveUp(GiveUp::Deadline))),
+                );
+                return Err(GatewayError::DeadlineExceeded {
+                    provider: hop.entry.name.clone(),
+                    attempts: gate.attempts(),
+                    last_error,
+                });
+            }
+            Outcome::TimedOut => {
+                let error = attempt.timeout_error();
+                if attempt.bound == Bound::Operator {
+                    gate.settle(&hop.entry, &mut attempt, Some(&error));
+                } else {
+                    AttemptGate::abandon(&mut attempt);
+                }
+                error
+            }
+        };
+        let decision = gate.decide(hop, count.tries, &error);
+        obs.attempt_done(&attempt.span, took, Some((&error, decision)));
+        let attempts = gate.attempts();
+        if has_fallback
+            && let Decision::GiveUp(reason) = decision
+            && falls_back(&give_up(&hop.entry, attempts, error.clone(), reason))
+        {
+            attempt.span.record("gateway.retry.decision", "fallback");
+        }
+        tracing::debug!(
+            parent: &attempt.span,
+            provider = %hop.entry.name,
+            attempt = attempt.number,
+            class = %error.class,
+            "attempt failed: {}", error.message
+        );
+        // The attempt span ends here, so the backoff lies between spans.
+        drop(attempt);
+        match decision {
+            Decision::Retry { wait } => {
+                gate.wait(wait, obs).await;
+                last_error = Some(error);
+                kind = AttemptKind::Retry;
+            }
+            Decision::GiveUp(reason) => return Err(give_up(&hop.entry, attempts, error, reason)),
+        }
+    }
+}
+
+/// Runs `first`; when it has no outcome after `delay` and the gate
+/// admits a hedge, runs a second attempt beside it. The first success
+/// wins and the other is abandoned (its upstream request dropped). A
+/// failure that will not be retried ends the race at once; a retryable
+/// one leaves it to the other attempt. Returns the deciding outcome and
+/// its attempt; the other attempt is settled or abandoned here.
+async fn race<T: Send + 'static>(
+    gate: &mut AttemptGate,
+    hop: &Hop,
+    count: &mut HopCount,
+    obs: &mut CallObservation,
+    first: Attempt,
+    delay: Duration,
+    call: AttemptFn<'_, T>,
+) -> (Outcome<T>, Attempt) {
+    let running = first.run(call(hop));
+    tokio::pin!(running);
+    tokio::select! {
+        outcome = &mut running => return (outcome, first),
+        () = tokio::time::sleep(delay) => {}
+    }
+    let second = match gate.admit(hop, count, AttemptKind::Hedge, obs) {
+        Ok(second) => second,
+        Err(_) => return (running.await, first),
+    };
+    tracing::debug!(
+        parent: &second.span,
+        provider = %hop.entry.name,
+        delay_ms = delay.as_millis() as u64,
+        "sending a hedge"
+    );
+    let hedge = second.run(call(hop));
+    tokio::pin!(hedge);
+    let mut attempts = [Some(first), Some(second)];
+    let (decided, outcome) = tokio::select! {
+        outcome = &mut running => (0, outcome),
+        outcome = &mut hedge => (1, outcome),
+    };
+    let other = 1 - decided;
+    let final_outcome = match &outcome {
+        Outcome::Done(_) => true,
+        Outcome::Failed(error) => !retry::is_retryable(&hop.policy, error),
+        Outcome::TimedOut => attempts[decided]
+            .as_ref()
+            .is_some_and(|a| a.bound == Bound::Deadline),
+    };
+    if final_outcome {
+        if let Some(mut loser) = attempts[other].take() {
+            AttemptGate::abandon(&mut loser);
+            loser.span.record("gateway.retry.decision", "abandoned");
+        }
+        let attempt = attempts[decided].take();
+        return match attempt {
+            Some(attempt) => (outcome, attempt),
+            None => unreachable_attempt(),
+        };
+    }
+    // The deciding attempt failed and may be retried: its verdict is
+    // recorded, and the other attempt decides.
+    if let Some(mut failed) = attempts[decided].take() {
+        let error = match outcome {
+            Outcome::Failed(error) => error,
+            Outcome::Done(_) | Outcome::TimedOut => failed.timeout_error(),
+        };
+        if failed.bound == Bound::Operator || !matches!(error.class, ErrorClass::Timeout) {
+            gate.settle(&hop.entry, &mut failed, Some(&error));
+        } else {
+            AttemptGate::abandon(&mut failed);
+        }
+        obs.attempt_done(&failed.span, failed.took(), None);
+        failed.span.record("otel.status_code", "ERROR");
+        failed.span.record("error.type", error.class.as_str());
+        failed.span.record("gateway.retry.decision", "hedged");
+    }
+    let outcome = if decided == 0 {
+        hedge.await
+    } else {
+        running.await
+    };
+    match attempts[other].take() {
+        Some(attempt) => (outcome, attempt),
+        None => unreachable_attempt(),
+    }
+}
+
+/// Both attempts of a race are held until one is returned; this is never
+/// reached, and would only mean a lost attempt, not a panic.
+fn unreachable_attempt<T>() -> (Outcome<T>, Attempt) {
+    (
+        Outcome::Failed(ProviderError::new(
+            ErrorClass::ServerError,
+            "internal: a raced attempt went missing",
+        )),
+        Attempt {
+            number: 0,
+            span: Span::none(),
+            limit: Duration::ZERO,
+            bound: Bound::Deadline,
+            permit: None,
+            started: std::time::Instant::now(),
+        },
+    )
+}
+
+/// Whether a failed hop leaves the call to the next provider.
+pub(crate) fn falls_back(error: &GatewayError) -> bool {
+    match error {
+        GatewayError::Upstream {
+            error,
+            delivered: None,
+            ..
+        } => error.class.is_transient(),
+        GatewayError::BreakerOpen { .. } | GatewayError::RetryAfterTooLong { .. } => true,
+        GatewayError::Upstream {
+            delivered: Some(_), ..
+        }
+        | GatewayError::DeadlineExceeded { .. }
+        | GatewayError::InvalidArgument(_)
+        | GatewayError::UnknownProvider(_) => false,
+    }
+}
+
+/// The error of a hop that stopped retrying for `reason`. A wait that
+/// cannot fit the deadline answers with the upstream's own failure (and
+/// the wait as its retry hint), not a deadline status, while time remains.
+fn give_up(
+    entry: &RegisteredProvider,
+    attempts: u32,
+    mut error: ProviderError,
+    reason: GiveUp,
+) -> GatewayError {
+    let provider = entry.name.clone();
+    match reason {
+        GiveUp::RetryAfterTooLong(retry_after) => GatewayError::RetryAfterTooLong {
+            provider,
+            attempts,
+            error,
+            retry_after,
+        },
+        GiveUp::Deadline => GatewayError::DeadlineExceeded {
+            provider,
+            attempts,
+            last_error: Some(error),
+        },
+        GiveUp::WaitPastDeadline(wait) => {
+            error.retry_after = Some(error.retry_after.unwrap_or_default().max(wait));
+            GatewayError::Upstream {
+                provider,
+                attempts,
+                error,
+                delivered: None,
+                budget_exhausted: false,
+            }
+        }
+        GiveUp::NotRetryable | GiveUp::AttemptsSpent | GiveUp::BudgetExhausted => {
+            GatewayError::Upstream {
+                provider,
+                attempts,
+                error,
+                delivered: None,
+                budget_exhausted: reason == GiveUp::BudgetExhausted,
+            }
+        }
+    }
+}

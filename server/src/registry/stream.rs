@@ -1,0 +1,555 @@
+//! A stream after its commit point: relaying, the caller's deadline and
+//! the idle timer, the breaker verdict at the end, and resuming a stream
+//! that broke inside text.
+//!
+//! A stream commits on its first content delta (or the stop of an empty
+//! answer); before that, failures are retried by the attempt loop. After
+//! it, a break ends the stream with an error, never quietly, unless it can
+//! be resumed. A resume is a *continuation*: an attempt of its own through
+//! the same gate (numbered, budgeted, under the breaker and the call's one
+//! deadline), asking the same provider to continue an assistant turn that
+//! holds exactly the text delivered so far.
+//!
+//! Invariants:
+//! - The committed stream ends no later than the caller's deadline, fixed
+//!   when the call arrived (not when it committed).
+//! - The serving attempt's breaker permit is held until the stream ends:
+//!   a stop records a success, a break an upstream fault, a deadline or a
+//!   caller that went away abandons it.
+//! - A resumed stream's text is exactly the providers' text: the prefill
+//!   is sent without trailing whitespace (Anthropic refuses it), and the
+//!   continuation's leading characters that repeat that whitespace are
+//!   dropped, so no character is lost or doubled.
+//! - A resume happens only for a break whose class the call's policy
+//!   retries, within `max_resumes`, and only after text (not inside a tool
+//!   call). A failed continuation is counted, and its own error is the one
+//!   the caller sees.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+
+use super::OpenStream;
+use super::attempts::{Attempt, AttemptGate, AttemptKind, Bound, Hop, HopCount, Outcome};
+use crate::chat::{ChatRequest, Content, Message, Role, StreamEvent, Usage};
+use crate::error::{ErrorClass, GatewayError, ProviderError};
+use crate::observe::CallObservation;
+use crate::providers::{EventStream, Provider};
+use crate::retry::{self, min_useful_attempt};
+
+fn no_stop() -> ProviderError {
+    ProviderError::new(
+        ErrorClass::StreamInterrupted,
+        "the upstream stream ended without a stop reason",
+    )
+}
+
+fn stalled(idle: Duration) -> ProviderError {
+    ProviderError::new(
+        ErrorClass::StreamInterrupted,
+        format!("the upstream stream stalled for {} ms", idle.as_millis()),
+    )
+}
+
+/// One stream attempt up to its commit point: opens the stream and reads
+/// until the first content delta (or a stop), each event within `idle`. A
+/// keep-alive resets the idle timer and is not kept.
+pub(crate) async fn open_until_commit(
+    provider: &dyn Provider,
+    request: &ChatRequest,
+    idle: Duration,
+) -> Result<(EventStream, VecDeque<StreamEvent>), ProviderError> {
+    let mut events = provider.stream(request).await?;
+    let mut head = VecDeque::new();
+    loop {
+        match tokio::time::timeout(idle, events.next()).await {
+            Ok(Some(Ok(StreamEvent::KeepAlive))) => {}
+            Ok(Some(Ok(event))) => {
+                let commit = event.is_content() || matches!(event, StreamEvent::Stop(_));
+                head.push_back(event);
+                if commit {
+                    return Ok((events, head));
+                }
+            }
+            Ok(Some(Err(error))) => return Err(error),
+            Ok(None) => return Err(no_stop()),
+            Err(_) => return Err(stalled(idle)),
+        }
+    }
+}
+
+/// What a committed stream starts from.
+pub(crate) struct StreamSetup {
+    pub(crate) gate: AttemptGate,
+    pub(crate) hop: Hop,
+    pub(crate) count: HopCount,
+    /// The serving attempt (its span and breaker permit).
+    pub(crate) attempt: Attempt,
+    pub(crate) obs: CallObservation,
+    pub(crate) events: EventStream,
+    pub(crate) head: VecDeque<StreamEvent>,
+    /// Whether a break inside text may be resumed.
+    pub(crate) resume: bool,
+}
+
+/// The open stream of a committed attempt.
+pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
+    let StreamSetup {
+        gate,
+        hop,
+        count,
+        attempt,
+        obs,
+        events,
+        mut head,
+        resume,
+    } = setup;
+    if !matches!(head.front(), Some(StreamEvent::Start { .. })) {
+        head.push_front(StreamEvent::Start {
+            id: String::new(),
+            model: hop
+                .request
+                .model_or(hop.entry.provider.default_model())
+                .to_string(),
+        });
+    }
+    let provider = hop.entry.name.clone();
+    let attempts = gate.attempts();
+    let state = Committed {
+        idle: hop.policy.stream_idle_timeout,
+        gate,
+        hop,
+        count,
+        attempt: Some(attempt),
+        obs,
+        id: String::new(),
+        model: String::new(),
+        usage: Usage::default(),
+        events,
+        head,
+        delivered: 0,
+        done: false,
+        resume: resume.then(Resume::default),
+    };
+    OpenStream {
+        provider,
+        attempt: attempts,
+        events: Box::pin(stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let item = st.next().await;
+            Some((item, st))
+        })),
+    }
+}
+
+/// What resuming needs to know of the text delivered so far.
+#[derive(Default)]
+struct Resume {
+    /// Every text delta relayed, in order.
+    text: String,
+    /// The block the text went to.
+    text_index: Option<u32>,
+    /// Text deltas relayed (a floor on the tokens generated).
+    text_deltas: u32,
+    /// A tool call was being relayed: it cannot be resumed.
+    in_tool: bool,
+    /// Usage before the serving continuation.
+    usage_before: Usage,
+    resumed: bool,
+    /// Whitespace cut off the prefill that the continuation may repeat.
+    skip: String,
+}
+
+struct Committed {
+    gate: AttemptGate,
+    hop: Hop,
+    count: HopCount,
+    /// The serving attempt, until its verdict.
+    attempt: Option<Attempt>,
+    obs: CallObservation,
+    id: String,
+    model: String,
+    usage: Usage,
+    events: EventStream,
+    head: VecDeque<StreamEvent>,
+    delivered: u64,
+    done: bool,
+    idle: Duration,
+    resume: Option<Resume>,
+}
+
+/// How waiting for the next upstream event ended.
+enum Next {
+    Event(StreamEvent),
+    Broke(ProviderError),
+    Deadline,
+}
+
+impl Committed {
+    /// The next event for the caller, or the error that ends the stream.
+    async fn next(&mut self) -> Result<StreamEvent, GatewayError> {
+        loop {
+            let broke = match self.upstream_next().await {
+                Next::Event(StreamEvent::KeepAlive) => continue,
+                Next::Event(event) => match self.relay(event) {
+                    Some(event) => return Ok(event),
+                    None => continue,
+                },
+                Next::Broke(error) => error,
+                Next::Deadline => return Err(self.deadline()),
+            };
+            if let Some(attempt) = &mut self.attempt {
+                self.gate.settle(&self.hop.entry, attempt, Some(&broke));
+            }
+            match self.try_resume(broke).await {
+                Ok(()) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn upstream_next(&mut self) -> Next {
+        if let Some(event) = self.head.pop_front() {
+            return Next::Event(event);
+        }
+        let remaining = self.gate.remaining();
+        let wait = remaining.map_or(self.idle, |r| r.min(self.idle));
+        match tokio::time::timeout(wait, self.events.next()).await {
+            Ok(Some(Ok(event))) => Next::Event(event),
+            Ok(Some(Err(error))) => Next::Broke(error),
+            Ok(None) => Next::Broke(no_stop()),
+            Err(_) if remaining.is_some_and(|r| r <= self.idle) => Next::Deadline,
+            Err(_) => Next::Broke(stalled(self.idle)),
+        }
+    }
+
+    /// The caller's deadline ended the stream: no verdict for the breaker.
+    fn deadline(&mut self) -> GatewayError {
+        self.done = true;
+        if let Some(mut attempt) = self.attempt.take() {
+            AttemptGate::abandon(&mut attempt);
+        }
+        let error = GatewayError::DeadlineExceeded {
+            provider: self.hop.entry.name.clone(),
+            attempts: self.gate.attempts(),
+            last_error: None,
+        };
+        self.obs.failed(&error);
+        error
+    }
+
+    /// Bookkeeping for one event on its way to the caller; `None` when
+    /// nothing is left of it to relay.
+    fn relay(&mut self, event: StreamEvent) -> Option<StreamEvent> {
+        let event = match (&mut self.resume, event) {
+            (Some(r), StreamEvent::Text { index, mut text }) if r.resumed => {
+                if !r.skip.is_empty() {
+                    let same = common_prefix(&text, &r.skip);
+                    if same == text.len() {
+                        r.skip.drain(..same);
+                        return None;
+                    }
+                    text.drain(..same);
+                    r.skip.clear();
+                }
+                StreamEvent::Text {
+                    index: remap(r, index),
+                    text,
+                }
+            }
+            (Some(r), StreamEvent::ToolUseStart { index, id, name }) if r.resumed => {
+                r.skip.clear();
+                StreamEvent::ToolUseStart {
+                    index: remap(r, index),
+                    id,
+                    name,
+                }
+            }
+            (Some(r), StreamEvent::ToolInputJson { index, json }) if r.resumed => {
+                StreamEvent::ToolInputJson {
+                    index: remap(r, index),
+                    json,
+                }
+            }
+            (_, other) => other,
+        };
+        match &event {
+            StreamEvent::Start { id, model } => {
+                self.id.clone_from(id);
+                self.model.clone_from(model);
+            }
+            StreamEvent::Usage(u) => {
+                let before = self
+                    .resume
+                    .as_ref()
+                    .map_or(Usage::default(), |r| r.usage_before);
+                self.usage = Usage {
+                    input_tokens: before.input_tokens.saturating_add(u.input_tokens),
+                    output_tokens: before.output_tokens.saturating_add(u.output_tokens),
+                };
+                return Some(StreamEvent::Usage(self.usage));
+            }
+            StreamEvent::Stop(stop) => {
+                self.done = true;
+                if let Some(mut attempt) = self.attempt.take() {
+                    self.gate.settle(&self.hop.entry, &mut attempt, None);
+                }
+                let attempts = self.gate.attempts();
+                let (model, id, usage) = (self.model.clone(), self.id.clone(), self.usage);
+                self.obs.succeeded(&model, &id, *stop, usage, attempts);
+            }
+            StreamEvent::Text { index, text } => {
+                self.delivered += 1;
+                if let Some(r) = &mut self.resume {
+                    r.text.push_str(text);
+                    r.text_index = Some(*index);
+                    r.text_deltas = r.text_deltas.saturating_add(1);
+                }
+            }
+            StreamEvent::ToolUseStart { .. } | StreamEvent::ToolInputJson { .. } => {
+                self.delivered += 1;
+                if let Some(r) = &mut self.resume {
+                    r.in_tool = true;
+                }
+            }
+            StreamEvent::Resumed { .. } | StreamEvent::KeepAlive => {}
+        }
+        Some(event)
+    }
+
+    /// After a break inside text, sends continuation requests through the
+    /// gate until one delivers content (then the stream carries on with its
+    /// events after a `resumed` event) or no more may be made. The error
+    /// returned is the last one: the continuation's own when one failed.
+    async fn try_resume(&mut self, broke: ProviderError) -> Result<(), GatewayError> {
+        let resumable = self
+            .resume
+            .as_ref()
+            .is_some_and(|r| !r.in_tool && !r.text.trim_end().is_empty())
+            && retry::is_retryable(&self.hop.policy, &broke);
+        if !resumable {
+            return Err(self.broken(broke));
+        }
+        let mut error = broke;
+        loop {
+            let mut attempt = match self.gate.admit(
+                &self.hop,
+                &mut self.count,
+                AttemptKind::Continuation,
+                &self.obs,
+            ) {
+                Ok(attempt) => attempt,
+                Err(_) => return Err(self.broken(error)),
+            };
+            let (continuation, skip) = self.continuation();
+            tracing::info!(
+                parent: &attempt.span,
+                provider = %self.hop.entry.name,
+                attempt = attempt.number,
+                "resuming a stream that broke inside text: {error}"
+            );
+            let provider = self.hop.entry.provider.clone();
+            let outcome = attempt
+                .run(open_until_commit(
+                    provider.as_ref(),
+                    &continuation,
+                    self.idle,
+                ))
+                .await;
+            let took = attempt.took();
+            let failure = match outcome {
+                Outcome::Done((events, head)) => {
+                    self.gate.commit(&self.hop.entry, &mut attempt);
+                    self.obs.attempt_done(&attempt.span, took, None);
+                    self.resumed(attempt, events, head, skip);
+                    return Ok(());
+                }
+                Outcome::Failed(failure) => {
+                    self.gate
+                        .settle(&self.hop.entry, &mut attempt, Some(&failure));
+                    failure
+                }
+                Outcome::TimedOut if attempt.bound == Bound::Deadline => {
+                    AttemptGate::abandon(&mut attempt);
+                    return Err(self.deadline());
+                }
+                Outcome::TimedOut => {
+                    let failure = attempt.timeout_error();
+                    if attempt.bound == Bound::Operator {
+                        self.gate
+                            .settle(&self.hop.entry, &mut attempt, Some(&failure));
+                    } else {
+                        AttemptGate::abandon(&mut attempt);
+                    }
+                    failure
+                }
+            };
+            let mut failure = failure;
+            failure.message = format!(
+                "{}; the stream's continuation failed after a break ({error})",
+                failure.message
+            );
+            error = failure;
+            // Another continuation only for a failure the policy retries,
+            // after a full-jitter wait that fits the deadline.
+            let wait = self.gate.backoff(&self.hop, self.count.resumes);
+            let fits = self
+                .gate
+                .remaining()
+                .is_none_or(|r| r >= wait.saturating_add(min_useful_attempt(&self.hop.policy)));
+            let decision = if retry::is_retryable(&self.hop.policy, &error) && fits {
+                retry::Decision::Retry { wait }
+            } else {
+                retry::Decision::GiveUp(retry::GiveUp::NotRetryable)
+            };
+            self.obs
+                .attempt_done(&attempt.span, took, Some((&error, decision)));
+            drop(attempt);
+            match decision {
+                retry::Decision::Retry { wait } => self.gate.wait(wait, &mut self.obs).await,
+                retry::Decision::GiveUp(_) => return Err(self.broken(error)),
+            }
+        }
+    }
+
+    /// The continuation request: the conversation plus an assistant turn
+    /// holding the text delivered (after a prefill the request already
+    /// had), without trailing whitespace, and `max_tokens` less what was
+    /// generated. Also returns the whitespace cut off.
+    fn continuation(&self) -> (ChatRequest, String) {
+        let mut request = (*self.hop.request).clone();
+        let delivered = self.resume.as_ref().map_or("", |r| r.text.as_str());
+        let text = match request.messages.last_mut() {
+            Some(last) if last.role == Role::Assistant => match last.content.last_mut() {
+                Some(Content::Text(t)) => {
+                    t.push_str(delivered);
+                    t
+                }
+                _ => {
+                    last.content.push(Content::Text(delivered.to_string()));
+                    match last.content.last_mut() {
+                        Some(Content::Text(t)) => t,
+                        _ => return (request, String::new()),
+                    }
+                }
+            },
+            _ => {
+                request.messages.push(Message {
+                    role: Role::Assistant,
+                    content: vec![Content::Text(delivered.to_string())],
+                });
+                match request
+                    .messages
+                    .last_mut()
+                    .and_then(|m| m.content.last_mut())
+                {
+                    Some(Content::Text(t)) => t,
+                    _ => return (request, String::new()),
+                }
+            }
+        };
+        let kept = text.trim_end().len();
+        let skip = text.split_off(kept);
+        let generated = self
+            .resume
+            .as_ref()
+            .map_or(0, |r| self.usage.output_tokens.max(r.text_deltas));
+        request.max_tokens = request
+            .max_tokens
+            .map(|max| max.saturating_sub(generated).max(1));
+        (request, skip)
+    }
+
+    /// Carries on with a continuation that delivered content.
+    fn resumed(
+        &mut self,
+        attempt: Attempt,
+        events: EventStream,
+        head: VecDeque<StreamEvent>,
+        skip: String,
+    ) {
+        let usage = self.usage;
+        let characters_delivered = self
+            .resume
+            .as_ref()
+            .map_or(0, |r| r.text.chars().count() as u64);
+        if let Some(r) = &mut self.resume {
+            r.usage_before = usage;
+            r.resumed = true;
+            r.skip = skip;
+        }
+        let number = attempt.number;
+        self.attempt = Some(attempt);
+        self.events = events;
+        self.head = head
+            .into_iter()
+            .filter(|e| !matches!(e, StreamEvent::Start { .. }))
+            .collect();
+        self.head.push_front(StreamEvent::Resumed {
+            attempt: number,
+            provider: self.hop.entry.name.clone(),
+            characters_delivered,
+        });
+    }
+
+    fn broken(&mut self, error: ProviderError) -> GatewayError {
+        self.done = true;
+        self.attempt.take();
+        let error = GatewayError::Upstream {
+            provider: self.hop.entry.name.clone(),
+            attempts: self.gate.attempts(),
+            error,
+            delivered: Some(self.delivered),
+            budget_exhausted: false,
+        };
+        self.obs.failed(&error);
+        error
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        if !self.done {
+            // The caller went away before the end: the serving attempt's
+            // permit is abandoned with it.
+            self.obs.failed(&GatewayError::Upstream {
+                provider: self.hop.entry.name.clone(),
+                attempts: self.gate.attempts(),
+                error: ProviderError::new(ErrorClass::Cancelled, "the caller cancelled the stream"),
+                delivered: Some(self.delivered),
+                budget_exhausted: false,
+            });
+        }
+    }
+}
+
+/// A continuation's block index, moved to follow the broken block.
+fn remap(r: &Resume, index: u32) -> u32 {
+    r.text_index.unwrap_or(0).saturating_add(index)
+}
+
+/// The length in bytes of the longest common prefix of `a` and `b`, on a
+/// character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or_else(|| a.len().min(b.len()), |((i, _), _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefixes_stop_at_the_first_difference() {
+        assert_eq!(common_prefix(" Next", " "), 1);
+        assert_eq!(common_prefix("Next", " "), 0);
+        assert_eq!(common_prefix("\n", "\n\n"), 1);
+        assert_eq!(common_prefix("\n\nA", "\n\n"), 2);
+        assert_eq!(common_prefix("", " "), 0);
+    }
+}
