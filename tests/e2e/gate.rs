@@ -467,6 +467,117 @@ async fn a_stream_retried_before_its_first_delta_ends_by_the_callers_deadline() 
     );
 }
 
+/// A stand-in gateway whose streams never end: a start, then a text delta
+/// every 100 ms. It ignores `grpc-timeout`, so only the client can end them.
+mod endless {
+    use std::pin::Pin;
+    use std::time::Duration;
+
+    use provider_gateway_client::v1;
+    use provider_gateway_client::v1::provider_gateway_server::{
+        ProviderGateway, ProviderGatewayServer,
+    };
+    use tonic::{Request, Response, Status};
+
+    struct Endless;
+
+    type Events =
+        Pin<Box<dyn futures_util::Stream<Item = Result<v1::StreamResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl ProviderGateway for Endless {
+        async fn complete(
+            &self,
+            _: Request<v1::CompleteRequest>,
+        ) -> Result<Response<v1::CompleteResponse>, Status> {
+            Err(Status::unimplemented("streams only"))
+        }
+
+        type StreamStream = Events;
+
+        async fn stream(&self, _: Request<v1::StreamRequest>) -> Result<Response<Events>, Status> {
+            let events = futures_util::stream::unfold(0u32, |n| async move {
+                let event = if n == 0 {
+                    v1::stream_response::Event::Start(v1::StreamStart::default())
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    v1::stream_response::Event::Delta(v1::ContentDelta {
+                        index: 0,
+                        delta: Some(v1::content_delta::Delta::Text(format!("tick {n} "))),
+                    })
+                };
+                let response = v1::StreamResponse { event: Some(event) };
+                Some((Ok(response), n + 1))
+            });
+            Ok(Response::new(Box::pin(events)))
+        }
+
+        async fn list_providers(
+            &self,
+            _: Request<v1::ListProvidersRequest>,
+        ) -> Result<Response<v1::ListProvidersResponse>, Status> {
+            Err(Status::unimplemented("streams only"))
+        }
+    }
+
+    /// Serves it on 127.0.0.1:0; its URL.
+    pub async fn start() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ProviderGatewayServer::new(Endless))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        format!("http://{addr}")
+    }
+}
+
+/// Issue 10, defect 3: the project's Rust client bounds a stream by the
+/// call's deadline too, even when the server never ends it.
+#[tokio::test]
+async fn the_rust_client_ends_a_stream_at_its_deadline() {
+    use futures_util::StreamExt;
+    let url = endless::start().await;
+    let mut client = provider_gateway_client::GatewayClient::connect(url)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut events = client
+        .stream(
+            request::user("hi"),
+            &provider_gateway_client::CallOptions::new().deadline(ms(500)),
+        )
+        .await
+        .unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut last = None;
+        while let Some(item) = events.next().await {
+            let failed = item.is_err();
+            last = Some(item);
+            if failed {
+                break;
+            }
+        }
+        last
+    })
+    .await
+    .expect("the client ends a stream whose deadline has passed");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed <= ms(750),
+        "the stream ran {elapsed:?} past its 500 ms deadline"
+    );
+    let error = last
+        .expect("events")
+        .expect_err("a stream cut by its deadline is an error");
+    if let Some(status) = error.status() {
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+}
+
 // === 4. hedging respects the attempt limit ===
 
 fn hedged(upstream: &Upstream, extra: &str) -> String {
