@@ -568,6 +568,29 @@ impl StreamEvent {
 /// The events of a streamed answer. Dropping it cancels the call.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ClientError>> + Send>>;
 
+/// `events`, ended with a `DEADLINE_EXCEEDED` error once `deadline` (from
+/// now) has passed: `grpc-timeout` bounds the server's work, this bounds
+/// the caller's wait for the body, whatever the server does.
+fn within_deadline(events: EventStream, deadline: Duration) -> EventStream {
+    let timer = Box::pin(tokio::time::sleep(deadline));
+    Box::pin(futures_util::stream::unfold(
+        Some((events, timer)),
+        move |state| async move {
+            let (mut events, mut timer) = state?;
+            tokio::select! {
+                item = events.next() => item.map(|item| (item, Some((events, timer)))),
+                () = &mut timer => Some((
+                    Err(ClientError::from(Status::deadline_exceeded(format!(
+                        "the stream outlasted its deadline of {} ms",
+                        deadline.as_millis()
+                    )))),
+                    None,
+                )),
+            }
+        },
+    ))
+}
+
 /// A connected gateway client. Cloning it is cheap and shares the connection.
 #[derive(Debug, Clone)]
 pub struct GatewayClient {
@@ -679,7 +702,10 @@ impl GatewayClient {
                 Err(status) => Some(Err(ClientError::from(status))),
             }
         });
-        Ok(Box::pin(events))
+        Ok(match options.deadline {
+            Some(deadline) => within_deadline(Box::pin(events), deadline),
+            None => Box::pin(events),
+        })
     }
 
     /// The providers the gateway serves.

@@ -301,7 +301,8 @@ async fn a_retry_after_beyond_max_retry_after_answers_at_once() {
 }
 
 #[tokio::test]
-async fn a_deadline_shorter_than_the_backoff_ends_without_a_useless_attempt() {
+async fn a_deadline_shorter_than_the_backoff_answers_the_upstream_failure_without_a_useless_attempt()
+ {
     let upstream = Upstream::start(vec![error(503, "api_error"), ok_message("never")]).await;
     // Backoff ceiling 60 s and a 1 s deadline: with the fixed seed the jittered
     // wait is far beyond the deadline, so no second attempt may start.
@@ -313,11 +314,20 @@ async fn a_deadline_shorter_than_the_backoff_ends_without_a_useless_attempt() {
     let err = complete(&gw, &CallOptions::new().deadline(Duration::from_secs(1)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // Time remains, so the answer is the upstream's own failure, with the
+    // wait that did not fit as its retry hint, not a deadline status.
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(
         err.message().contains("1 attempt(s)") && err.message().contains("HTTP 503"),
         "{}",
         err.message()
+    );
+    assert!(
+        err.get_error_details()
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            .is_some_and(|d| d > Duration::from_secs(1)),
+        "{err:?}"
     );
     assert_eq!(upstream.request_count(), 1);
     assert!(clock.sleeps().is_empty());
