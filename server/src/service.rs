@@ -337,7 +337,12 @@ fn code_of(error: &GatewayError) -> Code {
 /// when an upstream was called.
 fn status_of(error: &GatewayError) -> Status {
     let code = code_of(error);
-    let mut status = match error.retry_after() {
+    // No hint is longer than a day: a caller would not wait longer, and
+    // an absurd upstream value must not reach the wire as it is.
+    let hint = error
+        .retry_after()
+        .map(|d| d.min(Duration::from_secs(24 * 3600)));
+    let mut status = match hint {
         Some(delay) if matches!(code, Code::ResourceExhausted | Code::Unavailable) => {
             Status::with_error_details(
                 code,

@@ -24,8 +24,10 @@
 //!    the call's policy retries.
 //! 4. **Budget.** A hop's first attempt deposits into the provider's retry
 //!    budget; every later upstream call of the hop (retry, hedge,
-//!    continuation) withdraws from it, and is not made when it is spent.
-//!    A call refused by an open breaker deposits nothing.
+//!    continuation) withdraws from it at the moment it is made, and is not
+//!    made when the budget is spent (a retry is also not waited for when
+//!    the budget is spent as it is decided). A call refused by an open
+//!    breaker deposits nothing.
 //! 5. **Breaker.** Every attempt holds a breaker permit (an RAII guard)
 //!    while it runs. Only upstream faults under the operator's own limits
 //!    count against the breaker: a timeout that fired because of the
@@ -92,7 +94,7 @@ pub(crate) struct HopCount {
 pub(crate) enum AttemptKind {
     /// A hop's first attempt: deposits into the budget.
     First,
-    /// A retry: its budget draw was made when it was decided.
+    /// A retry, after its wait.
     Retry,
     /// A second attempt raced against a slow first.
     Hedge,
@@ -231,7 +233,7 @@ impl AttemptGate {
     }
 
     /// Decides what follows a failed attempt of `hop` (after `tries` of
-    /// its attempts); a granted retry has drawn from the budget.
+    /// its attempts); a granted retry draws from the budget when admitted.
     pub(crate) fn decide(&self, hop: &Hop, tries: u32, error: &ProviderError) -> Decision {
         retry::decide(
             &hop.policy,
@@ -287,8 +289,7 @@ impl AttemptGate {
         };
         match kind {
             AttemptKind::First => hop.entry.budget.deposit(now),
-            AttemptKind::Retry => {}
-            AttemptKind::Hedge | AttemptKind::Continuation => {
+            AttemptKind::Retry | AttemptKind::Hedge | AttemptKind::Continuation => {
                 if !hop.entry.budget.withdraw(now) {
                     obs.budget_refused();
                     // The permit is dropped unused: abandoned.
@@ -670,7 +671,10 @@ async fn race<T: Send + 'static>(
 ) -> (Outcome<T>, Attempt) {
     let running = first.run(call(hop));
     tokio::pin!(running);
+    // `biased`: the outcome wins a tie with the delay, and the order is
+    // deterministic (the simulation replays by seed).
     tokio::select! {
+        biased;
         outcome = &mut running => return (outcome, first),
         () = tokio::time::sleep(delay) => {}
     }
@@ -687,9 +691,12 @@ async fn race<T: Send + 'static>(
     let hedge = second.run(call(hop));
     tokio::pin!(hedge);
     let mut attempts = [Some(first), Some(second)];
+    // The hedge is polled first, so an admitted hedge always reaches its
+    // upstream, even when the first attempt answers at that moment.
     let (decided, outcome) = tokio::select! {
-        outcome = &mut running => (0, outcome),
+        biased;
         outcome = &mut hedge => (1, outcome),
+        outcome = &mut running => (0, outcome),
     };
     let other = 1 - decided;
     let final_outcome = match &outcome {

@@ -55,16 +55,25 @@ impl RetryBudget {
         self.window().at(now).0 += 1;
     }
 
+    /// Whether one more retry would be allowed now (takes nothing).
+    pub fn allows(&self, now: Instant) -> bool {
+        let mut window = self.window();
+        self.allows_in(&mut window, now)
+    }
+
+    fn allows_in(&self, window: &mut SlidingWindow, now: Instant) -> bool {
+        window.at(now);
+        let (requests, retries) = window.totals();
+        let limit = self.min_per_second * window.seconds() as f64 + self.ratio * requests as f64;
+        (retries.saturating_add(1)) as f64 <= limit
+    }
+
     /// Takes one retry from the budget; `false` (and a counted refusal)
     /// when it is spent.
     pub fn withdraw(&self, now: Instant) -> bool {
         let allowed = {
             let mut window = self.window();
-            window.at(now);
-            let (requests, retries) = window.totals();
-            let limit =
-                self.min_per_second * window.seconds() as f64 + self.ratio * requests as f64;
-            let allowed = (retries + 1) as f64 <= limit;
+            let allowed = self.allows_in(&mut window, now);
             if allowed {
                 window.at(now).1 += 1;
             }

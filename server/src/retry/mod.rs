@@ -94,7 +94,8 @@ pub fn is_retryable(policy: &RetryPolicy, error: &ProviderError) -> bool {
 
 /// Decides what follows attempt number `attempts` (1-based) that failed
 /// with `error`, with `remaining` of the caller's deadline left. A retry is
-/// only granted when the budget allows it, which spends from the budget.
+/// only granted while the budget allows one; it is drawn from the budget
+/// when the retry is made, after its wait.
 pub fn decide(
     policy: &RetryPolicy,
     attempts: u32,
@@ -121,7 +122,7 @@ pub fn decide(
     if remaining.is_some_and(|r| wait.saturating_add(min_useful_attempt(policy)) > r) {
         return Decision::GiveUp(GiveUp::WaitPastDeadline(wait));
     }
-    if !budget.withdraw(now) {
+    if !budget.allows(now) {
         return Decision::GiveUp(GiveUp::BudgetExhausted);
     }
     Decision::Retry { wait }

@@ -1,0 +1,1027 @@
+//! A deterministic simulation of the registry under faults.
+//!
+//! Each scenario builds a real [`Registry`] over scripted in-process
+//! providers (no sockets), on a current-thread tokio runtime with paused
+//! time, everything drawn from one seed: the providers' policies, breakers,
+//! budgets, fallback chains, resume and hedge settings; each upstream
+//! call's behaviour (latency, 429 with and without Retry-After, absurd
+//! Retry-After values, 5xx, 529, resets, streams cut before or after
+//! content, stalls, truncation, error events, keep-alives,
+//! `x-should-retry`); and many concurrent calls with their own overrides,
+//! deadlines and cancellations. After each scenario it checks:
+//!
+//! 1. every breaker permit is released (no probe in flight), and no
+//!    breaker refuses a call once `max_cooldown_ms` has passed (none
+//!    wedges);
+//! 2. the upstream calls a call made equal the attempts it reported, and
+//!    stay within `max_attempts` per hop plus `max_resumes`;
+//! 3. per provider, the upstream calls after each call's first (retries,
+//!    hedges, continuations) stay within the budget's own formula over its
+//!    sliding window: `min_per_second * window + ratio * first attempts`;
+//! 4. no call ends later than its deadline, and no wait starts that would
+//!    leave less than a useful attempt before it;
+//! 5. every stream that ends OK delivered exactly one stop, last, and text
+//!    equal to what its provider produced, with no gap and no double
+//!    across a resume; a stream that ends in error delivered a prefix of
+//!    it; every continuation's prefill is exactly the delivered text
+//!    without trailing whitespace;
+//! 6. no task panicked;
+//! 7. the faults a breaker counted are at most the upstream faults the
+//!    providers produced: no caller's own settings (a 1 ms per-try
+//!    timeout, a short deadline, a cancellation) count against the shared
+//!    breaker.
+//!
+//! A failing scenario names its seed; `SIM_SEED=<seed>` replays it alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, stream};
+use provider_gateway_server::Registry;
+use provider_gateway_server::chat::{
+    ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, Usage,
+};
+use provider_gateway_server::config::{BreakerConfig, FallbackHop, ResilienceConfig};
+use provider_gateway_server::error::{ErrorClass, GatewayError, ProviderError};
+use provider_gateway_server::providers::{EventStream, Provider};
+use provider_gateway_server::registry::{CallOptions, RegisteredProvider};
+use provider_gateway_server::retry::{Clock, RetryLimits, RetryOverride, RetryPolicy};
+use tokio::time::Instant;
+
+/// splitmix64: small, seedable, good enough to draw scenarios.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.range(0, 99) < percent
+    }
+
+    pub fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.range(lo, hi))
+    }
+
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.range(0, items.len() as u64 - 1) as usize]
+    }
+}
+
+/// The outcome of one scenario.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub calls: u64,
+    pub upstream_calls: u64,
+    pub violations: Vec<String>,
+}
+
+// === the scripted provider ===
+
+/// What one upstream call does.
+#[derive(Debug, Clone)]
+enum Script {
+    /// Answer fully after `latency`, chunks `gap` apart, with keep-alives.
+    Ok {
+        latency: Duration,
+        gap: Duration,
+        pings: bool,
+    },
+    /// Fail after `latency`.
+    Fail {
+        latency: Duration,
+        error: ProviderError,
+    },
+    /// Never answer.
+    Stall,
+    /// Deliver `after` chunks of text, then one of the breaks.
+    Break {
+        after: usize,
+        gap: Duration,
+        how: Break,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Break {
+    Cut,
+    Stall,
+    Truncate,
+    Event(ErrorClass),
+}
+
+/// One upstream call as the provider saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    call: u64,
+    at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct ProviderLog {
+    seen: Vec<Seen>,
+    /// Upstream faults produced (by the operator's own limits).
+    faults: u64,
+    violations: Vec<String>,
+}
+
+struct SimProvider {
+    name: String,
+    rng: Mutex<Rng>,
+    /// The operator's limits, to know which behaviours are faults.
+    per_try: Duration,
+    idle: Duration,
+    /// Percent of calls that fail.
+    fault_rate: u64,
+    log: Arc<Mutex<ProviderLog>>,
+}
+
+/// The whole answer provider `name` gives call `call`: words, with spaces
+/// and paragraph breaks, so breaks fall after whitespace too.
+fn answer(name: &str, call: u64) -> Vec<String> {
+    let words = 3 + (call % 5) as usize;
+    (0..words)
+        .map(|i| {
+            let sep = match (call + i as u64) % 4 {
+                0 => " ",
+                1 => "\n\n",
+                2 => "",
+                _ => "  ",
+            };
+            format!("{name}-{call}-{i}{sep}")
+        })
+        .collect()
+}
+
+fn call_id(request: &ChatRequest) -> u64 {
+    request
+        .messages
+        .first()
+        .and_then(|m| m.content.first())
+        .and_then(|c| match c {
+            Content::Text(t) => t.strip_prefix("call-")?.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or(u64::MAX)
+}
+
+fn prefill(request: &ChatRequest) -> Option<String> {
+    let last = request.messages.last()?;
+    if last.role != Role::Assistant {
+        return None;
+    }
+    Some(
+        last.content
+            .iter()
+            .map(|c| match c {
+                Content::Text(t) => t.as_str(),
+                _ => "",
+            })
+            .collect(),
+    )
+}
+
+impl SimProvider {
+    fn draw(&self, streaming: bool) -> Script {
+        let mut rng = match self.rng.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let latency = if rng.chance(85) {
+            rng.ms(0, 40)
+        } else {
+            rng.ms(0, 700)
+        };
+        if !rng.chance(self.fault_rate) {
+            return Script::Ok {
+                latency,
+                gap: rng.ms(0, 15),
+                pings: rng.chance(30),
+            };
+        }
+        match rng.range(0, 9) {
+            0 => Script::Stall,
+            1..=2 if streaming => Script::Break {
+                after: rng.range(0, 4) as usize,
+                gap: rng.ms(0, 15),
+                how: match rng.range(0, 3) {
+                    0 => Break::Cut,
+                    1 => Break::Stall,
+                    2 => Break::Truncate,
+                    _ => Break::Event(rng.pick(&[
+                        ErrorClass::Overloaded,
+                        ErrorClass::ServerError,
+                        ErrorClass::RateLimited,
+                        ErrorClass::InvalidRequest,
+                    ])),
+                },
+            },
+            _ => {
+                let class = rng.pick(&[
+                    ErrorClass::RateLimited,
+                    ErrorClass::RateLimited,
+                    ErrorClass::Overloaded,
+                    ErrorClass::ServerError,
+                    ErrorClass::Timeout,
+                    ErrorClass::Connection,
+                    ErrorClass::InvalidRequest,
+                    ErrorClass::Auth,
+                    ErrorClass::ContextLength,
+                ]);
+                let mut error = ProviderError::new(class, "scripted");
+                error.retry_after = match rng.range(0, 5) {
+                    0 => Some(rng.ms(0, 300)),
+                    1 => Some(Duration::from_secs(86_400)),
+                    2 => Some(Duration::MAX),
+                    _ => None,
+                };
+                error.should_retry = match rng.range(0, 5) {
+                    0 => Some(true),
+                    1 => Some(false),
+                    _ => None,
+                };
+                Script::Fail { latency, error }
+            }
+        }
+    }
+
+    /// Notes the call; returns its id and the text it must produce (after
+    /// the prefill of a continuation).
+    fn begin(&self, request: &ChatRequest) -> (u64, String) {
+        let call = call_id(request);
+        let full: String = answer(&self.name, call).concat();
+        let mut log = match self.log.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        log.seen.push(Seen {
+            call,
+            at: Instant::now(),
+        });
+        let rest = match prefill(request) {
+            None => full,
+            Some(p) => {
+                if p != p.trim_end() {
+                    log.violations.push(format!(
+                        "call {call}: a continuation's prefill ends in whitespace: {p:?}"
+                    ));
+                }
+                match full.strip_prefix(p.as_str()) {
+                    Some(rest) => rest.to_string(),
+                    None => {
+                        log.violations.push(format!(
+                            "call {call}: prefill {p:?} is not a prefix of {full:?}"
+                        ));
+                        String::new()
+                    }
+                }
+            }
+        };
+        (call, rest)
+    }
+
+    fn fault(&self) {
+        if let Ok(mut log) = self.log.lock() {
+            log.faults += 1;
+        }
+    }
+
+    fn counts_as_fault(&self, script: &Script) -> bool {
+        match script {
+            // The first content comes after the latency and a gap and a half.
+            Script::Ok { latency, gap, .. } => *latency + *gap * 2 >= self.per_try,
+            Script::Fail { latency, error } => {
+                *latency >= self.per_try
+                    || provider_gateway_server::retry::is_upstream_fault(error.class)
+            }
+            Script::Stall => true,
+            Script::Break { gap, how, .. } => {
+                *gap >= self.idle.min(self.per_try)
+                    || match how {
+                        Break::Cut | Break::Stall | Break::Truncate => true,
+                        Break::Event(class) => {
+                            provider_gateway_server::retry::is_upstream_fault(*class)
+                        }
+                    }
+            }
+        }
+    }
+}
+
+/// Splits `text` into the chunks a stream delivers (about a word each).
+fn chunks(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for c in text.chars() {
+        current.push(c);
+        if c == ' ' || c == '\n' {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+impl Provider for SimProvider {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn default_model(&self) -> &str {
+        "sim-1"
+    }
+
+    fn supports_prefill(&self) -> bool {
+        true
+    }
+
+    fn complete<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        let (_, text) = self.begin(request);
+        let script = self.draw(false);
+        if self.counts_as_fault(&script) {
+            self.fault();
+        }
+        Box::pin(async move {
+            match script {
+                Script::Ok { latency, .. } => {
+                    tokio::time::sleep(latency).await;
+                    Ok(ChatResponse {
+                        id: "sim".into(),
+                        model: "sim-1".into(),
+                        content: vec![Content::Text(text)],
+                        stop_reason: StopReason::EndTurn,
+                        usage: Usage {
+                            input_tokens: 3,
+                            output_tokens: 5,
+                        },
+                    })
+                }
+                Script::Fail { latency, error } => {
+                    tokio::time::sleep(latency).await;
+                    Err(error)
+                }
+                Script::Stall | Script::Break { .. } => std::future::pending().await,
+            }
+        })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
+        let (_, text) = self.begin(request);
+        let script = self.draw(true);
+        if self.counts_as_fault(&script) {
+            self.fault();
+        }
+        Box::pin(async move {
+            let parts = chunks(&text);
+            let (latency, gap, pings, cut) = match script {
+                Script::Ok {
+                    latency,
+                    gap,
+                    pings,
+                } => (latency, gap, pings, None),
+                Script::Fail { latency, error } => {
+                    tokio::time::sleep(latency).await;
+                    return Err(error);
+                }
+                Script::Stall => std::future::pending().await,
+                Script::Break { after, gap, how } => {
+                    (Duration::ZERO, gap, false, Some((after, how)))
+                }
+            };
+            tokio::time::sleep(latency).await;
+            let mut events: Vec<(Duration, Option<Result<StreamEvent, ProviderError>>)> = vec![(
+                Duration::ZERO,
+                Some(Ok(StreamEvent::Start {
+                    id: "sim".into(),
+                    model: "sim-1".into(),
+                })),
+            )];
+            let deliver = cut
+                .as_ref()
+                .map_or(parts.len(), |(after, _)| (*after).min(parts.len()));
+            for part in parts.iter().take(deliver) {
+                if pings {
+                    events.push((gap / 2, Some(Ok(StreamEvent::KeepAlive))));
+                }
+                events.push((
+                    gap,
+                    Some(Ok(StreamEvent::Text {
+                        index: 0,
+                        text: part.clone(),
+                    })),
+                ));
+            }
+            match cut {
+                None => {
+                    events.push((
+                        gap,
+                        Some(Ok(StreamEvent::Usage(Usage {
+                            input_tokens: 3,
+                            output_tokens: deliver as u32,
+                        }))),
+                    ));
+                    events.push((gap, Some(Ok(StreamEvent::Stop(StopReason::EndTurn)))));
+                }
+                Some((_, Break::Cut)) => events.push((
+                    gap,
+                    Some(Err(ProviderError::new(
+                        ErrorClass::StreamInterrupted,
+                        "scripted cut",
+                    ))),
+                )),
+                Some((_, Break::Event(class))) => {
+                    events.push((gap, Some(Err(ProviderError::new(class, "scripted event")))))
+                }
+                Some((_, Break::Truncate)) => {}
+                Some((_, Break::Stall)) => events.push((gap, None)),
+            }
+            let s = stream::unfold(events.into_iter(), |mut events| async move {
+                let (wait, item) = events.next()?;
+                tokio::time::sleep(wait).await;
+                match item {
+                    Some(item) => Some((item, events)),
+                    None => std::future::pending().await,
+                }
+            });
+            Ok(Box::pin(s) as EventStream)
+        })
+    }
+}
+
+// === the clock: checks every wait against the call's deadline ===
+
+#[derive(Debug, Clone)]
+struct CallInfo {
+    deadline: Option<Instant>,
+    min_useful: Duration,
+    violations: Arc<Mutex<Vec<String>>>,
+    id: u64,
+}
+
+tokio::task_local! {
+    static CALL: CallInfo;
+}
+
+#[derive(Debug)]
+struct SimClock;
+
+impl Clock for SimClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        let _ = CALL.try_with(|call| {
+            if let Some(deadline) = call.deadline
+                && Instant::now()
+                    .checked_add(duration.saturating_add(call.min_useful))
+                    .is_none_or(|end| end > deadline + Duration::from_millis(1))
+            {
+                push(
+                    &call.violations,
+                    format!(
+                        "call {}: a wait of {duration:?} started with {:?} left",
+                        call.id,
+                        deadline.saturating_duration_since(Instant::now())
+                    ),
+                );
+            }
+        });
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
+fn push(violations: &Mutex<Vec<String>>, v: String) {
+    if let Ok(mut list) = violations.lock() {
+        list.push(v);
+    }
+}
+
+// === scenario ===
+
+struct SimSetup {
+    name: String,
+    policy: RetryPolicy,
+    resilience: ResilienceConfig,
+    log: Arc<Mutex<ProviderLog>>,
+}
+
+fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Arc<SimProvider>) {
+    let name = format!("p{index}");
+    let initial = rng.ms(0, 50);
+    let policy = RetryPolicy {
+        max_attempts: rng.range(1, 4) as u32,
+        initial_backoff: initial,
+        max_backoff: initial + rng.ms(0, 200),
+        backoff_multiplier: 2.0,
+        per_try_timeout: rng.ms(50, 500),
+        max_retry_after: rng.ms(100, 1_000),
+        stream_idle_timeout: rng.ms(20, 200),
+        budget_ratio: rng.pick(&[0.0, 0.1, 0.2, 0.5]),
+        budget_min_per_second: rng.pick(&[0.0, 1.0, 5.0]),
+        budget_window: Duration::from_secs(rng.range(1, 3)),
+        ..RetryPolicy::default()
+    };
+    let breaker = rng.chance(70).then(|| {
+        let cooldown = rng.range(10, 200);
+        BreakerConfig {
+            failure_ratio: 0.5,
+            min_requests: rng.range(2, 5) as u32,
+            window_ms: rng.range(1, 3) * 1_000,
+            consecutive_failures: rng.range(0, 3) as u32,
+            cooldown_ms: cooldown,
+            max_cooldown_ms: cooldown + rng.range(0, 400),
+            half_open_probes: rng.range(1, 2) as u32,
+        }
+    });
+    let fallback = (0..count)
+        .filter(|&i| i != index && rng.chance(50))
+        .map(|i| FallbackHop::Name(format!("p{i}")))
+        .collect();
+    let resilience = ResilienceConfig {
+        breaker,
+        fallback,
+        stream_resume: rng.chance(50),
+        max_resumes: rng.range(0, 2) as u32,
+        hedge_after_ms: rng.chance(25).then(|| rng.range(5, 100)),
+    };
+    let log = Arc::new(Mutex::new(ProviderLog::default()));
+    let provider = Arc::new(SimProvider {
+        name: name.clone(),
+        rng: Mutex::new(Rng::new(rng.next_u64())),
+        per_try: policy.per_try_timeout,
+        idle: policy.stream_idle_timeout,
+        fault_rate: rng.pick(&[0, 10, 30, 60, 100]),
+        log: log.clone(),
+    });
+    (
+        SimSetup {
+            name,
+            policy,
+            resilience,
+            log,
+        },
+        provider,
+    )
+}
+
+/// What one simulated call asks for.
+#[derive(Debug, Clone)]
+struct CallPlan {
+    id: u64,
+    stream: bool,
+    start: Duration,
+    provider: String,
+    timeout: Option<Duration>,
+    overrides: RetryOverride,
+    previous_attempts: u32,
+    hedge_after: Option<Duration>,
+    stream_resume: Option<bool>,
+    fallback: Option<Vec<String>>,
+    cancel_after: Option<Duration>,
+}
+
+fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
+    let mut overrides = RetryOverride::default();
+    if rng.chance(25) {
+        overrides.max_attempts = Some(rng.range(1, 5) as u32);
+    }
+    if rng.chance(20) {
+        overrides.per_try_timeout = Some(rng.ms(1, 300));
+    }
+    if rng.chance(15) {
+        overrides.retry_on = Some(match rng.range(0, 2) {
+            0 => vec![],
+            1 => vec![ErrorClass::RateLimited],
+            _ => vec![ErrorClass::StreamInterrupted, ErrorClass::Overloaded],
+        });
+    }
+    CallPlan {
+        id,
+        stream: rng.chance(55),
+        start: rng.ms(0, 1_500),
+        provider: format!("p{}", rng.range(0, providers as u64 - 1)),
+        timeout: rng.chance(60).then(|| rng.ms(1, 3_000)),
+        overrides,
+        previous_attempts: if rng.chance(10) { 1 } else { 0 },
+        hedge_after: rng.chance(15).then(|| rng.ms(0, 100)),
+        stream_resume: match rng.range(0, 3) {
+            0 => Some(true),
+            1 => Some(false),
+            _ => None,
+        },
+        fallback: rng.chance(15).then(|| {
+            (0..providers)
+                .filter(|_| rng.chance(50))
+                .map(|i| format!("p{i}"))
+                .collect()
+        }),
+        cancel_after: rng.chance(15).then(|| rng.ms(0, 800)),
+    }
+}
+
+/// How one call ended, as its caller saw it.
+#[derive(Debug)]
+enum Ended {
+    Completed {
+        attempts: u32,
+        provider: String,
+        text: String,
+    },
+    Streamed {
+        attempts: u32,
+        provider: String,
+        text: String,
+        stops: usize,
+        stop_last: bool,
+    },
+    StreamFailed {
+        provider: String,
+        text: String,
+        error: GatewayError,
+    },
+    Failed(GatewayError),
+}
+
+async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest) -> Ended {
+    let options = CallOptions {
+        provider: plan.provider.clone(),
+        timeout: plan.timeout,
+        overrides: plan.overrides.clone(),
+        client_previous_attempts: plan.previous_attempts,
+        limits: None,
+        fallback: plan.fallback.clone(),
+        stream_resume: plan.stream_resume,
+        hedge_after: plan.hedge_after,
+        allowed_providers: None,
+    };
+    if !plan.stream {
+        return match registry.complete(&request, &options).await {
+            Ok(done) => Ended::Completed {
+                attempts: done.attempts,
+                provider: done.provider,
+                text: done
+                    .response
+                    .content
+                    .iter()
+                    .map(|c| match c {
+                        Content::Text(t) => t.as_str(),
+                        _ => "",
+                    })
+                    .collect(),
+            },
+            Err(e) => Ended::Failed(e),
+        };
+    }
+    let open = match registry.stream(&request, &options).await {
+        Ok(open) => open,
+        Err(e) => return Ended::Failed(e),
+    };
+    let provider = open.provider.clone();
+    let mut attempts = open.attempt;
+    let mut events = open.events;
+    let (mut text, mut stops, mut stop_last) = (String::new(), 0, false);
+    while let Some(item) = events.next().await {
+        match item {
+            Ok(event) => {
+                stop_last = matches!(event, StreamEvent::Stop(_));
+                match event {
+                    StreamEvent::Text { text: t, .. } => text.push_str(&t),
+                    StreamEvent::Stop(_) => stops += 1,
+                    StreamEvent::Resumed { attempt, .. } => attempts = attempt,
+                    _ => {}
+                }
+            }
+            Err(error) => {
+                return Ended::StreamFailed {
+                    provider,
+                    text,
+                    error,
+                };
+            }
+        }
+    }
+    Ended::Streamed {
+        attempts,
+        provider,
+        text,
+        stops,
+        stop_last,
+    }
+}
+
+/// Runs scenario `seed`; returns what it saw.
+pub fn run_scenario(seed: u64) -> Report {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return Report {
+                violations: vec![format!("no runtime: {e}")],
+                ..Report::default()
+            };
+        }
+    };
+    runtime.block_on(scenario(seed))
+}
+
+async fn scenario(seed: u64) -> Report {
+    let mut rng = Rng::new(seed);
+    let count = rng.range(1, 3) as usize;
+    let mut setups = Vec::new();
+    let mut registered = Vec::new();
+    for i in 0..count {
+        let (setup, provider) = draw_provider(&mut rng, i, count);
+        registered.push(
+            RegisteredProvider::new(&setup.name, provider, setup.policy.clone())
+                .with_resilience(setup.resilience.clone()),
+        );
+        setups.push(setup);
+    }
+    let limits = RetryLimits {
+        min_hedge_after: Duration::from_millis(5),
+        ..RetryLimits::default()
+    };
+    let registry = Arc::new(
+        Registry::from_providers(registered, "p0", limits.clone())
+            .with_clock(Arc::new(SimClock))
+            .with_jitter_seed(rng.next_u64()),
+    );
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let calls = rng.range(1, 8);
+    let plans: Vec<CallPlan> = (0..calls)
+        .map(|id| draw_call(&mut rng, id, count))
+        .collect();
+    let origin = Instant::now();
+    let mut tasks = Vec::new();
+    for plan in &plans {
+        let min_per_try = setups
+            .iter()
+            .map(|s| plan.overrides.apply(&s.policy, &limits).per_try_timeout)
+            .min()
+            .unwrap_or(Duration::ZERO);
+        let info = CallInfo {
+            deadline: plan.timeout.map(|t| origin + plan.start + t),
+            min_useful: min_per_try.min(Duration::from_millis(50)),
+            violations: violations.clone(),
+            id: plan.id,
+        };
+        let request = ChatRequest {
+            messages: vec![Message {
+                role: Role::User,
+                content: vec![Content::Text(format!("call-{}", plan.id))],
+            }],
+            max_tokens: Some(50),
+            ..ChatRequest::default()
+        };
+        let (registry, plan_c) = (registry.clone(), plan.clone());
+        let ended_at = Arc::new(AtomicU64::new(u64::MAX));
+        let ended = ended_at.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(plan_c.start).await;
+            let started = Instant::now();
+            let run = CALL.scope(info, run_call(registry, plan_c.clone(), request));
+            let outcome = match plan_c.cancel_after {
+                Some(after) => tokio::time::timeout(after, run).await.ok(),
+                None => Some(run.await),
+            };
+            ended.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            outcome
+        });
+        tasks.push((plan.clone(), task, ended_at));
+    }
+    let mut ended: Vec<(CallPlan, Option<Ended>, u64)> = Vec::new();
+    for (plan, task, ended_at) in tasks {
+        match task.await {
+            Ok(outcome) => ended.push((plan, outcome, ended_at.load(Ordering::Relaxed))),
+            Err(e) if e.is_panic() => push(&violations, format!("call {}: panicked", plan.id)),
+            Err(e) => push(&violations, format!("call {}: task failed: {e}", plan.id)),
+        }
+    }
+    let mut report = Report {
+        calls,
+        ..Report::default()
+    };
+    check(&mut report, &registry, &setups, &limits, &ended).await;
+    if let Ok(mut v) = violations.lock() {
+        report.violations.append(&mut v);
+    }
+    for setup in &setups {
+        if let Ok(mut log) = setup.log.lock() {
+            report.violations.append(&mut log.violations);
+        }
+    }
+    report
+}
+
+async fn check(
+    report: &mut Report,
+    registry: &Registry,
+    setups: &[SimSetup],
+    limits: &RetryLimits,
+    ended: &[(CallPlan, Option<Ended>, u64)],
+) {
+    let mut v = Vec::new();
+    // Upstream calls per call, and per provider with their times.
+    let mut per_call: HashMap<u64, u32> = HashMap::new();
+    for setup in setups {
+        let log = match setup.log.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        report.upstream_calls += log.seen.len() as u64;
+        for seen in &log.seen {
+            *per_call.entry(seen.call).or_default() += 1;
+        }
+        // 3: the budget's formula over its window.
+        let policy = &setup.policy;
+        let window = policy.budget_window.as_secs().max(1);
+        if let Some(origin) = log.seen.first().map(|s| s.at) {
+            let mut firsts: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut extras: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut seen_calls = std::collections::HashSet::new();
+            for s in &log.seen {
+                let slot = s.at.saturating_duration_since(origin).as_secs();
+                if seen_calls.insert(s.call) {
+                    *firsts.entry(slot).or_default() += 1;
+                } else {
+                    *extras.entry(slot).or_default() += 1;
+                }
+            }
+            let last = extras
+                .keys()
+                .chain(firsts.keys())
+                .max()
+                .copied()
+                .unwrap_or(0);
+            for slot in 0..=last {
+                let lo = slot.saturating_sub(window - 1);
+                let sum = |m: &BTreeMap<u64, u64>| m.range(lo..=slot).map(|(_, n)| n).sum::<u64>();
+                let (requests, retries) = (sum(&firsts), sum(&extras));
+                let limit = policy.budget_min_per_second * window as f64
+                    + policy.budget_ratio * requests as f64;
+                if retries as f64 > limit + 1e-9 {
+                    v.push(format!(
+                        "{}: {retries} retries in the window ending at second {slot}, budget {limit} ({requests} requests)",
+                        setup.name
+                    ));
+                }
+            }
+        }
+        // 7: breaker faults within the provider's own faults.
+        if let Ok(entry) = registry.get(&setup.name)
+            && let Some(breaker) = &entry.breaker
+            && breaker.faults_counted() > log.faults
+        {
+            v.push(format!(
+                "{}: the breaker counted {} faults, the upstream produced {}",
+                setup.name,
+                breaker.faults_counted(),
+                log.faults
+            ));
+        }
+    }
+    // 1: permits released, no wedge.
+    let max_cooldown = setups
+        .iter()
+        .filter_map(|s| s.resilience.breaker.as_ref().map(|b| b.max_cooldown_ms))
+        .max()
+        .unwrap_or(0);
+    for setup in setups {
+        if let Ok(entry) = registry.get(&setup.name)
+            && let Some(breaker) = &entry.breaker
+            && breaker.probes_in_flight() > 0
+        {
+            v.push(format!(
+                "{}: {} probe(s) still in flight after every call ended",
+                setup.name,
+                breaker.probes_in_flight()
+            ));
+        }
+    }
+    tokio::time::advance(Duration::from_millis(max_cooldown + 1)).await;
+    for setup in setups {
+        if let Ok(entry) = registry.get(&setup.name)
+            && let Some(breaker) = &entry.breaker
+            && !breaker.admits_probe(Instant::now())
+        {
+            v.push(format!(
+                "{}: the breaker still refuses calls {} ms after the last call ({:?})",
+                setup.name,
+                max_cooldown + 1,
+                breaker.state()
+            ));
+        }
+    }
+    // 2, 4, 5 per call.
+    let max_resumes = setups
+        .iter()
+        .map(|s| s.resilience.max_resumes)
+        .max()
+        .unwrap_or(0);
+    for (plan, outcome, took_us) in ended {
+        let made = per_call.get(&plan.id).copied().unwrap_or(0);
+        let bound: u32 = setups
+            .iter()
+            .map(|s| {
+                let mut p = plan.overrides.apply(&s.policy, limits);
+                if plan.previous_attempts > 0 {
+                    p.max_attempts = 1;
+                }
+                p.max_attempts
+            })
+            .sum::<u32>()
+            + max_resumes;
+        if made > bound {
+            v.push(format!(
+                "call {}: {made} upstream calls, more than {bound} allowed",
+                plan.id
+            ));
+        }
+        if let Some(timeout) = plan.timeout
+            && outcome.is_some()
+            && Duration::from_micros(*took_us) > timeout + Duration::from_millis(1)
+        {
+            v.push(format!(
+                "call {}: ended after {:?}, its deadline was {timeout:?}",
+                plan.id,
+                Duration::from_micros(*took_us)
+            ));
+        }
+        let Some(outcome) = outcome else { continue };
+        let reported = match outcome {
+            Ended::Completed { attempts, .. } | Ended::Streamed { attempts, .. } => *attempts,
+            // What the caller sees in the status's metadata.
+            Ended::StreamFailed { error, .. } | Ended::Failed(error) => error.attempts(),
+        };
+        if reported != made {
+            v.push(format!(
+                "call {}: reported {reported} attempts, made {made} upstream calls ({outcome:?})",
+                plan.id
+            ));
+        }
+        match outcome {
+            Ended::Completed { provider, text, .. } => {
+                let want = answer(provider, plan.id).concat();
+                if *text != want {
+                    v.push(format!("call {}: answer {text:?}, want {want:?}", plan.id));
+                }
+            }
+            Ended::Streamed {
+                provider,
+                text,
+                stops,
+                stop_last,
+                ..
+            } => {
+                let want = answer(provider, plan.id).concat();
+                if *text != want || *stops != 1 || !stop_last {
+                    v.push(format!(
+                        "call {}: stream ended OK with {stops} stop(s) (last: {stop_last}) and text {text:?}, want {want:?}",
+                        plan.id
+                    ));
+                }
+            }
+            Ended::StreamFailed { provider, text, .. } => {
+                let want = answer(provider, plan.id).concat();
+                if !want.starts_with(text.as_str()) {
+                    v.push(format!(
+                        "call {}: a broken stream delivered {text:?}, not a prefix of {want:?}",
+                        plan.id
+                    ));
+                }
+            }
+            Ended::Failed(_) => {}
+        }
+    }
+    report.violations.append(&mut v);
+}
