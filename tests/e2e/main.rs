@@ -6,6 +6,7 @@
 
 mod anthropic;
 mod binary;
+mod caller_bounds;
 mod cancel;
 mod cli;
 mod config;
