@@ -12,6 +12,7 @@ mod config;
 mod deploy;
 #[cfg(feature = "embedded")]
 mod embedded;
+mod hostile;
 mod mock;
 mod openai;
 mod operations;
