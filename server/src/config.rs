@@ -1104,6 +1104,45 @@ model = "from-file"
     }
 
     #[test]
+    fn model_names_are_checked_at_load_naming_the_key() {
+        let e = Config::from_toml(
+            "[providers.d]\nkind = \"databricks\"\nbase_url = \"https://h\"\nmodel = \"../../api/2.0/clusters/list#\"\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.d.model"), "{e}");
+        let e = Config::from_toml(
+            "default_provider = \"a\"\n[providers.a]\nkind = \"mock\"\nfallback = [{ provider = \"d\", model = \"a/b\" }]\n[providers.d]\nkind = \"databricks\"\nbase_url = \"https://h\"\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.a.fallback[0].model"), "{e}");
+        let e = Config::load(
+            None,
+            &env(&[("GATEWAY_PROVIDERS__MOCK__MODEL", "has space")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.mock.model"), "{e}");
+        Config::from_toml(
+            "[providers.o]\nkind = \"openai\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn read_limits_must_be_positive() {
+        let e = Config::from_toml("[providers.o]\nkind = \"openai\"\nmax_event_bytes = 0\n")
+            .unwrap_err();
+        assert!(e.0.contains("providers.o.max_event_bytes"), "{e}");
+        let c = Config::from_toml(
+            "[providers.o]\nkind = \"openai\"\nmax_event_bytes = 10\nmax_body_bytes = 20\nca_file = \"/x.pem\"\n",
+        )
+        .unwrap();
+        let ProviderConfig::Openai(o) = &c.providers["o"] else {
+            panic!("openai kind")
+        };
+        assert_eq!((o.max_event_bytes, o.max_body_bytes), (Some(10), Some(20)));
+    }
+
+    #[test]
     fn kubernetes_service_links_are_skipped() {
         let c = Config::load(
             None,
