@@ -204,16 +204,43 @@ pub fn config_env(vars: &[(String, String)]) -> Result<(), String> {
     })
 }
 
-/// A model name as a request of a provider of `kind` carries it.
+/// A model name as a request of a provider of `kind` carries it. What
+/// passes holds no `..`, no URL delimiter, no escape and no space (and no
+/// `/` but for `openai`, whose model goes in the body); an error never
+/// echoes more than a short, escaped prefix of the name.
 pub fn model_name(kind: &str, model: &str) -> Result<(), String> {
     let checked = crate::providers::check_model_name(kind, model);
-    if checked.is_ok() {
-        // What passes is one clean path segment.
-        assert!(
-            !model.contains(['/', '?', '#', '%', ' '])
-                || kind == "openai" && !model.contains(['?', '#', '%', ' '])
-        );
-        assert!(!model.contains(".."));
+    match &checked {
+        Ok(()) => {
+            assert!(!model.contains(".."), "{model:?}");
+            assert!(!model.contains(['?', '#', '%', ' ', '\\']), "{model:?}");
+            assert!(kind == "openai" || !model.contains('/'), "{model:?}");
+            assert!(model.len() <= crate::providers::MAX_MODEL_NAME);
+        }
+        Err(why) => {
+            assert!(!why.is_empty());
+            assert!(why.len() < 512, "{why}");
+            assert!(!why.contains(['\n', '\r']), "{why:?}");
+        }
     }
     checked
+}
+
+/// An HTTP status from the first two bytes of `data` (100..=599), and the
+/// rest.
+pub fn split_status(data: &[u8]) -> (u16, &[u8]) {
+    match data {
+        [a, b, rest @ ..] => (100 + u16::from_be_bytes([*a, *b]) % 500, rest),
+        _ => (429, data),
+    }
+}
+
+/// `name<sep>value` lines (UTF-8, lossy), for header and environment
+/// targets.
+pub fn header_lines(data: &[u8], sep: char) -> Vec<(String, String)> {
+    String::from_utf8_lossy(data)
+        .lines()
+        .filter_map(|line| line.split_once(sep))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
 }

@@ -12,6 +12,7 @@ mod config;
 mod deploy;
 #[cfg(feature = "embedded")]
 mod embedded;
+mod fuzz_props;
 mod hostile;
 mod mock;
 mod openai;
