@@ -117,6 +117,11 @@ pub enum StopReason {
     StopSequence,
     /// The model asked for tools.
     ToolUse,
+    /// The model declined to answer (Anthropic `refusal`).
+    Refusal,
+    /// The provider's content filter cut or withheld the answer (OpenAI
+    /// `content_filter`).
+    ContentFilter,
 }
 
 /// Token counts.

@@ -103,6 +103,10 @@ pub struct Config {
     /// Traces, metrics and logs.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// `GATEWAY_*` variables skipped as Kubernetes service links (not
+    /// configuration), for a debug log once logging is up.
+    #[serde(skip)]
+    pub skipped_env_vars: Vec<String>,
 }
 
 /// `[telemetry]`: the config-file equivalents of the standard `OTEL_*`
@@ -451,6 +455,17 @@ pub struct HttpProviderConfig {
     pub model: Option<String>,
     /// `max_tokens` sent when a request sets none.
     pub max_tokens: Option<u32>,
+    /// A PEM bundle of extra trusted root certificates, for a self-hosted
+    /// upstream behind a private CA (added to the platform's roots;
+    /// certificates are always verified).
+    pub ca_file: Option<String>,
+    /// The longest SSE line, and the most data one SSE event may carry, in
+    /// bytes (default 1 MiB); past it the stream fails as
+    /// `stream-interrupted`.
+    pub max_event_bytes: Option<usize>,
+    /// The largest successful response body, in bytes (default 32 MiB); past
+    /// it the attempt fails as `server-error`.
+    pub max_body_bytes: Option<usize>,
     /// Connect timeout of the provider's HTTP client.
     pub connect_timeout_ms: Option<u64>,
     /// How long an idle pooled upstream connection is kept.
@@ -562,8 +577,10 @@ impl Config {
             }
             None => zero_config(env),
         };
-        apply_env_overrides(&mut root, env)?;
-        Self::from_table(root)
+        let skipped = apply_env_overrides(&mut root, env)?;
+        let mut config = Self::from_table(root)?;
+        config.skipped_env_vars = skipped;
+        Ok(config)
     }
 
     /// Parses a configuration from TOML text (no environment overrides).
@@ -716,6 +733,49 @@ impl Config {
                     return Err(bad("half_open_probes", "must be at least 1"));
                 }
             }
+            for (i, hop) in resilience.fallback.iter().enumerate() {
+                if let (Some(model), Some(target)) =
+                    (hop.model(), self.providers.get(hop.provider()))
+                {
+                    crate::providers::check_model_name(target.kind(), model).map_err(|why| {
+                        err(format!(
+                            "config key `providers.{name}.fallback[{i}].model`: {why}"
+                        ))
+                    })?;
+                }
+            }
+            if let ProviderConfig::Anthropic(c)
+            | ProviderConfig::Openai(c)
+            | ProviderConfig::Databricks(c) = provider
+            {
+                if let Some(model) = &c.model {
+                    crate::providers::check_model_name(provider.kind(), model).map_err(|why| {
+                        err(format!("config key `providers.{name}.model`: {why}"))
+                    })?;
+                }
+                for (key, value) in [
+                    ("max_event_bytes", c.max_event_bytes),
+                    ("max_body_bytes", c.max_body_bytes),
+                ] {
+                    if value == Some(0) {
+                        return Err(err(format!(
+                            "config key `providers.{name}.{key}`: must be greater than 0"
+                        )));
+                    }
+                }
+                if c.ca_file.as_deref().is_some_and(|f| f.trim().is_empty()) {
+                    return Err(err(format!(
+                        "config key `providers.{name}.ca_file`: must name a PEM file"
+                    )));
+                }
+            }
+            if let ProviderConfig::Mock(MockConfig {
+                model: Some(model), ..
+            }) = provider
+            {
+                crate::providers::check_model_name("mock", model)
+                    .map_err(|why| err(format!("config key `providers.{name}.model`: {why}")))?;
+            }
             match provider {
                 ProviderConfig::Anthropic(c) | ProviderConfig::Openai(c) => {
                     check_url(name, c.base_url.as_deref())?;
@@ -832,14 +892,23 @@ fn zero_config(env: &dyn EnvSource) -> Table {
 /// Applies `GATEWAY_A__B=value` as key `a.b = value`. The value is read as a
 /// TOML value when it parses as one (numbers, booleans, arrays), else as a
 /// string.
-fn apply_env_overrides(root: &mut Table, env: &dyn EnvSource) -> Result<(), ConfigError> {
+/// Variables of the shapes Kubernetes injects for a Service named
+/// `gateway` (or `gateway-*`) are skipped, not read as keys; their names are
+/// returned.
+fn apply_env_overrides(root: &mut Table, env: &dyn EnvSource) -> Result<Vec<String>, ConfigError> {
     let mut vars: Vec<(String, String)> = env
         .vars()
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "GATEWAY_CONFIG")
         .collect();
     vars.sort();
+    let mut skipped = Vec::new();
     for (var, raw) in vars {
+        if is_service_link(&var, &raw) {
+            tracing::debug!(variable = %var, "skipped a Kubernetes service-link variable");
+            skipped.push(var);
+            continue;
+        }
         let path: Vec<String> = var[ENV_PREFIX.len()..]
             .split("__")
             .map(str::to_ascii_lowercase)
@@ -869,7 +938,56 @@ fn apply_env_overrides(root: &mut Table, env: &dyn EnvSource) -> Result<(), Conf
         }
         table.insert(last.clone(), value);
     }
-    Ok(())
+    Ok(skipped)
+}
+
+/// Whether `var=value` has exactly the shape of a Kubernetes service link
+/// for a Service whose name starts with `gateway` (`GATEWAY_` then an
+/// optional `NAME_` of the rest of the Service's name):
+/// `{S}SERVICE_HOST=<ip>`, `{S}SERVICE_PORT=<port>`,
+/// `{S}SERVICE_PORT_<PORT_NAME>=<port>`, `{S}PORT=<proto>://<ip>:<port>`,
+/// `{S}PORT_<port>_<PROTO>=<proto>://<ip>:<port>` and its `_PROTO`, `_PORT`
+/// and `_ADDR`. Configuration keys never have these shapes (their levels are
+/// joined by `__`, which Kubernetes never writes).
+fn is_service_link(var: &str, value: &str) -> bool {
+    let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+        return false;
+    };
+    if rest.contains("__") {
+        return false;
+    }
+    let is_ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
+    let is_port = |v: &str| !v.is_empty() && v.len() <= 5 && v.parse::<u16>().is_ok();
+    let is_proto = |v: &str| matches!(v, "TCP" | "UDP" | "SCTP");
+    let is_url = |v: &str| {
+        let Some((proto, addr)) = v.split_once("://") else {
+            return false;
+        };
+        matches!(proto, "tcp" | "udp" | "sctp") && addr.parse::<std::net::SocketAddr>().is_ok()
+    };
+    // The words after the Service's own name; its name may hold `_` too, so
+    // each split point is tried.
+    let words: Vec<&str> = rest.split('_').collect();
+    (0..words.len()).any(|start| {
+        if start > 0 && words[..start].iter().any(|w| w.is_empty()) {
+            return false;
+        }
+        match &words[start..] {
+            ["SERVICE", "HOST"] => is_ip(value),
+            ["SERVICE", "PORT"] => is_port(value),
+            ["SERVICE", "PORT", name @ ..] => {
+                !name.is_empty() && name.iter().all(|w| !w.is_empty()) && is_port(value)
+            }
+            ["PORT"] => is_url(value),
+            ["PORT", port, proto] => is_port(port) && is_proto(proto) && is_url(value),
+            ["PORT", port, proto, "PROTO"] => {
+                is_port(port) && is_proto(proto) && value.eq_ignore_ascii_case(proto)
+            }
+            ["PORT", port, proto, "PORT"] => is_port(port) && is_proto(proto) && value == *port,
+            ["PORT", port, proto, "ADDR"] => is_port(port) && is_proto(proto) && is_ip(value),
+            _ => false,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -988,6 +1106,77 @@ model = "from-file"
         )
         .unwrap_err();
         assert!(e.0.contains("providers.a.retry.max_backoff_ms"), "{e}");
+    }
+
+    #[test]
+    fn model_names_are_checked_at_load_naming_the_key() {
+        let e = Config::from_toml(
+            "[providers.d]\nkind = \"databricks\"\nbase_url = \"https://h\"\nmodel = \"../../api/2.0/clusters/list#\"\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.d.model"), "{e}");
+        let e = Config::from_toml(
+            "default_provider = \"a\"\n[providers.a]\nkind = \"mock\"\nfallback = [{ provider = \"d\", model = \"a/b\" }]\n[providers.d]\nkind = \"databricks\"\nbase_url = \"https://h\"\n",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.a.fallback[0].model"), "{e}");
+        let e = Config::load(
+            None,
+            &env(&[("GATEWAY_PROVIDERS__MOCK__MODEL", "has space")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("providers.mock.model"), "{e}");
+        Config::from_toml(
+            "[providers.o]\nkind = \"openai\"\nmodel = \"meta-llama/Llama-3.1-8B-Instruct\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn read_limits_must_be_positive() {
+        let e = Config::from_toml("[providers.o]\nkind = \"openai\"\nmax_event_bytes = 0\n")
+            .unwrap_err();
+        assert!(e.0.contains("providers.o.max_event_bytes"), "{e}");
+        let c = Config::from_toml(
+            "[providers.o]\nkind = \"openai\"\nmax_event_bytes = 10\nmax_body_bytes = 20\nca_file = \"/x.pem\"\n",
+        )
+        .unwrap();
+        let ProviderConfig::Openai(o) = &c.providers["o"] else {
+            panic!("openai kind")
+        };
+        assert_eq!((o.max_event_bytes, o.max_body_bytes), (Some(10), Some(20)));
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_skipped() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("GATEWAY_SERVICE_HOST", "10.96.0.12"),
+                ("GATEWAY_SERVICE_PORT", "50051"),
+                ("GATEWAY_SERVICE_PORT_GRPC", "50051"),
+                ("GATEWAY_SERVICE_PORT_ADMIN", "9090"),
+                ("GATEWAY_PORT", "tcp://10.96.0.12:50051"),
+                ("GATEWAY_PORT_50051_TCP", "tcp://10.96.0.12:50051"),
+                ("GATEWAY_PORT_50051_TCP_PROTO", "tcp"),
+                ("GATEWAY_PORT_50051_TCP_PORT", "50051"),
+                ("GATEWAY_PORT_50051_TCP_ADDR", "10.96.0.12"),
+                ("GATEWAY_PORT_9090_TCP", "tcp://10.96.0.12:9090"),
+                ("GATEWAY_RETRY__MAX_ATTEMPTS", "4"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.retry.max_attempts, Some(4));
+        // A genuine key of the same prefix, or a look-alike with another
+        // value, is still an error naming it.
+        for (var, value, named) in [
+            ("GATEWAY_PORT", "50051", "port"),
+            ("GATEWAY_SERVICE_HOST", "not an address", "service_host"),
+            ("GATEWAY_LISTEN_PORT", "50051", "listen_port"),
+        ] {
+            let e = Config::load(None, &env(&[(var, value)])).unwrap_err();
+            assert!(e.0.contains(named), "{var}={value}: {e}");
+        }
     }
 
     #[test]

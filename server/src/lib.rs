@@ -12,6 +12,8 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod observe;
 pub mod providers;
 pub mod registry;

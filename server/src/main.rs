@@ -74,6 +74,12 @@ async fn main() -> ExitCode {
         Err(e) => return fatal(&e.to_string()),
     };
     let registry = Arc::new(registry.with_metrics(telemetry.metrics()));
+    if !config.skipped_env_vars.is_empty() {
+        tracing::debug!(
+            variables = %config.skipped_env_vars.join(", "),
+            "skipped Kubernetes service-link variables (not configuration)"
+        );
+    }
 
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,

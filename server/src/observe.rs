@@ -29,6 +29,8 @@ pub fn finish_reason(stop: StopReason) -> &'static str {
         StopReason::MaxTokens => "max_tokens",
         StopReason::StopSequence => "stop_sequence",
         StopReason::ToolUse => "tool_use",
+        StopReason::Refusal => "refusal",
+        StopReason::ContentFilter => "content_filter",
     }
 }
 

@@ -75,6 +75,16 @@ impl GatewayService {
         if let Some(client) = client {
             self.authorize(&client, &mut options)?;
         }
+        // The model goes upstream (into a URL path, for some kinds): its
+        // provider checks it first. An unknown provider is answered later.
+        if !fields.model.is_empty()
+            && let Ok(entry) = self.registry.get(&options.provider)
+        {
+            entry
+                .provider
+                .check_model(&fields.model)
+                .map_err(|why| Status::invalid_argument(format!("model: {why}")))?;
+        }
         Ok((admission, options, chat_request(fields)?))
     }
 
@@ -376,7 +386,7 @@ fn status_of(error: &GatewayError) -> Status {
 /// deadline (`grpc-timeout` from the call's arrival, less the margin), the `x-retry-*`
 /// overrides and `grpc-previous-rpc-attempts`. A malformed value is
 /// INVALID_ARGUMENT naming its key, before anything goes upstream.
-fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
+pub(crate) fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Status> {
     let metadata = request.metadata();
     let waited = request
         .extensions()
@@ -743,6 +753,8 @@ fn stop_reason(s: StopReason) -> pb::StopReason {
         StopReason::MaxTokens => pb::StopReason::MaxTokens,
         StopReason::StopSequence => pb::StopReason::StopSequence,
         StopReason::ToolUse => pb::StopReason::ToolUse,
+        StopReason::Refusal => pb::StopReason::Refusal,
+        StopReason::ContentFilter => pb::StopReason::ContentFilter,
     }
 }
 

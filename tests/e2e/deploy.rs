@@ -395,3 +395,16 @@ fn deploy_objects_select_the_gateways_pods() {
         "a memory limit"
     );
 }
+
+#[test]
+fn deploy_turns_service_links_off() {
+    // Kubernetes would put GATEWAY_SERVICE_HOST, GATEWAY_PORT=tcp://... into
+    // the pod for a Service named `gateway`, where the gateway reads
+    // GATEWAY_* as configuration.
+    let files = manifests();
+    let deployment = object(&files, "Deployment");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["enableServiceLinks"].as_bool(),
+        Some(false)
+    );
+}

@@ -13,13 +13,17 @@ mod config;
 mod deploy;
 #[cfg(feature = "embedded")]
 mod embedded;
+mod fuzz_props;
 mod gate;
+mod hostile;
 mod mock;
 mod openai;
 mod operations;
 mod resilience;
 mod retry;
+mod secrets;
 mod status;
 mod support;
 mod telemetry;
+mod upstream_tls;
 mod validation;

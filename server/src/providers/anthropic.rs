@@ -27,10 +27,11 @@ const DEFAULT_MAX_TOKENS: u32 = 4096;
 #[derive(Debug)]
 pub struct AnthropicProvider {
     client: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     api_key: ApiKey,
     model: String,
     max_tokens: u32,
+    limits: http::ReadLimits,
 }
 
 impl AnthropicProvider {
@@ -41,15 +42,14 @@ impl AnthropicProvider {
         env: &dyn EnvSource,
     ) -> Result<Self, ConfigError> {
         let key_env = config.api_key_env.as_deref().unwrap_or("ANTHROPIC_API_KEY");
+        let base = http::base_url(name, config.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL))?;
         Ok(Self {
-            client: http::client(config.connect_timeout_ms, config.pool_idle_timeout_ms)?,
-            url: http::join_url(
-                config.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL),
-                "v1/messages",
-            ),
+            client: http::client(name, config)?,
+            url: http::endpoint(&base, &["v1", "messages"]),
             api_key: ApiKey::from_env(env, key_env, name)?,
             model: config.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
             max_tokens: config.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            limits: http::ReadLimits::of(config),
         })
     }
 
@@ -58,7 +58,7 @@ impl AnthropicProvider {
             .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
         key.set_sensitive(true);
         self.client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("x-api-key", key)
             .header("anthropic-version", API_VERSION)
             .json(&self.body(req, stream))
@@ -160,7 +160,8 @@ impl Provider for AnthropicProvider {
         async move {
             let response =
                 http::send(self.request(req, false), classify, Some(&self.api_key)).await?;
-            parse_response(&http::json_body(response).await?)
+            let body = http::json_body(response, self.limits.max_body_bytes).await?;
+            parse_response(&body).map_err(|e| http::redact(Some(&self.api_key), e))
         }
         .boxed()
     }
@@ -172,7 +173,12 @@ impl Provider for AnthropicProvider {
         async move {
             let response =
                 http::send(self.request(req, true), classify, Some(&self.api_key)).await?;
-            Ok(sse_stream(response, Translator::default()))
+            Ok(sse_stream(
+                response,
+                Translator::default(),
+                self.limits.max_event_bytes,
+                Some(self.api_key.clone()),
+            ))
         }
         .boxed()
     }
@@ -193,34 +199,57 @@ fn error_type_class(kind: &str) -> Option<ErrorClass> {
     })
 }
 
-fn classify(_status: u16, body: &[u8]) -> Classified {
+/// The class of an Anthropic error object: its `type`, except that a prompt
+/// over the context window comes back as an `invalid_request_error` whose
+/// message says "prompt is too long" (Anthropic has no code for it).
+fn error_class(error: &Value) -> Option<ErrorClass> {
+    let class = error["type"].as_str().and_then(error_type_class)?;
+    let message = error["message"].as_str().unwrap_or_default();
+    if class == ErrorClass::InvalidRequest
+        && message.to_ascii_lowercase().contains("prompt is too long")
+    {
+        return Some(ErrorClass::ContextLength);
+    }
+    Some(class)
+}
+
+pub(crate) fn classify(_status: u16, body: &[u8]) -> Classified {
     let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let error = &value["error"];
     Classified {
-        class: error["type"].as_str().and_then(error_type_class),
+        class: error_class(error),
         message: error["message"].as_str().unwrap_or_default().to_string(),
         should_retry: None,
     }
 }
 
+/// Anthropic's stop reasons. `pause_turn` (a long server-tool turn paused,
+/// to be continued by sending the answer back) is reported as MAX_TOKENS:
+/// the turn is cut short and may be continued. Unknown reasons are END_TURN.
 fn stop_reason(s: &str) -> StopReason {
     match s {
-        "max_tokens" | "model_context_window_exceeded" => StopReason::MaxTokens,
+        "max_tokens" | "model_context_window_exceeded" | "pause_turn" => StopReason::MaxTokens,
         "stop_sequence" => StopReason::StopSequence,
         "tool_use" => StopReason::ToolUse,
+        "refusal" => StopReason::Refusal,
         _ => StopReason::EndTurn,
     }
 }
 
+/// A token count from the upstream, saturated into a `u32` (a negative,
+/// fractional or missing count is 0).
+fn tokens(v: &Value) -> Option<u32> {
+    v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 fn usage(v: &Value) -> Usage {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32;
     Usage {
-        input_tokens: n("input_tokens"),
-        output_tokens: n("output_tokens"),
+        input_tokens: tokens(&v["input_tokens"]).unwrap_or(0),
+        output_tokens: tokens(&v["output_tokens"]).unwrap_or(0),
     }
 }
 
-fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
+pub(crate) fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
     let blocks = v["content"]
         .as_array()
         .ok_or_else(|| ProviderError::new(ErrorClass::ServerError, "response without content"))?;
@@ -252,7 +281,7 @@ fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
 /// so the blocks the gateway relays (text, tool use) count from 0 without
 /// gaps left by thinking blocks.
 #[derive(Default)]
-struct Translator {
+pub(crate) struct Translator {
     blocks: HashMap<u64, u32>,
     next_index: u32,
     usage: Usage,
@@ -289,7 +318,7 @@ impl SseTranslator for Translator {
                     return;
                 }
                 let index = self.next_index;
-                self.next_index += 1;
+                self.next_index = self.next_index.saturating_add(1);
                 self.blocks.insert(upstream_index, index);
                 if block_type == "tool_use" {
                     out.push_back(Ok(StreamEvent::ToolUseStart {
@@ -335,11 +364,11 @@ impl SseTranslator for Translator {
                 if let Some(s) = v["delta"]["stop_reason"].as_str() {
                     self.stop = Some(stop_reason(s));
                 }
-                if let Some(n) = v["usage"]["output_tokens"].as_u64() {
-                    self.usage.output_tokens = n.min(u32::MAX as u64) as u32;
+                if let Some(n) = tokens(&v["usage"]["output_tokens"]) {
+                    self.usage.output_tokens = n;
                 }
-                if let Some(n) = v["usage"]["input_tokens"].as_u64().filter(|n| *n > 0) {
-                    self.usage.input_tokens = n.min(u32::MAX as u64) as u32;
+                if let Some(n) = tokens(&v["usage"]["input_tokens"]).filter(|n| *n > 0) {
+                    self.usage.input_tokens = n;
                 }
             }
             "ping" => out.push_back(Ok(StreamEvent::KeepAlive)),
@@ -355,10 +384,7 @@ impl SseTranslator for Translator {
             }
             "error" => {
                 let e = &v["error"];
-                let class = e["type"]
-                    .as_str()
-                    .and_then(error_type_class)
-                    .unwrap_or(ErrorClass::ServerError);
+                let class = error_class(e).unwrap_or(ErrorClass::ServerError);
                 let message = e["message"].as_str().unwrap_or("error event").to_string();
                 out.push_back(Err(ProviderError::new(
                     class,
@@ -388,5 +414,27 @@ mod tests {
         assert_eq!(c.class, Some(ErrorClass::Overloaded));
         assert_eq!(c.message, "busy");
         assert_eq!(classify(500, b"not json").class, None);
+    }
+
+    #[test]
+    fn prompt_too_long_is_context_length() {
+        let c = classify(
+            400,
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 212345 tokens > 200000 maximum"}}"#,
+        );
+        assert_eq!(c.class, Some(ErrorClass::ContextLength));
+        let c = classify(
+            400,
+            br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: required"}}"#,
+        );
+        assert_eq!(c.class, Some(ErrorClass::InvalidRequest));
+    }
+
+    #[test]
+    fn upstream_token_counts_saturate() {
+        let u = usage(&json!({"input_tokens": 1u64 << 40, "output_tokens": -3}));
+        assert_eq!((u.input_tokens, u.output_tokens), (u32::MAX, 0));
+        let u = usage(&json!({"input_tokens": 1e300, "output_tokens": u64::MAX}));
+        assert_eq!((u.input_tokens, u.output_tokens), (0, u32::MAX));
     }
 }

@@ -20,11 +20,12 @@ pub fn provider(
     config: &HttpProviderConfig,
     env: &dyn EnvSource,
 ) -> Result<OpenAiProvider, ConfigError> {
-    let base = config.base_url.clone().ok_or_else(|| {
+    let base = config.base_url.as_deref().ok_or_else(|| {
         ConfigError(format!(
             "config key `providers.{name}.base_url`: required for a databricks provider"
         ))
     })?;
+    let base = super::http::base_url(name, base)?;
     let key_env = config.api_key_env.as_deref().unwrap_or("DATABRICKS_TOKEN");
     OpenAiProvider::with_endpoint(
         "databricks",

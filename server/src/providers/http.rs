@@ -1,39 +1,140 @@
 //! What every HTTP provider shares: the pooled client (with reqwest's own
-//! retries off), sending a request, and turning an error response or a
+//! retries and redirects off, certificates always verified), sending a
+//! request, bounded reads of the answer, and turning an error response or a
 //! transport failure into a typed [`ProviderError`] with its retry hints.
 
 use std::time::{Duration, SystemTime};
 
+use reqwest::Url;
 use reqwest::header::HeaderMap;
 
 use super::ApiKey;
+use crate::config::{ConfigError, HttpProviderConfig};
 use crate::error::{ErrorClass, ProviderError};
 
 /// The longest error body read from an upstream.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// The longest Retry-After the gateway represents: anything longer (up to
+/// infinity) is read as this, which every `max_retry_after_ms` treats as too
+/// long to wait for.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The default of `max_event_bytes`: the longest SSE line or event.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// The default of `max_body_bytes`: the largest successful response body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// How much of an upstream answer is read before the attempt fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadLimits {
+    /// The longest SSE line, and the most `data` one SSE event may carry.
+    pub max_event_bytes: usize,
+    /// The largest successful (non-streamed) response body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+impl ReadLimits {
+    /// The limits of one `[providers.X]` section.
+    pub(crate) fn of(config: &HttpProviderConfig) -> Self {
+        Self {
+            max_event_bytes: config.max_event_bytes.unwrap_or(DEFAULT_MAX_EVENT_BYTES),
+            max_body_bytes: config.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        }
+    }
+}
+
 /// Builds the one HTTP client a provider keeps: pooled keep-alive
-/// connections, `TCP_NODELAY`, and no retries of reqwest's own (the registry
-/// is the only place that retries).
-pub fn client(
-    connect_timeout: Option<u64>,
-    pool_idle_timeout: Option<u64>,
-) -> Result<reqwest::Client, crate::config::ConfigError> {
+/// connections, `TCP_NODELAY`, no retries of reqwest's own (the registry is
+/// the only place that retries), no redirects (a redirect would carry the
+/// key to another host and be a second request inside one attempt), and
+/// certificates verified against the platform's roots plus the section's
+/// `ca_file`.
+pub(crate) fn client(
+    name: &str,
+    config: &HttpProviderConfig,
+) -> Result<reqwest::Client, ConfigError> {
     crate::tls::install_crypto_provider();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .retry(reqwest::retry::never())
+        .redirect(reqwest::redirect::Policy::none())
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_millis(connect_timeout.unwrap_or(10_000)))
-        .pool_idle_timeout(Duration::from_millis(pool_idle_timeout.unwrap_or(90_000)))
-        .tcp_keepalive(Duration::from_secs(30))
-        .build()
-        .map_err(|e| crate::config::ConfigError(format!("cannot build the HTTP client: {e}")))
+        .connect_timeout(Duration::from_millis(
+            config.connect_timeout_ms.unwrap_or(10_000),
+        ))
+        .pool_idle_timeout(Duration::from_millis(
+            config.pool_idle_timeout_ms.unwrap_or(90_000),
+        ))
+        .tcp_keepalive(Duration::from_secs(30));
+    if let Some(path) = &config.ca_file {
+        builder = builder.tls_certs_merge(ca_bundle(name, path)?);
+    }
+    builder.build().map_err(|e| {
+        ConfigError(format!(
+            "provider `{name}`: cannot build the HTTP client: {e}"
+        ))
+    })
+}
+
+/// Reads a PEM bundle of extra trusted roots; errors name the key and path.
+fn ca_bundle(name: &str, path: &str) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    let key = format!("config key `providers.{name}.ca_file`");
+    let pem =
+        std::fs::read(path).map_err(|e| ConfigError(format!("{key}: cannot read {path}: {e}")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        ConfigError(format!(
+            "{key}: {path} is not a PEM certificate bundle: {e}"
+        ))
+    })?;
+    if certs.is_empty() {
+        return Err(ConfigError(format!(
+            "{key}: {path} holds no PEM certificate"
+        )));
+    }
+    Ok(certs)
+}
+
+/// Parses a section's `base_url` (or the kind's public endpoint) once, at
+/// start-up.
+pub(crate) fn base_url(name: &str, url: &str) -> Result<Url, ConfigError> {
+    let parsed = Url::parse(url).map_err(|e| {
+        ConfigError(format!(
+            "config key `providers.{name}.base_url`: `{url}` is not a URL: {e}"
+        ))
+    })?;
+    if parsed.cannot_be_a_base() {
+        return Err(ConfigError(format!(
+            "config key `providers.{name}.base_url`: `{url}` cannot carry a path"
+        )));
+    }
+    Ok(parsed)
+}
+
+/// `base` with `segments` appended, each percent-encoded as one path segment
+/// (a `/`, `?`, `#` or `%` inside a segment is escaped, `.` and `..` are
+/// dropped), never by string formatting.
+pub(crate) fn endpoint(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
 }
 
 /// Sends `request`; a transport failure becomes a `connection` or `timeout`
-/// error, an error status becomes the class `classify` picks from the body.
-/// An upstream that echoes the key in its error text gets it redacted.
-pub async fn send(
+/// error, a redirect a final `not-found` error naming the target host, an
+/// error status the class `classify` picks from the body. An upstream that
+/// echoes the key in its error text gets it redacted.
+pub(crate) async fn send(
     request: reqwest::RequestBuilder,
     classify: fn(u16, &[u8]) -> Classified,
     key: Option<&ApiKey>,
@@ -41,7 +142,10 @@ pub async fn send(
     // The attempt span is current: its trace context goes upstream.
     let request = request.headers(crate::telemetry::trace_headers());
     let span = tracing::Span::current();
-    let response = request.send().await.map_err(|e| transport_error(&e))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| redact(key, transport_error(&e)))?;
     let status = response.status();
     span.record("http.response.status_code", i64::from(status.as_u16()));
     if let Some(host) = response.url().host_str() {
@@ -50,11 +154,47 @@ pub async fn send(
     if status.is_success() {
         return Ok(response);
     }
-    let mut error = error_response(response, classify).await;
+    if status.is_redirection() {
+        return Err(redact(key, redirect_error(&response)));
+    }
+    Err(redact(key, error_response(response, classify).await))
+}
+
+/// `error` with every occurrence of `key` in its message redacted.
+pub(crate) fn redact(key: Option<&ApiKey>, mut error: ProviderError) -> ProviderError {
     if let Some(key) = key {
         error.message = key.redact(&error.message);
     }
-    Err(error)
+    error
+}
+
+/// A 3xx answer. Redirects are never followed, so this is final (an
+/// operator's `base_url` that points at the wrong place, reported like a
+/// missing endpoint: FAILED_PRECONDITION). The message names the status and
+/// the target's host only: a path or query could carry anything.
+fn redirect_error(response: &reqwest::Response) -> ProviderError {
+    let status = response.status();
+    let host = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|location| response.url().join(location).ok())
+        .and_then(|target| target.host_str().map(str::to_string));
+    let to = match host {
+        Some(host) => format!("to host `{host}`"),
+        None => "without a usable location".to_string(),
+    };
+    ProviderError {
+        class: ErrorClass::NotFound,
+        http_status: Some(status.as_u16()),
+        message: format!(
+            "the upstream answered HTTP {} (a redirect {to}); redirects are not followed: \
+             point the provider's base_url at the final address",
+            status.as_u16()
+        ),
+        retry_after: None,
+        should_retry: Some(false),
+    }
 }
 
 /// What a provider reads from an error body.
@@ -74,21 +214,32 @@ async fn error_response(
     classify: fn(u16, &[u8]) -> Classified,
 ) -> ProviderError {
     let status = response.status().as_u16();
-    let (retry_after, should_retry) = retry_hints(response.headers(), SystemTime::now());
+    let (retry_after, should_retry) = retry_hints(response.headers(), status, SystemTime::now());
     let mut body = Vec::new();
     // A body cut short still classifies by status.
     while let Ok(Some(chunk)) = response.chunk().await {
-        body.extend_from_slice(&chunk);
+        let room = MAX_ERROR_BODY.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if body.len() >= MAX_ERROR_BODY {
-            body.truncate(MAX_ERROR_BODY);
             break;
         }
     }
-    let classified = classify(status, &body);
+    error_from_body(status, &body, retry_after, should_retry, classify)
+}
+
+/// The error an error status and its (bounded) body make.
+pub(crate) fn error_from_body(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    should_retry: Option<bool>,
+    classify: fn(u16, &[u8]) -> Classified,
+) -> ProviderError {
+    let classified = classify(status, body);
     let message = if classified.message.is_empty() {
-        response
-            .status()
-            .canonical_reason()
+        reqwest::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
             .unwrap_or("error")
             .to_string()
     } else {
@@ -101,13 +252,28 @@ async fn error_response(
         http_status: Some(status),
         message,
         retry_after,
-        should_retry: should_retry.or(classified.should_retry),
+        // A body that says the failure is final wins over a header that
+        // says retry (a spent quota behind a 429).
+        should_retry: match (classified.should_retry, should_retry) {
+            (Some(false), _) => Some(false),
+            (body, header) => header.or(body),
+        },
     }
 }
 
 /// Reads `retry-after-ms`, then `retry-after` (seconds, possibly fractional,
-/// or an HTTP date), and `x-should-retry`.
-pub fn retry_hints(headers: &HeaderMap, now: SystemTime) -> (Option<Duration>, Option<bool>) {
+/// or an HTTP date), and `x-should-retry`. On a 429 without either, OpenAI's
+/// `x-ratelimit-reset-requests|tokens` (Go durations such as `6m0s`) is the
+/// hint: the reset of a limit whose `x-ratelimit-remaining-*` is `0` (the
+/// later one when both are), else the sooner reset.
+///
+/// Every value saturates: a wait beyond [`MAX_RETRY_AFTER`] (even `1e300`
+/// or `inf`) is read as that, a negative or `NaN` one as no hint.
+pub(crate) fn retry_hints(
+    headers: &HeaderMap,
+    status: u16,
+    now: SystemTime,
+) -> (Option<Duration>, Option<bool>) {
     let text = |name: &str| {
         headers
             .get(name)
@@ -115,16 +281,36 @@ pub fn retry_hints(headers: &HeaderMap, now: SystemTime) -> (Option<Duration>, O
             .map(str::trim)
     };
     let retry_after = text("retry-after-ms")
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .and_then(|v| seconds(v, 1000.0))
         .or_else(|| {
             let v = text("retry-after")?;
-            if let Ok(secs) = v.parse::<f64>() {
-                return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+            seconds(v, 1.0).or_else(|| {
+                let at = httpdate::parse_http_date(v).ok()?;
+                Some(
+                    at.duration_since(now)
+                        .unwrap_or(Duration::ZERO)
+                        .min(MAX_RETRY_AFTER),
+                )
+            })
+        })
+        .or_else(|| {
+            if status != 429 {
+                return None;
             }
-            let at = httpdate::parse_http_date(v).ok()?;
-            Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+            let resets: Vec<(Duration, bool)> = ["requests", "tokens"]
+                .into_iter()
+                .filter_map(|limit| {
+                    let reset = go_duration(text(&format!("x-ratelimit-reset-{limit}"))?)?;
+                    let spent = text(&format!("x-ratelimit-remaining-{limit}")) == Some("0");
+                    Some((reset, spent))
+                })
+                .collect();
+            let spent = resets
+                .iter()
+                .filter(|(_, spent)| *spent)
+                .map(|(d, _)| *d)
+                .max();
+            spent.or_else(|| resets.iter().map(|(d, _)| *d).min())
         });
     let should_retry = match text("x-should-retry") {
         Some("true") => Some(true),
@@ -134,8 +320,61 @@ pub fn retry_hints(headers: &HeaderMap, now: SystemTime) -> (Option<Duration>, O
     (retry_after, should_retry)
 }
 
+/// A decimal count of `1/per_second` seconds, saturated at
+/// [`MAX_RETRY_AFTER`]; `None` when negative, `NaN` or not a number.
+fn seconds(text: &str, per_second: f64) -> Option<Duration> {
+    let n: f64 = text.parse().ok()?;
+    if n.is_nan() || n < 0.0 {
+        return None;
+    }
+    Some(saturating_secs(n / per_second))
+}
+
+fn saturating_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER))
+}
+
+/// A Go `time.Duration` string (`6m0s`, `1.5s`, `20ms`, `1h2m3.5s`, `0`),
+/// saturated at [`MAX_RETRY_AFTER`]; `None` when malformed or negative.
+pub(crate) fn go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.strip_prefix('+').unwrap_or(text);
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0.0f64;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(number_end);
+        if number.is_empty() || number == "." {
+            return None;
+        }
+        let value: f64 = number.parse().ok()?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    Some(saturating_secs(total))
+}
+
 /// The class of a failure to get a response at all.
-pub fn transport_error(e: &reqwest::Error) -> ProviderError {
+pub(crate) fn transport_error(e: &reqwest::Error) -> ProviderError {
     let class = if e.is_timeout() {
         ErrorClass::Timeout
     } else {
@@ -145,7 +384,7 @@ pub fn transport_error(e: &reqwest::Error) -> ProviderError {
 }
 
 /// The class of a failure while reading a response body (a cut stream).
-pub fn body_error(e: &reqwest::Error) -> ProviderError {
+pub(crate) fn body_error(e: &reqwest::Error) -> ProviderError {
     let class = if e.is_timeout() {
         ErrorClass::Timeout
     } else {
@@ -171,26 +410,42 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// A JSON body that could not be understood.
-pub fn bad_json(what: &str, e: &serde_json::Error) -> ProviderError {
+pub(crate) fn bad_json(what: &str, e: &serde_json::Error) -> ProviderError {
     ProviderError::new(
         ErrorClass::ServerError,
         format!("the upstream sent {what} that is not the expected JSON: {e}"),
     )
 }
 
-/// Reads a successful response's JSON body.
-pub async fn json_body(response: reqwest::Response) -> Result<serde_json::Value, ProviderError> {
-    let bytes = response.bytes().await.map_err(|e| body_error(&e))?;
-    serde_json::from_slice(&bytes).map_err(|e| bad_json("a response", &e))
-}
-
-/// Joins a base URL and a path with exactly one `/` between them.
-pub fn join_url(base: &str, path: &str) -> String {
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        path.trim_start_matches('/')
-    )
+/// Reads a successful response's JSON body, at most `max_bytes` of it: a
+/// larger body fails the attempt as a `server-error` (an upstream protocol
+/// error) without being buffered.
+pub(crate) async fn json_body(
+    mut response: reqwest::Response,
+    max_bytes: usize,
+) -> Result<serde_json::Value, ProviderError> {
+    let too_big = || {
+        ProviderError::new(
+            ErrorClass::ServerError,
+            format!(
+                "the upstream's response body is larger than {max_bytes} bytes (the provider's max_body_bytes)"
+            ),
+        )
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > max_bytes as u64)
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| body_error(&e))? {
+        if chunk.len() > max_bytes.saturating_sub(body.len()) {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| bad_json("a response", &e))
 }
 
 #[cfg(test)]
@@ -210,21 +465,117 @@ mod tests {
     fn retry_after_forms() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let h = headers(&[("retry-after-ms", "1500"), ("retry-after", "9")]);
-        assert_eq!(retry_hints(&h, now).0, Some(Duration::from_millis(1500)));
+        assert_eq!(
+            retry_hints(&h, 429, now).0,
+            Some(Duration::from_millis(1500))
+        );
         let h = headers(&[("retry-after", "2.5")]);
-        assert_eq!(retry_hints(&h, now).0, Some(Duration::from_millis(2500)));
+        assert_eq!(
+            retry_hints(&h, 429, now).0,
+            Some(Duration::from_millis(2500))
+        );
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
         let h = headers(&[("retry-after", &date)]);
-        assert_eq!(retry_hints(&h, now).0, Some(Duration::from_secs(30)));
+        assert_eq!(retry_hints(&h, 429, now).0, Some(Duration::from_secs(30)));
         let h = headers(&[("retry-after", "soon")]);
-        assert_eq!(retry_hints(&h, now).0, None);
+        assert_eq!(retry_hints(&h, 429, now).0, None);
         let h = headers(&[("x-should-retry", "false")]);
-        assert_eq!(retry_hints(&h, now).1, Some(false));
+        assert_eq!(retry_hints(&h, 429, now).1, Some(false));
     }
 
     #[test]
-    fn urls_join_with_one_slash() {
-        assert_eq!(join_url("http://h/v1/", "/chat"), "http://h/v1/chat");
-        assert_eq!(join_url("http://h", "v1/messages"), "http://h/v1/messages");
+    fn absurd_retry_after_values_saturate_instead_of_panicking() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for (name, value) in [
+            ("retry-after", "1e20"),
+            ("retry-after-ms", "1e25"),
+            ("retry-after", "inf"),
+            ("retry-after-ms", "infinity"),
+            ("retry-after", "18446744073709551616"),
+            ("retry-after-ms", "18446744073709551616"),
+            ("retry-after", "1.7976931348623157e308"),
+        ] {
+            let got = retry_hints(&headers(&[(name, value)]), 429, now).0;
+            assert_eq!(got, Some(MAX_RETRY_AFTER), "{name}: {value}");
+        }
+        for (name, value) in [
+            ("retry-after", "NaN"),
+            ("retry-after", "-1"),
+            ("retry-after-ms", "-0.5"),
+            ("retry-after-ms", "-inf"),
+        ] {
+            assert_eq!(
+                retry_hints(&headers(&[(name, value)]), 429, now).0,
+                None,
+                "{name}: {value}"
+            );
+        }
+        let far =
+            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+        assert_eq!(
+            retry_hints(&headers(&[("retry-after", &far)]), 429, now).0,
+            Some(MAX_RETRY_AFTER)
+        );
+    }
+
+    #[test]
+    fn endpoints_are_built_from_path_segments() {
+        let url = |base: &str, segments: &[&str]| {
+            endpoint(&Url::parse(base).unwrap(), segments).to_string()
+        };
+        assert_eq!(
+            url("http://h/v1/", &["chat", "completions"]),
+            "http://h/v1/chat/completions"
+        );
+        assert_eq!(url("http://h", &["v1", "messages"]), "http://h/v1/messages");
+        assert_eq!(
+            url(
+                "http://h/",
+                &[
+                    "serving-endpoints",
+                    "../../api/2.0/clusters/list#",
+                    "invocations"
+                ]
+            ),
+            "http://h/serving-endpoints/..%2F..%2Fapi%2F2.0%2Fclusters%2Flist%23/invocations"
+        );
+        assert_eq!(url("http://h", &["a", "..", "b"]), "http://h/a/b");
+    }
+
+    #[test]
+    fn openai_rate_limit_resets_are_a_hint_on_429_only() {
+        let now = SystemTime::UNIX_EPOCH;
+        let h = headers(&[
+            ("x-ratelimit-reset-requests", "6m0s"),
+            ("x-ratelimit-reset-tokens", "1.5s"),
+        ]);
+        assert_eq!(
+            retry_hints(&h, 429, now).0,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(retry_hints(&h, 500, now).0, None);
+        let h = headers(&[
+            ("x-ratelimit-reset-requests", "6m0s"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-tokens", "20ms"),
+        ]);
+        assert_eq!(retry_hints(&h, 429, now).0, Some(Duration::from_secs(360)));
+        let h = headers(&[("x-ratelimit-reset-tokens", "20ms"), ("retry-after", "3")]);
+        assert_eq!(retry_hints(&h, 429, now).0, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn go_durations() {
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(go_duration("6m0s"), ms(360_000));
+        assert_eq!(go_duration("1.5s"), ms(1500));
+        assert_eq!(go_duration("20ms"), ms(20));
+        assert_eq!(go_duration("1h2m3.5s"), ms(3_723_500));
+        assert_eq!(go_duration("0"), ms(0));
+        assert_eq!(go_duration("300us"), Some(Duration::from_micros(300)));
+        assert_eq!(go_duration("99999999999999999999h"), Some(MAX_RETRY_AFTER));
+        for bad in ["", "s", "5", "-1s", "1x", "1.s.", ".s", "1e5s"] {
+            assert_eq!(go_duration(bad), None, "{bad}");
+        }
     }
 }

@@ -7,10 +7,10 @@ pub mod anthropic;
 pub mod databricks;
 #[cfg(feature = "embedded")]
 pub mod embedded;
-mod http;
+pub(crate) mod http;
 pub mod mock;
 pub mod openai;
-mod sse;
+pub(crate) mod sse;
 
 use std::fmt;
 use std::pin::Pin;
@@ -51,6 +51,14 @@ pub trait Provider: Send + Sync + 'static {
         false
     }
 
+    /// Checks a model name a request asks for before anything goes
+    /// upstream; the error says what is wrong with it (without the field
+    /// name). By default, the kind's character set
+    /// ([`check_model_name`]).
+    fn check_model(&self, model: &str) -> Result<(), String> {
+        check_model_name(self.kind(), model)
+    }
+
     /// Makes one upstream call for a whole answer.
     fn complete<'a>(
         &'a self,
@@ -63,6 +71,62 @@ pub trait Provider: Send + Sync + 'static {
         &'a self,
         request: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<EventStream, ProviderError>>;
+}
+
+/// The longest model name accepted.
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// Checks `model` against the conservative character set of a provider of
+/// `kind`: ASCII letters, digits, `-`, `_`, `.` and `:` for most kinds;
+/// `openai` also allows `/` (`org/model`, as vLLM serves them; the name goes
+/// in the JSON body, not the URL); `databricks` endpoint names, which go
+/// into the URL path, only letters, digits, `-` and `_`. Never `..`, at
+/// most [`MAX_MODEL_NAME`] bytes. The error quotes the name escaped and
+/// shortened.
+pub fn check_model_name(kind: &str, model: &str) -> Result<(), String> {
+    let (extra, allowed): (&[char], &str) = match kind {
+        "databricks" => (
+            &['-', '_'],
+            "letters, digits, `-` and `_` (a serving endpoint name)",
+        ),
+        "openai" => (
+            &['-', '_', '.', ':', '/'],
+            "letters, digits, `-`, `_`, `.`, `:` and `/`",
+        ),
+        _ => (
+            &['-', '_', '.', ':'],
+            "letters, digits, `-`, `_`, `.` and `:`",
+        ),
+    };
+    let shown = || {
+        let mut s: String = model.chars().take(64).collect();
+        if s.len() < model.len() {
+            s.push_str("...");
+        }
+        format!("{s:?}")
+    };
+    if model.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if model.len() > MAX_MODEL_NAME {
+        return Err(format!("{} is longer than {MAX_MODEL_NAME} bytes", shown()));
+    }
+    if !model
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
+    {
+        return Err(format!(
+            "{} is not a valid {kind} model name: use only {allowed}",
+            shown()
+        ));
+    }
+    if model.contains("..") || model.starts_with('/') || model.ends_with('/') {
+        return Err(format!(
+            "{} is not a valid {kind} model name: no `..` and no leading or trailing `/`",
+            shown()
+        ));
+    }
+    Ok(())
 }
 
 /// What `ListProviders` shows of a model running inside the gateway.

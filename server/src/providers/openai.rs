@@ -27,9 +27,9 @@ pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
 #[derive(Debug, Clone)]
 pub(crate) enum Endpoint {
     /// `{base}/chat/completions`, the model in the body.
-    ChatCompletions(String),
+    ChatCompletions(reqwest::Url),
     /// `{base}/serving-endpoints/{model}/invocations`, no model in the body.
-    ServingEndpoint(String),
+    ServingEndpoint(reqwest::Url),
 }
 
 /// A provider speaking OpenAI's chat completions shapes.
@@ -41,6 +41,7 @@ pub struct OpenAiProvider {
     api_key: Option<ApiKey>,
     model: String,
     max_tokens: Option<u32>,
+    limits: http::ReadLimits,
 }
 
 impl OpenAiProvider {
@@ -58,9 +59,10 @@ impl OpenAiProvider {
             (None, true) => Some("OPENAI_API_KEY"),
             _ => None,
         };
+        let base = http::base_url(name, base)?;
         Self::with_endpoint(
             "openai",
-            Endpoint::ChatCompletions(http::join_url(base, "chat/completions")),
+            Endpoint::ChatCompletions(http::endpoint(&base, &["chat", "completions"])),
             name,
             config,
             key_env,
@@ -80,13 +82,14 @@ impl OpenAiProvider {
     ) -> Result<Self, ConfigError> {
         Ok(Self {
             kind,
-            client: http::client(config.connect_timeout_ms, config.pool_idle_timeout_ms)?,
+            client: http::client(name, config)?,
             endpoint,
             api_key: key_env
                 .map(|var| ApiKey::from_env(env, var, name))
                 .transpose()?,
             model: config.model.clone().unwrap_or_else(|| default_model.into()),
             max_tokens: config.max_tokens,
+            limits: http::ReadLimits::of(config),
         })
     }
 
@@ -94,8 +97,10 @@ impl OpenAiProvider {
         let model = req.model_or(&self.model);
         let (url, send_model, include_usage) = match &self.endpoint {
             Endpoint::ChatCompletions(url) => (url.clone(), true, true),
+            // The endpoint name is one escaped path segment, whatever it
+            // holds (it was also checked at the edge).
             Endpoint::ServingEndpoint(base) => (
-                http::join_url(base, &format!("serving-endpoints/{model}/invocations")),
+                http::endpoint(base, &["serving-endpoints", model, "invocations"]),
                 false,
                 false,
             ),
@@ -236,7 +241,8 @@ impl Provider for OpenAiProvider {
         async move {
             let response =
                 http::send(self.request(req, false), classify, self.api_key.as_ref()).await?;
-            parse_response(&http::json_body(response).await?)
+            let body = http::json_body(response, self.limits.max_body_bytes).await?;
+            parse_response(&body).map_err(|e| http::redact(self.api_key.as_ref(), e))
         }
         .boxed()
     }
@@ -248,7 +254,12 @@ impl Provider for OpenAiProvider {
         async move {
             let response =
                 http::send(self.request(req, true), classify, self.api_key.as_ref()).await?;
-            Ok(sse_stream(response, Translator::default()))
+            Ok(sse_stream(
+                response,
+                Translator::default(),
+                self.limits.max_event_bytes,
+                self.api_key.clone(),
+            ))
         }
         .boxed()
     }
@@ -268,6 +279,11 @@ fn error_fields(error: &Value) -> Classified {
             (Some(ErrorClass::RateLimited), Some(false))
         }
         ("invalid_api_key", _) => (Some(ErrorClass::Auth), None),
+        // A moderation block of the prompt: the same request is refused
+        // again, whatever a header says.
+        ("content_policy_violation", _) | ("content_filter", _) => {
+            (Some(ErrorClass::InvalidRequest), Some(false))
+        }
         ("model_not_found", _) => (Some(ErrorClass::NotFound), None),
         _ => (None, None),
     };
@@ -283,7 +299,7 @@ fn error_fields(error: &Value) -> Classified {
     }
 }
 
-fn classify(_status: u16, body: &[u8]) -> Classified {
+pub(crate) fn classify(_status: u16, body: &[u8]) -> Classified {
     let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     match &value["error"] {
         Value::Object(_) => error_fields(&value["error"]),
@@ -304,19 +320,25 @@ fn finish_reason(s: &str) -> StopReason {
     match s {
         "length" => StopReason::MaxTokens,
         "tool_calls" | "function_call" => StopReason::ToolUse,
+        "content_filter" => StopReason::ContentFilter,
         _ => StopReason::EndTurn,
     }
 }
 
+/// Usage with every count saturated into a `u32` (a negative, fractional or
+/// missing count is 0). `prompt_tokens` already includes cached tokens.
 fn usage(v: &Value) -> Usage {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32;
+    let n = |k: &str| {
+        v[k].as_u64()
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+    };
     Usage {
         input_tokens: n("prompt_tokens"),
         output_tokens: n("completion_tokens"),
     }
 }
 
-fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
+pub(crate) fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
     let choice = &v["choices"][0];
     let message = &choice["message"];
     if !message.is_object() {
@@ -354,7 +376,7 @@ fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
 /// Follows one chat-completions SSE stream: text gets one block, each tool
 /// call (by its upstream `index`) another, numbered in order of appearance.
 #[derive(Default)]
-struct Translator {
+pub(crate) struct Translator {
     started: bool,
     text_index: Option<u32>,
     tool_indexes: HashMap<u64, u32>,
@@ -384,7 +406,7 @@ impl Translator {
 
     fn index(&mut self) -> u32 {
         let i = self.next_index;
-        self.next_index += 1;
+        self.next_index = self.next_index.saturating_add(1);
         i
     }
 }

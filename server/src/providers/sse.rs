@@ -1,14 +1,19 @@
 //! A server-sent events parser and the stream that turns an SSE response body
 //! into [`StreamEvent`]s through a provider's translator.
+//!
+//! Memory stays bounded whatever the upstream sends: a line longer than the
+//! limit, or an event whose data would exceed it, fails the stream before
+//! it is buffered.
 
 use std::collections::VecDeque;
 
 use futures_util::stream;
 
+use super::ApiKey;
 use super::EventStream;
 use super::http::body_error;
 use crate::chat::StreamEvent;
-use crate::error::ProviderError;
+use crate::error::{ErrorClass, ProviderError};
 
 /// One SSE event: its `event:` name (empty when absent) and its joined
 /// `data:` lines.
@@ -20,40 +25,113 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// An incremental SSE parser: feed it body chunks as they arrive.
-#[derive(Debug, Default)]
+/// An SSE line or event longer than the parser's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLong {
+    /// The limit, in bytes.
+    pub limit: usize,
+}
+
+impl TooLong {
+    /// The attempt's error: an upstream protocol error that broke the stream.
+    pub(crate) fn to_error(self) -> ProviderError {
+        ProviderError::new(
+            ErrorClass::StreamInterrupted,
+            format!(
+                "the upstream sent an SSE line or event larger than {} bytes (the provider's max_event_bytes)",
+                self.limit
+            ),
+        )
+    }
+}
+
+/// An incremental SSE parser: feed it body chunks as they arrive. A line
+/// longer than `max_bytes`, or an event with more data than that, is an
+/// error, found before the line is buffered, so the buffer never holds more
+/// than `max_bytes`.
+#[derive(Debug)]
 pub struct SseParser {
     line: Vec<u8>,
     current: SseEvent,
     has_data: bool,
+    max_bytes: usize,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new(super::http::DEFAULT_MAX_EVENT_BYTES)
+    }
 }
 
 impl SseParser {
-    /// Parses `chunk`, appending every completed event to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
-        for &b in chunk {
-            if b == b'\n' {
-                let mut line = std::mem::take(&mut self.line);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.line_done(&String::from_utf8_lossy(&line), out);
-            } else {
-                self.line.push(b);
-            }
+    /// A parser that accepts lines and events up to `max_bytes`.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            current: SseEvent::default(),
+            has_data: false,
+            max_bytes,
         }
     }
 
-    fn line_done(&mut self, line: &str, out: &mut Vec<SseEvent>) {
+    /// The bytes held for the line being read (its buffer's capacity).
+    pub fn buffered_capacity(&self) -> usize {
+        self.line.capacity() + self.current.data.capacity() + self.current.event.capacity()
+    }
+
+    /// Parses `chunk`, appending every completed event to `out`. After an
+    /// error the parser should not be fed again.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), TooLong> {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let newline = rest.iter().position(|&b| b == b'\n');
+            let piece = &rest[..newline.unwrap_or(rest.len())];
+            if piece.len() > self.max_bytes.saturating_sub(self.line.len()) {
+                self.line = Vec::new();
+                return Err(TooLong {
+                    limit: self.max_bytes,
+                });
+            }
+            // Amortized growth, capped at the limit: the buffer never holds
+            // more than `max_bytes`.
+            let needed = self.line.len() + piece.len();
+            if needed > self.line.capacity() {
+                let target = needed
+                    .max(self.line.capacity().saturating_mul(2))
+                    .min(self.max_bytes);
+                self.line.reserve_exact(target - self.line.len());
+            }
+            self.line.extend_from_slice(piece);
+            let Some(at) = newline else { break };
+            rest = &rest[at + 1..];
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let result = self.line_done(&String::from_utf8_lossy(&line), out);
+            // Keep the allocation for the next line.
+            line.clear();
+            self.line = line;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Ends the body: an event not closed by a blank line still counts.
+    pub fn finish(&mut self, out: &mut Vec<SseEvent>) -> Result<(), TooLong> {
+        self.push(b"\n\n", out)
+    }
+
+    fn line_done(&mut self, line: &str, out: &mut Vec<SseEvent>) -> Result<(), TooLong> {
         if line.is_empty() {
             if self.has_data || !self.current.event.is_empty() {
                 out.push(std::mem::take(&mut self.current));
             }
             self.has_data = false;
-            return;
+            return Ok(());
         }
         if line.starts_with(':') {
-            return;
+            return Ok(());
         }
         let (field, value) = match line.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
@@ -62,6 +140,18 @@ impl SseParser {
         match field {
             "event" => self.current.event = value.to_string(),
             "data" => {
+                let joined = self
+                    .current
+                    .data
+                    .len()
+                    .saturating_add(value.len())
+                    .saturating_add(usize::from(self.has_data));
+                if joined > self.max_bytes {
+                    self.current = SseEvent::default();
+                    return Err(TooLong {
+                        limit: self.max_bytes,
+                    });
+                }
                 if self.has_data {
                     self.current.data.push('\n');
                 }
@@ -70,6 +160,7 @@ impl SseParser {
             }
             _ => {}
         }
+        Ok(())
     }
 }
 
@@ -82,22 +173,101 @@ pub trait SseTranslator: Send + 'static {
     fn on_end(&mut self, out: &mut VecDeque<Result<StreamEvent, ProviderError>>);
 }
 
+/// Feeds `events` through `translator`, with `key` redacted from every
+/// error it reports.
+fn translate<T: SseTranslator>(
+    translator: &mut T,
+    events: Vec<SseEvent>,
+    key: Option<&ApiKey>,
+    out: &mut VecDeque<Result<StreamEvent, ProviderError>>,
+) {
+    for event in events {
+        translator.on_event(event, out);
+    }
+    redact_errors(key, out);
+}
+
+fn redact_errors(key: Option<&ApiKey>, out: &mut VecDeque<Result<StreamEvent, ProviderError>>) {
+    if let Some(key) = key {
+        for item in out.iter_mut() {
+            if let Err(e) = item {
+                e.message = key.redact(&e.message);
+            }
+        }
+    }
+}
+
+/// Runs `body` (chunks as they arrive) through a parser and `translator`
+/// without a network: what [`sse_stream`] does, for tests and fuzzing.
+pub fn translate_body<'a, T: SseTranslator>(
+    body: impl IntoIterator<Item = &'a [u8]>,
+    mut translator: T,
+    max_event_bytes: usize,
+    key: Option<&ApiKey>,
+) -> Vec<Result<StreamEvent, ProviderError>> {
+    let mut parser = SseParser::new(max_event_bytes);
+    let mut pending = VecDeque::new();
+    let mut done = Vec::new();
+    let take = |pending: &mut VecDeque<_>, done: &mut Vec<_>| {
+        while let Some(item) = pending.pop_front() {
+            let last = matches!(item, Err(_) | Ok(StreamEvent::Stop(_)));
+            done.push(item);
+            if last {
+                pending.clear();
+                return true;
+            }
+        }
+        false
+    };
+    for chunk in body {
+        let mut events = Vec::new();
+        let parsed = parser.push(chunk, &mut events);
+        translate(&mut translator, events, key, &mut pending);
+        if let Err(e) = parsed {
+            pending.push_back(Err(e.to_error()));
+        }
+        if take(&mut pending, &mut done) {
+            return done;
+        }
+    }
+    let mut events = Vec::new();
+    let parsed = parser.finish(&mut events);
+    translate(&mut translator, events, key, &mut pending);
+    if let Err(e) = parsed {
+        pending.push_back(Err(e.to_error()));
+    } else {
+        translator.on_end(&mut pending);
+        redact_errors(key, &mut pending);
+    }
+    take(&mut pending, &mut done);
+    done
+}
+
 struct SseState<T> {
     response: reqwest::Response,
     parser: SseParser,
     translator: T,
+    key: Option<ApiKey>,
     pending: VecDeque<Result<StreamEvent, ProviderError>>,
     finished: bool,
 }
 
-/// Streams `response`'s SSE body through `translator`. Each delta is yielded
-/// as soon as its chunk arrives; the stream ends after the first error or a
-/// stop. Dropping the stream drops the response and so the connection.
-pub fn sse_stream<T: SseTranslator>(response: reqwest::Response, translator: T) -> EventStream {
+/// Streams `response`'s SSE body through `translator`, failing the stream on
+/// a line or event larger than `max_event_bytes`. Each delta is yielded as
+/// soon as its chunk arrives; the stream ends after the first error or a
+/// stop; `key` is redacted from every error. Dropping the stream drops the
+/// response and so the connection.
+pub(crate) fn sse_stream<T: SseTranslator>(
+    response: reqwest::Response,
+    translator: T,
+    max_event_bytes: usize,
+    key: Option<ApiKey>,
+) -> EventStream {
     let state = SseState {
         response,
-        parser: SseParser::default(),
+        parser: SseParser::new(max_event_bytes),
         translator,
+        key,
         pending: VecDeque::new(),
         finished: false,
     };
@@ -116,19 +286,23 @@ pub fn sse_stream<T: SseTranslator>(response: reqwest::Response, translator: T) 
             match st.response.chunk().await {
                 Ok(Some(bytes)) => {
                     let mut events = Vec::new();
-                    st.parser.push(&bytes, &mut events);
-                    for event in events {
-                        st.translator.on_event(event, &mut st.pending);
+                    let parsed = st.parser.push(&bytes, &mut events);
+                    translate(&mut st.translator, events, st.key.as_ref(), &mut st.pending);
+                    if let Err(e) = parsed {
+                        st.pending.push_back(Err(e.to_error()));
                     }
                 }
                 Ok(None) => {
-                    // An event not closed by a blank line still counts.
                     let mut events = Vec::new();
-                    st.parser.push(b"\n\n", &mut events);
-                    for event in events {
-                        st.translator.on_event(event, &mut st.pending);
+                    let parsed = st.parser.finish(&mut events);
+                    translate(&mut st.translator, events, st.key.as_ref(), &mut st.pending);
+                    match parsed {
+                        Err(e) => st.pending.push_back(Err(e.to_error())),
+                        Ok(()) => {
+                            st.translator.on_end(&mut st.pending);
+                            redact_errors(st.key.as_ref(), &mut st.pending);
+                        }
                     }
-                    st.translator.on_end(&mut st.pending);
                     st.finished = true;
                     if st.pending.is_empty() {
                         return None;
@@ -150,9 +324,65 @@ mod tests {
         let mut p = SseParser::default();
         let mut out = Vec::new();
         for c in chunks {
-            p.push(c.as_bytes(), &mut out);
+            p.push(c.as_bytes(), &mut out).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn a_line_over_the_limit_fails_without_being_buffered() {
+        let mut p = SseParser::new(1024);
+        let mut out = Vec::new();
+        p.push(b"data: ", &mut out).unwrap();
+        // Megabytes in small chunks, never a newline: the buffer stops at
+        // the limit.
+        let chunk = [b'x'; 100];
+        let mut failed = false;
+        for _ in 0..50_000 {
+            assert!(
+                p.buffered_capacity() <= 1024 * 2,
+                "{}",
+                p.buffered_capacity()
+            );
+            if p.push(&chunk, &mut out).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed);
+        assert!(p.buffered_capacity() <= 1024 * 2);
+        // One huge chunk fails as well, before it is copied.
+        let mut p = SseParser::new(1024);
+        assert_eq!(
+            p.push(&vec![b'y'; 10 << 20], &mut out),
+            Err(TooLong { limit: 1024 })
+        );
+        assert!(p.buffered_capacity() <= 1024 * 2);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn an_event_of_many_short_lines_over_the_limit_fails() {
+        let mut p = SseParser::new(64);
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        for _ in 0..100 {
+            result = p.push(b"data: 0123456789\n", &mut out);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(TooLong { limit: 64 }));
+        assert!(p.buffered_capacity() <= 64 * 3);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn lines_up_to_the_limit_pass() {
+        let mut p = SseParser::new(16);
+        let mut out = Vec::new();
+        p.push(b"data: 0123456789\n\n", &mut out).unwrap();
+        assert_eq!(out[0].data, "0123456789");
     }
 
     #[test]

@@ -20,6 +20,8 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_MAX_TOKENS: _ClassVar[StopReason]
     STOP_REASON_STOP_SEQUENCE: _ClassVar[StopReason]
     STOP_REASON_TOOL_USE: _ClassVar[StopReason]
+    STOP_REASON_REFUSAL: _ClassVar[StopReason]
+    STOP_REASON_CONTENT_FILTER: _ClassVar[StopReason]
 ROLE_UNSPECIFIED: Role
 ROLE_USER: Role
 ROLE_ASSISTANT: Role
@@ -28,6 +30,8 @@ STOP_REASON_END_TURN: StopReason
 STOP_REASON_MAX_TOKENS: StopReason
 STOP_REASON_STOP_SEQUENCE: StopReason
 STOP_REASON_TOOL_USE: StopReason
+STOP_REASON_REFUSAL: StopReason
+STOP_REASON_CONTENT_FILTER: StopReason
 
 class Message(_message.Message):
     __slots__ = ("role", "content")
