@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+mod call_keys;
 pub mod chat;
 pub mod config;
 pub mod error;

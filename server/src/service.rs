@@ -23,7 +23,7 @@ use crate::chat::{
 };
 use crate::error::{ErrorClass, GatewayError};
 use crate::registry::{CallOptions, Registry};
-use crate::retry::{OVERRIDE_PREFIX, RetryOverride};
+use crate::retry::OVERRIDE_PREFIX;
 
 /// Response metadata: how many upstream attempts were made.
 pub const ATTEMPTS_HEADER: &str = "x-gateway-attempts";
@@ -409,81 +409,33 @@ pub(crate) fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Statu
         })
         .transpose()?
         .map(|t| t.saturating_sub(deadline_margin(t)).saturating_sub(waited));
-    let client_previous_attempts = text("grpc-previous-rpc-attempts")?
-        .map(|v| {
-            v.trim().parse::<u32>().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "grpc-previous-rpc-attempts: `{v}` is not an integer"
-                ))
-            })
-        })
-        .transpose()?
-        .unwrap_or(0);
+    // Every other key is read from the text metadata; a binary value under
+    // a key the gateway reads is refused, naming it.
     let mut pairs = Vec::new();
     for entry in metadata.iter() {
-        if let KeyAndValueRef::Ascii(key, value) = entry
-            && key.as_str().starts_with(OVERRIDE_PREFIX)
-        {
-            let value = value.to_str().map_err(|_| {
-                Status::invalid_argument(format!("{}: not ASCII text", key.as_str()))
-            })?;
-            pairs.push((key.as_str(), value));
-        }
-        if let KeyAndValueRef::Binary(key, _) = entry
-            && key.as_str().starts_with(OVERRIDE_PREFIX)
-        {
-            return Err(Status::invalid_argument(format!(
-                "{}: unknown retry override",
-                key.as_str()
-            )));
+        match entry {
+            KeyAndValueRef::Ascii(key, value) => {
+                let key = key.as_str();
+                if !crate::call_keys::is_call_key(key) {
+                    continue;
+                }
+                let value = value
+                    .to_str()
+                    .map_err(|_| Status::invalid_argument(format!("{key}: not ASCII text")))?;
+                pairs.push((key, value));
+            }
+            KeyAndValueRef::Binary(key, _) if key.as_str().starts_with(OVERRIDE_PREFIX) => {
+                return Err(Status::invalid_argument(format!(
+                    "{}: unknown retry override",
+                    key.as_str()
+                )));
+            }
+            KeyAndValueRef::Binary(..) => {}
         }
     }
-    let overrides = RetryOverride::parse(pairs).map_err(Status::invalid_argument)?;
-    let stream_resume = match text("x-stream-resume")?.map(str::trim) {
-        None => None,
-        Some("continue") => Some(true),
-        Some("off") => Some(false),
-        Some(other) => {
-            return Err(Status::invalid_argument(format!(
-                "x-stream-resume: `{other}` is not `continue` or `off`"
-            )));
-        }
-    };
-    let hedge_after = text("x-hedge-after-ms")?
-        .map(|v| {
-            v.trim()
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| {
-                    Status::invalid_argument(format!(
-                        "x-hedge-after-ms: `{v}` is not an integer >= 0"
-                    ))
-                })
-        })
-        .transpose()?;
-    let fallback = text("x-fallback-providers")?.map(|v| {
-        let v = v.trim();
-        if v == "none" {
-            Vec::new()
-        } else {
-            v.split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(str::to_string)
-                .collect()
-        }
-    });
-    Ok(CallOptions {
-        provider: String::new(),
-        timeout,
-        overrides,
-        client_previous_attempts,
-        limits: None,
-        fallback,
-        stream_resume,
-        hedge_after,
-        allowed_providers: None,
-    })
+    let mut options = crate::call_keys::call_options(&pairs).map_err(Status::invalid_argument)?;
+    options.timeout = timeout;
+    Ok(options)
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
