@@ -524,6 +524,15 @@ pub enum StreamEvent {
         /// Characters of text delivered before the break.
         characters_delivered: u64,
     },
+    /// The stream broke and could not be continued, and the call asked for
+    /// restarts (`x-stream-resume: restart`): discard everything received
+    /// so far; the complete new answer follows.
+    Restarted {
+        /// The attempt serving the new answer.
+        attempt: u32,
+        /// The provider serving it.
+        provider: String,
+    },
 }
 
 impl StreamEvent {
@@ -557,6 +566,10 @@ impl StreamEvent {
                 attempt: r.attempt,
                 provider: r.provider,
                 characters_delivered: r.characters_delivered,
+            },
+            Event::Restarted(r) => Self::Restarted {
+                attempt: r.attempt,
+                provider: r.provider,
             },
             Event::Stop(s) => {
                 Self::Stop(StopReason::try_from(s.stop_reason).unwrap_or(StopReason::Unspecified))

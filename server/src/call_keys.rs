@@ -8,15 +8,17 @@
 
 use std::time::Duration;
 
+use crate::config::ResumeMode;
 use crate::registry::CallOptions;
 use crate::retry::{OVERRIDE_PREFIX, RetryOverride};
 
 /// The keys besides `x-retry-*` that [`call_options`] reads.
-pub(crate) const KEYS: [&str; 4] = [
+pub(crate) const KEYS: [&str; 5] = [
     "grpc-previous-rpc-attempts",
     "x-stream-resume",
     "x-hedge-after-ms",
     "x-fallback-providers",
+    "x-first-token-timeout-ms",
 ];
 
 /// Whether the gateway reads `key` (lower case) as a per-call key.
@@ -41,21 +43,24 @@ pub(crate) fn call_options<'a>(pairs: &[(&'a str, &'a str)]) -> Result<CallOptio
             .copied()
             .filter(|(k, _)| k.starts_with(OVERRIDE_PREFIX)),
     )?;
-    let stream_resume = match text("x-stream-resume") {
-        None => None,
-        Some("continue") => Some(true),
-        Some("off") => Some(false),
-        Some(other) => {
-            return Err(format!(
-                "x-stream-resume: `{other}` is not `continue` or `off`"
-            ));
-        }
-    };
+    let stream_resume = text("x-stream-resume")
+        .map(|v| {
+            ResumeMode::parse(v).ok_or_else(|| {
+                format!("x-stream-resume: `{v}` is not `continue`, `restart` or `off`")
+            })
+        })
+        .transpose()?;
     let hedge_after = text("x-hedge-after-ms")
         .map(|v| {
             v.parse::<u64>()
                 .map(Duration::from_millis)
                 .map_err(|_| format!("x-hedge-after-ms: `{v}` is not an integer >= 0"))
+        })
+        .transpose()?;
+    let first_token_timeout = text("x-first-token-timeout-ms")
+        .map(|v| match v.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Duration::from_millis(n)),
+            _ => Err(format!("x-first-token-timeout-ms: `{v}` is not an integer > 0")),
         })
         .transpose()?;
     let fallback = text("x-fallback-providers").map(|v| {
@@ -75,6 +80,7 @@ pub(crate) fn call_options<'a>(pairs: &[(&'a str, &'a str)]) -> Result<CallOptio
         fallback,
         stream_resume,
         hedge_after,
+        first_token_timeout,
         ..CallOptions::default()
     })
 }
@@ -96,7 +102,7 @@ mod tests {
         .unwrap();
         assert_eq!(o.overrides.max_attempts, Some(2));
         assert_eq!(o.client_previous_attempts, 1);
-        assert_eq!(o.stream_resume, Some(true));
+        assert_eq!(o.stream_resume, Some(ResumeMode::Continue));
         assert_eq!(o.hedge_after, Some(Duration::from_millis(250)));
         assert_eq!(o.fallback, Some(vec!["a".to_string(), "b".to_string()]));
         for (key, value) in [

@@ -195,6 +195,15 @@ pub enum StreamEvent {
         /// Characters of text delivered before the break.
         characters_delivered: u64,
     },
+    /// The stream broke and was started over (`x-stream-resume: restart`):
+    /// everything relayed before is to be discarded; the complete new
+    /// answer follows (the registry emits this; providers never do).
+    Restarted {
+        /// The attempt serving the new answer.
+        attempt: u32,
+        /// The provider serving it.
+        provider: String,
+    },
     /// The upstream is alive but has nothing to say yet (an Anthropic
     /// `ping`): it resets the stream's idle timer and is never relayed.
     KeepAlive,

@@ -246,6 +246,9 @@ pub struct RetryConfig {
     pub max_retry_after_ms: Option<u64>,
     /// Longest silence between two stream events.
     pub stream_idle_timeout_ms: Option<u64>,
+    /// The longest wait for an attempt's first content before the call
+    /// moves to the next hop (off when unset).
+    pub first_token_timeout_ms: Option<u64>,
     /// The failure classes that are retried.
     pub retry_on: Option<Vec<String>>,
     /// Retries may add at most this fraction of the recent request rate.
@@ -311,14 +314,16 @@ impl ProviderConfig {
     pub fn resilience(&self) -> ResilienceConfig {
         let from = |breaker: &Option<BreakerConfig>,
                     fallback: &Vec<FallbackHop>,
-                    resume: Option<bool>,
+                    resume: Option<ResumeMode>,
                     max_resumes: Option<u32>,
-                    hedge: Option<u64>| ResilienceConfig {
+                    hedge: Option<u64>,
+                    context_window: Option<u32>| ResilienceConfig {
             breaker: breaker.clone(),
             fallback: fallback.clone(),
-            stream_resume: resume.unwrap_or(false),
+            stream_resume: resume.unwrap_or_default(),
             max_resumes: max_resumes.unwrap_or(2),
             hedge_after_ms: hedge,
+            context_window,
         };
         #[allow(unreachable_patterns)]
         match self {
@@ -328,6 +333,7 @@ impl ProviderConfig {
                 c.stream_resume,
                 c.max_resumes,
                 c.hedge_after_ms,
+                c.context_window,
             ),
             Self::Mock(c) => from(
                 &c.breaker,
@@ -335,6 +341,7 @@ impl ProviderConfig {
                 c.stream_resume,
                 c.max_resumes,
                 c.hedge_after_ms,
+                c.context_window,
             ),
             // Kinds without these keys (a local model) have none.
             _ => ResilienceConfig {
@@ -368,7 +375,9 @@ pub struct BreakerConfig {
     pub consecutive_failures: u32,
     /// How long an open breaker waits before a probe.
     pub cooldown_ms: u64,
-    /// The cooldown doubles after each failed probe, up to this.
+    /// The cooldown doubles after each failed probe, up to this (default
+    /// 10000, so a recovered provider is probed again within seconds; a
+    /// value below `cooldown_ms` means `cooldown_ms`).
     pub max_cooldown_ms: u64,
     /// Probes let through while half-open.
     pub half_open_probes: u32,
@@ -382,7 +391,7 @@ impl Default for BreakerConfig {
             window_ms: 10_000,
             consecutive_failures: 5,
             cooldown_ms: 5_000,
-            max_cooldown_ms: 60_000,
+            max_cooldown_ms: 10_000,
             half_open_probes: 1,
         }
     }
@@ -407,6 +416,8 @@ pub struct FallbackTable {
     pub provider: String,
     /// The model to ask it for; its default when absent.
     pub model: Option<String>,
+    /// That model's context window in tokens (else the provider's).
+    pub context_window: Option<u32>,
 }
 
 impl FallbackHop {
@@ -425,6 +436,72 @@ impl FallbackHop {
             Self::Table(t) => t.model.as_deref(),
         }
     }
+
+    /// The hop's own context window, when it declares one.
+    pub fn context_window(&self) -> Option<u32> {
+        match self {
+            Self::Name(_) => None,
+            Self::Table(t) => t.context_window,
+        }
+    }
+}
+
+/// How an OpenAI-compatible server is asked to continue a final assistant
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefillForm {
+    /// vLLM and servers like it: the request carries
+    /// `continue_final_message: true` and `add_generation_prompt: false`.
+    ContinueFinalMessage,
+    /// The server continues a last assistant message as it is (llama.cpp's
+    /// server, and others).
+    AssistantLast,
+}
+
+/// How a stream that broke after content is rescued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResumeMode {
+    /// It ends with an error.
+    #[default]
+    Off,
+    /// A continuation request carries on from the text delivered.
+    Continue,
+    /// As `Continue`; when no continuation can be made, the request is
+    /// sent again and the caller is told to discard what it received.
+    Restart,
+}
+
+impl ResumeMode {
+    /// Parses `off`, `continue` or `restart`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "off" => Some(Self::Off),
+            "continue" => Some(Self::Continue),
+            "restart" => Some(Self::Restart),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResumeMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Mode(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Flag(true) => Ok(Self::Continue),
+            Raw::Flag(false) => Ok(Self::Off),
+            Raw::Mode(m) => Self::parse(&m).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{m}` is not true, false, \"off\", \"continue\" or \"restart\""
+                ))
+            }),
+        }
+    }
 }
 
 /// The resilience keys of one provider section.
@@ -434,12 +511,14 @@ pub struct ResilienceConfig {
     pub breaker: Option<BreakerConfig>,
     /// The fallback chain.
     pub fallback: Vec<FallbackHop>,
-    /// Whether broken streams are resumed.
-    pub stream_resume: bool,
-    /// How many breaks may be resumed.
+    /// How broken streams are rescued.
+    pub stream_resume: ResumeMode,
+    /// How many continuations (or restarts) one stream may have.
     pub max_resumes: u32,
     /// The hedge delay.
     pub hedge_after_ms: Option<u64>,
+    /// The default model's context window, when declared.
+    pub context_window: Option<u32>,
 }
 
 /// The keys of a provider reached over HTTP.
@@ -455,6 +534,10 @@ pub struct HttpProviderConfig {
     pub model: Option<String>,
     /// `max_tokens` sent when a request sets none.
     pub max_tokens: Option<u32>,
+    /// For an OpenAI-compatible server that continues a final assistant
+    /// message (a prefill), which resuming a broken stream needs: the form
+    /// it takes. Unset: the server is not asked to continue one.
+    pub prefill: Option<PrefillForm>,
     /// A PEM bundle of extra trusted root certificates, for a self-hosted
     /// upstream behind a private CA (added to the platform's roots;
     /// certificates are always verified).
@@ -477,8 +560,13 @@ pub struct HttpProviderConfig {
     /// Providers to try, in order, when this one cannot serve.
     #[serde(default)]
     pub fallback: Vec<FallbackHop>,
-    /// Resume a stream that broke inside text with a continuation request.
-    pub stream_resume: Option<bool>,
+    /// Rescue a stream that broke after content: `false`/`"off"`,
+    /// `true`/`"continue"` (a continuation request), or `"restart"`
+    /// (continue when possible, else start the answer over).
+    pub stream_resume: Option<ResumeMode>,
+    /// The model's context window in tokens: a `context-length` failure
+    /// moves the call to the next hop with a larger window.
+    pub context_window: Option<u32>,
     /// How many breaks of one stream may be resumed (default 2).
     pub max_resumes: Option<u32>,
     /// Start a second attempt when the first has produced no content after
@@ -519,8 +607,13 @@ pub struct MockConfig {
     /// Providers to try, in order, when this one cannot serve.
     #[serde(default)]
     pub fallback: Vec<FallbackHop>,
-    /// Resume a stream that broke inside text with a continuation request.
-    pub stream_resume: Option<bool>,
+    /// Rescue a stream that broke after content: `false`/`"off"`,
+    /// `true`/`"continue"` (a continuation request), or `"restart"`
+    /// (continue when possible, else start the answer over).
+    pub stream_resume: Option<ResumeMode>,
+    /// The model's context window in tokens: a `context-length` failure
+    /// moves the call to the next hop with a larger window.
+    pub context_window: Option<u32>,
     /// How many breaks of one stream may be resumed (default 2).
     pub max_resumes: Option<u32>,
     /// Start a second attempt when the first has produced no content after
@@ -723,11 +816,8 @@ impl Config {
                 if b.window_ms < 1_000 {
                     return Err(bad("window_ms", "must be at least 1000"));
                 }
-                if b.cooldown_ms == 0 || b.max_cooldown_ms < b.cooldown_ms {
-                    return Err(bad(
-                        "max_cooldown_ms",
-                        "must be at least cooldown_ms, which must be > 0",
-                    ));
+                if b.cooldown_ms == 0 {
+                    return Err(bad("cooldown_ms", "must be greater than 0"));
                 }
                 if b.half_open_probes == 0 {
                     return Err(bad("half_open_probes", "must be at least 1"));
@@ -775,6 +865,21 @@ impl Config {
             {
                 crate::providers::check_model_name("mock", model)
                     .map_err(|why| err(format!("config key `providers.{name}.model`: {why}")))?;
+            }
+            if let ProviderConfig::Anthropic(c) = provider
+                && c.prefill.is_some()
+            {
+                return Err(err(format!(
+                    "config key `providers.{name}.prefill`: Anthropic continues an assistant \
+                     prefill natively; the key is for openai and databricks providers"
+                )));
+            }
+            if resilience.context_window == Some(0)
+                || resilience.fallback.iter().any(|h| h.context_window() == Some(0))
+            {
+                return Err(err(format!(
+                    "config key `providers.{name}.context_window`: must be greater than 0"
+                )));
             }
             match provider {
                 ProviderConfig::Anthropic(c) | ProviderConfig::Openai(c) => {

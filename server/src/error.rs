@@ -20,6 +20,10 @@ pub enum ErrorClass {
     ServerError,
     /// The upstream did not answer in time (408, 504, or our per-try limit).
     Timeout,
+    /// Our per-try limit ran out before the upstream sent anything at all
+    /// (not even response headers): the route is silent. A kind of
+    /// `timeout`: a `retry_on` naming `timeout` covers it.
+    TimeoutSilent,
     /// The connection failed before a response (refused, reset, DNS, TLS).
     Connection,
     /// A stream broke: cut, error event, stall, or end without a stop reason.
@@ -40,11 +44,12 @@ pub enum ErrorClass {
 
 impl ErrorClass {
     /// Every class, in a stable order.
-    pub const ALL: [ErrorClass; 12] = [
+    pub const ALL: [ErrorClass; 13] = [
         Self::RateLimited,
         Self::Overloaded,
         Self::ServerError,
         Self::Timeout,
+        Self::TimeoutSilent,
         Self::Connection,
         Self::StreamInterrupted,
         Self::Busy,
@@ -62,6 +67,7 @@ impl ErrorClass {
             Self::Overloaded => "overloaded",
             Self::ServerError => "server-error",
             Self::Timeout => "timeout",
+            Self::TimeoutSilent => "timeout-silent",
             Self::Connection => "connection",
             Self::StreamInterrupted => "stream-interrupted",
             Self::Busy => "busy",
@@ -86,6 +92,7 @@ impl ErrorClass {
             | Self::Overloaded
             | Self::ServerError
             | Self::Timeout
+            | Self::TimeoutSilent
             | Self::Connection
             | Self::StreamInterrupted
             | Self::Busy => true,

@@ -238,13 +238,14 @@ impl GatewayService {
         let (provider, first_attempts) = (open.provider.clone(), open.attempt);
         // Continuations add attempts: the trailers report them all.
         let mut attempts = first_attempts;
+        let mut serving = provider.clone();
         let body = open.events.flat_map(move |item| {
             let items = match item {
                 // After the stop, an OK status carrying the attempt report
                 // becomes the stream's trailers.
                 Ok(event @ StreamEvent::Stop(_)) => {
                     let mut trailers = Status::ok("");
-                    report(trailers.metadata_mut(), &provider, attempts);
+                    report(trailers.metadata_mut(), &serving, attempts);
                     record_status(&span, tonic::Code::Ok, Some(trailers.metadata()));
                     vec![
                         Ok(stream_response(event, &provider, first_attempts)),
@@ -253,8 +254,15 @@ impl GatewayService {
                 }
                 Ok(StreamEvent::KeepAlive) => Vec::new(),
                 Ok(event) => {
-                    if let StreamEvent::Resumed { attempt, .. } = &event {
+                    // A continuation or restart adds attempts, and may
+                    // come from the next provider of the chain.
+                    if let StreamEvent::Resumed {
+                        attempt, provider, ..
+                    }
+                    | StreamEvent::Restarted { attempt, provider } = &event
+                    {
                         attempts = *attempt;
+                        serving.clone_from(provider);
                     }
                     vec![Ok(stream_response(event, &provider, first_attempts))]
                 }
@@ -329,6 +337,7 @@ fn code_of(error: &GatewayError) -> Code {
             ErrorClass::Overloaded
             | ErrorClass::ServerError
             | ErrorClass::Timeout
+            | ErrorClass::TimeoutSilent
             | ErrorClass::Connection
             | ErrorClass::StreamInterrupted
             | ErrorClass::Busy => Code::Unavailable,
@@ -793,6 +802,9 @@ fn stream_response(event: StreamEvent, provider: &str, attempt: u32) -> pb::Stre
         StreamEvent::Stop(s) => Event::Stop(pb::StreamStop {
             stop_reason: stop_reason(s) as i32,
         }),
+        StreamEvent::Restarted { attempt, provider } => {
+            Event::Restarted(pb::StreamRestarted { attempt, provider })
+        }
         StreamEvent::KeepAlive => return pb::StreamResponse { event: None },
     };
     pb::StreamResponse { event: Some(event) }

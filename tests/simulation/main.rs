@@ -24,10 +24,14 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         }
     };
     let (mut calls, mut upstream, mut failed) = (0, 0, Vec::new());
+    let (mut resumes, mut cross, mut restarts) = (0, 0, 0);
     for &seed in &seeds {
         let report = sim::run_scenario(seed);
         calls += report.calls;
         upstream += report.upstream_calls;
+        resumes += report.resumes;
+        cross += report.cross_hop_resumes;
+        restarts += report.restarts;
         if !report.violations.is_empty() {
             eprintln!("scenario SIM_SEED={seed} broke an invariant:");
             for v in &report.violations {
@@ -41,10 +45,17 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         seeds.len(),
         failed.len()
     );
+    eprintln!("rescued streams: continued={resumes} (by another provider: {cross}) restarted={restarts}");
     assert!(
         calls > seeds.len() as u64 && upstream > calls / 2,
         "the scenarios made too few calls to mean anything"
     );
+    if seeds.len() >= 1_000 {
+        assert!(
+            resumes > 0 && cross > 0 && restarts > 0,
+            "the scenarios rescued no stream of some kind: continued={resumes} cross-hop={cross} restarted={restarts}"
+        );
+    }
     assert!(
         failed.is_empty(),
         "failing seeds (replay with SIM_SEED=<seed>): {failed:?}"

@@ -44,7 +44,7 @@ use provider_gateway_server::Registry;
 use provider_gateway_server::chat::{
     ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, Usage,
 };
-use provider_gateway_server::config::{BreakerConfig, FallbackHop, ResilienceConfig};
+use provider_gateway_server::config::{BreakerConfig, FallbackHop, ResilienceConfig, ResumeMode};
 use provider_gateway_server::error::{ErrorClass, GatewayError, ProviderError};
 use provider_gateway_server::providers::{EventStream, Provider};
 use provider_gateway_server::registry::{CallOptions, RegisteredProvider};
@@ -91,6 +91,11 @@ impl Rng {
 pub struct Report {
     pub calls: u64,
     pub upstream_calls: u64,
+    /// Streams continued by another provider than the one that broke.
+    pub cross_hop_resumes: u64,
+    /// Streams continued (any provider) and started over.
+    pub resumes: u64,
+    pub restarts: u64,
     pub violations: Vec<String>,
 }
 
@@ -144,7 +149,6 @@ struct ProviderLog {
 }
 
 struct SimProvider {
-    name: String,
     rng: Mutex<Rng>,
     /// The operator's limits, to know which behaviours are faults.
     per_try: Duration,
@@ -154,9 +158,10 @@ struct SimProvider {
     log: Arc<Mutex<ProviderLog>>,
 }
 
-/// The whole answer provider `name` gives call `call`: words, with spaces
-/// and paragraph breaks, so breaks fall after whitespace too.
-fn answer(name: &str, call: u64) -> Vec<String> {
+/// The whole answer every provider gives call `call` (so any hop can
+/// continue what another delivered): words, with spaces and paragraph
+/// breaks, so breaks fall after whitespace too.
+fn answer(call: u64) -> Vec<String> {
     let words = 3 + (call % 5) as usize;
     (0..words)
         .map(|i| {
@@ -166,7 +171,7 @@ fn answer(name: &str, call: u64) -> Vec<String> {
                 2 => "",
                 _ => "  ",
             };
-            format!("{name}-{call}-{i}{sep}")
+            format!("w{call}-{i}{sep}")
         })
         .collect()
 }
@@ -267,7 +272,7 @@ impl SimProvider {
     /// the prefill of a continuation).
     fn begin(&self, request: &ChatRequest) -> (u64, String) {
         let call = call_id(request);
-        let full: String = answer(&self.name, call).concat();
+        let full: String = answer(call).concat();
         let mut log = match self.log.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -543,6 +548,7 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Arc<Si
         per_try_timeout: rng.ms(50, 500),
         max_retry_after: rng.ms(100, 1_000),
         stream_idle_timeout: rng.ms(20, 200),
+        first_token_timeout: rng.chance(20).then(|| rng.ms(10, 300)),
         budget_ratio: rng.pick(&[0.0, 0.1, 0.2, 0.5]),
         budget_min_per_second: rng.pick(&[0.0, 1.0, 5.0]),
         budget_window: Duration::from_secs(rng.range(1, 3)),
@@ -567,13 +573,13 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Arc<Si
     let resilience = ResilienceConfig {
         breaker,
         fallback,
-        stream_resume: rng.chance(50),
+        stream_resume: rng.pick(&[ResumeMode::Off, ResumeMode::Continue, ResumeMode::Restart]),
         max_resumes: rng.range(0, 2) as u32,
         hedge_after_ms: rng.chance(25).then(|| rng.range(5, 100)),
+        context_window: rng.chance(30).then(|| rng.range(1, 4) as u32 * 1_000),
     };
     let log = Arc::new(Mutex::new(ProviderLog::default()));
     let provider = Arc::new(SimProvider {
-        name: name.clone(),
         rng: Mutex::new(Rng::new(rng.next_u64())),
         per_try: policy.per_try_timeout,
         idle: policy.stream_idle_timeout,
@@ -602,9 +608,10 @@ struct CallPlan {
     overrides: RetryOverride,
     previous_attempts: u32,
     hedge_after: Option<Duration>,
-    stream_resume: Option<bool>,
+    stream_resume: Option<ResumeMode>,
     fallback: Option<Vec<String>>,
     cancel_after: Option<Duration>,
+    first_token_timeout: Option<Duration>,
 }
 
 fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
@@ -631,11 +638,13 @@ fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
         overrides,
         previous_attempts: if rng.chance(10) { 1 } else { 0 },
         hedge_after: rng.chance(15).then(|| rng.ms(0, 100)),
-        stream_resume: match rng.range(0, 3) {
-            0 => Some(true),
-            1 => Some(false),
+        stream_resume: match rng.range(0, 4) {
+            0 => Some(ResumeMode::Continue),
+            1 => Some(ResumeMode::Off),
+            2 => Some(ResumeMode::Restart),
             _ => None,
         },
+        first_token_timeout: rng.chance(10).then(|| rng.ms(1, 200)),
         fallback: rng.chance(15).then(|| {
             (0..providers)
                 .filter(|_| rng.chance(50))
@@ -651,18 +660,17 @@ fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
 enum Ended {
     Completed {
         attempts: u32,
-        provider: String,
         text: String,
     },
     Streamed {
         attempts: u32,
-        provider: String,
+        /// (continuations, of which by another provider, restarts)
+        rescues: (u64, u64, u64),
         text: String,
         stops: usize,
         stop_last: bool,
     },
     StreamFailed {
-        provider: String,
         text: String,
         error: GatewayError,
     },
@@ -680,12 +688,12 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
         stream_resume: plan.stream_resume,
         hedge_after: plan.hedge_after,
         allowed_providers: None,
+        first_token_timeout: plan.first_token_timeout,
     };
     if !plan.stream {
         return match registry.complete(&request, &options).await {
             Ok(done) => Ended::Completed {
                 attempts: done.attempts,
-                provider: done.provider,
                 text: done
                     .response
                     .content
@@ -703,8 +711,9 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
         Ok(open) => open,
         Err(e) => return Ended::Failed(e),
     };
-    let provider = open.provider.clone();
     let mut attempts = open.attempt;
+    let mut serving = open.provider.clone();
+    let mut rescues = (0, 0, 0);
     let mut events = open.events;
     let (mut text, mut stops, mut stop_last) = (String::new(), 0, false);
     while let Some(item) = events.next().await {
@@ -714,13 +723,28 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
                 match event {
                     StreamEvent::Text { text: t, .. } => text.push_str(&t),
                     StreamEvent::Stop(_) => stops += 1,
-                    StreamEvent::Resumed { attempt, .. } => attempts = attempt,
+                    StreamEvent::Resumed {
+                        attempt, provider, ..
+                    } => {
+                        attempts = attempt;
+                        rescues.0 += 1;
+                        if provider != serving {
+                            rescues.1 += 1;
+                            serving = provider;
+                        }
+                    }
+                    // The answer starts over: what came before is void.
+                    StreamEvent::Restarted { attempt, provider } => {
+                        attempts = attempt;
+                        rescues.2 += 1;
+                        serving = provider;
+                        text.clear();
+                    }
                     _ => {}
                 }
             }
             Err(error) => {
                 return Ended::StreamFailed {
-                    provider,
                     text,
                     error,
                 };
@@ -729,7 +753,7 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
     }
     Ended::Streamed {
         attempts,
-        provider,
+        rescues,
         text,
         stops,
         stop_last,
@@ -943,11 +967,8 @@ async fn check(
         }
     }
     // 2, 4, 5 per call.
-    let max_resumes = setups
-        .iter()
-        .map(|s| s.resilience.max_resumes)
-        .max()
-        .unwrap_or(0);
+    // Continuations may come from every hop after the serving one.
+    let max_resumes: u32 = setups.iter().map(|s| s.resilience.max_resumes).sum();
     for (plan, outcome, took_us) in ended {
         let made = per_call.get(&plan.id).copied().unwrap_or(0);
         let bound: u32 = setups
@@ -990,20 +1011,23 @@ async fn check(
             ));
         }
         match outcome {
-            Ended::Completed { provider, text, .. } => {
-                let want = answer(provider, plan.id).concat();
+            Ended::Completed { text, .. } => {
+                let want = answer(plan.id).concat();
                 if *text != want {
                     v.push(format!("call {}: answer {text:?}, want {want:?}", plan.id));
                 }
             }
             Ended::Streamed {
-                provider,
                 text,
+                rescues,
                 stops,
                 stop_last,
                 ..
             } => {
-                let want = answer(provider, plan.id).concat();
+                report.resumes += rescues.0;
+                report.cross_hop_resumes += rescues.1;
+                report.restarts += rescues.2;
+                let want = answer(plan.id).concat();
                 if *text != want || *stops != 1 || !stop_last {
                     v.push(format!(
                         "call {}: stream ended OK with {stops} stop(s) (last: {stop_last}) and text {text:?}, want {want:?}",
@@ -1011,8 +1035,8 @@ async fn check(
                     ));
                 }
             }
-            Ended::StreamFailed { provider, text, .. } => {
-                let want = answer(provider, plan.id).concat();
+            Ended::StreamFailed { text, .. } => {
+                let want = answer(plan.id).concat();
                 if !want.starts_with(text.as_str()) {
                     v.push(format!(
                         "call {}: a broken stream delivered {text:?}, not a prefix of {want:?}",

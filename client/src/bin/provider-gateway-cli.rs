@@ -529,6 +529,22 @@ async fn stream(
                 provider = p;
                 attempts = attempt;
             }
+            // What was printed cannot be taken back: say the answer starts
+            // over, on a line of its own.
+            StreamEvent::Restarted {
+                provider: p,
+                attempt,
+            } => {
+                provider = p;
+                attempts = attempt;
+                let line = if wrote.is_empty() || wrote.ends_with('\n') {
+                    "[the stream broke; the answer starts over]\n"
+                } else {
+                    "\n[the stream broke; the answer starts over]\n"
+                };
+                write_out(&mut stdout, line).await?;
+                wrote = line.to_string();
+            }
             // This command offers no tools, so no tool calls are expected.
             StreamEvent::ToolUseStart { .. } | StreamEvent::ToolInputJson { .. } => {}
         }

@@ -295,7 +295,7 @@ impl SseTranslator for Translator {
         let v: Value = match serde_json::from_str(&event.data) {
             Ok(v) => v,
             Err(_) if event.event == "ping" => return out.push_back(Ok(StreamEvent::KeepAlive)),
-            Err(e) => return out.push_back(Err(http::bad_json("a stream event", &e))),
+            Err(e) => return out.push_back(Err(http::bad_event("a stream event", &e))),
         };
         let kind = v["type"].as_str().unwrap_or(event.event.as_str());
         let upstream_index = v["index"].as_u64().unwrap_or(0);

@@ -146,6 +146,7 @@ pub(crate) async fn send(
         .send()
         .await
         .map_err(|e| redact(key, transport_error(&e)))?;
+    super::mark_responded();
     let status = response.status();
     span.record("http.response.status_code", i64::from(status.as_u16()));
     if let Some(host) = response.url().host_str() {
@@ -410,6 +411,16 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// A JSON body that could not be understood.
+/// An event in the middle of a stream that does not decode: the stream is
+/// broken (`stream-interrupted`), never skipped silently.
+pub(crate) fn bad_event(what: &str, e: &serde_json::Error) -> ProviderError {
+    ProviderError::new(
+        ErrorClass::StreamInterrupted,
+        format!("the upstream sent {what} that is not the expected JSON: {e}"),
+    )
+}
+
+/// A body that does not decode.
 pub(crate) fn bad_json(what: &str, e: &serde_json::Error) -> ProviderError {
     ProviderError::new(
         ErrorClass::ServerError,

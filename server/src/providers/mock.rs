@@ -103,6 +103,7 @@ impl MockProvider {
                 ErrorClass::NotFound => Some(404),
                 ErrorClass::ContextLength => Some(413),
                 ErrorClass::Timeout => Some(504),
+                ErrorClass::TimeoutSilent => None,
                 ErrorClass::Connection
                 | ErrorClass::StreamInterrupted
                 | ErrorClass::Busy

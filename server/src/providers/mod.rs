@@ -23,6 +23,27 @@ use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
 use crate::config::{ConfigError, EnvSource, ProviderConfig};
 use crate::error::ProviderError;
 
+tokio::task_local! {
+    static RESPONDED: Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// Tells the running attempt that the upstream has answered (its response
+/// headers arrived): an attempt that then runs out of time is a `timeout`,
+/// one that never got here a `timeout-silent`. Outside an attempt it does
+/// nothing.
+pub fn mark_responded() {
+    let _ = RESPONDED.try_with(|flag| flag.store(true, std::sync::atomic::Ordering::Relaxed));
+}
+
+/// Runs one attempt's upstream call, noting in `flag` whether it was
+/// answered.
+pub(crate) async fn watch_responded<F: std::future::Future>(
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    call: F,
+) -> F::Output {
+    RESPONDED.scope(flag, call).await
+}
+
 /// The events of one streamed attempt. It ends after [`StreamEvent::Stop`] or
 /// after the first error; dropping it drops the upstream request.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderError>> + Send>>;

@@ -15,7 +15,7 @@ use super::{ApiKey, EventStream, Provider};
 use crate::chat::{
     ChatRequest, ChatResponse, Content, Role, StopReason, StreamEvent, ToolChoice, Usage,
 };
-use crate::config::{ConfigError, EnvSource, HttpProviderConfig};
+use crate::config::{ConfigError, EnvSource, HttpProviderConfig, PrefillForm};
 use crate::error::{ErrorClass, ProviderError};
 
 /// The public endpoint.
@@ -42,6 +42,8 @@ pub struct OpenAiProvider {
     model: String,
     max_tokens: Option<u32>,
     limits: http::ReadLimits,
+    /// How the server continues a final assistant message, if it does.
+    prefill: Option<PrefillForm>,
 }
 
 impl OpenAiProvider {
@@ -90,6 +92,7 @@ impl OpenAiProvider {
             model: config.model.clone().unwrap_or_else(|| default_model.into()),
             max_tokens: config.max_tokens,
             limits: http::ReadLimits::of(config),
+            prefill: config.prefill,
         })
     }
 
@@ -113,14 +116,23 @@ impl OpenAiProvider {
             value.set_sensitive(true);
             builder = builder.header(reqwest::header::AUTHORIZATION, value);
         }
-        builder.json(&body(
+        let mut body = body(
             req,
             model,
             send_model,
             self.max_tokens,
             stream,
             include_usage,
-        ))
+        );
+        let continues = req.messages.last().is_some_and(|m| m.role == Role::Assistant);
+        if continues
+            && self.prefill == Some(PrefillForm::ContinueFinalMessage)
+            && let Value::Object(obj) = &mut body
+        {
+            obj.insert("continue_final_message".into(), json!(true));
+            obj.insert("add_generation_prompt".into(), json!(false));
+        }
+        builder.json(&body)
     }
 }
 
@@ -228,6 +240,10 @@ fn messages(req: &ChatRequest) -> Vec<Value> {
 impl Provider for OpenAiProvider {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    fn supports_prefill(&self) -> bool {
+        self.prefill.is_some()
     }
 
     fn default_model(&self) -> &str {
@@ -422,7 +438,7 @@ impl SseTranslator for Translator {
         }
         let v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
-            Err(e) => return out.push_back(Err(http::bad_json("a stream chunk", &e))),
+            Err(e) => return out.push_back(Err(http::bad_event("a stream chunk", &e))),
         };
         if v["error"].is_object() {
             let c = error_fields(&v["error"]);

@@ -40,6 +40,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -66,6 +67,8 @@ pub(crate) struct Hop {
     pub(crate) policy: RetryPolicy,
     /// Send a hedge when the first attempt has no answer after this.
     pub(crate) hedge_after: Option<Duration>,
+    /// The context window of the model this hop asks for, when declared.
+    pub(crate) context_window: Option<u32>,
 }
 
 impl Hop {
@@ -122,6 +125,10 @@ pub(crate) enum Bound {
     Operator,
     /// The caller's narrower `x-retry-per-try-timeout-ms`.
     Caller,
+    /// The time to first token (`first_token_timeout_ms` or the request's
+    /// `x-first-token-timeout-ms`): a routing choice, never a verdict on
+    /// the upstream; with a fallback hop the call moves on at once.
+    FirstToken,
     /// The caller's deadline.
     Deadline,
 }
@@ -132,6 +139,8 @@ pub(crate) struct Attempt {
     pub(crate) number: u32,
     pub(crate) span: Span,
     limit: Duration,
+    /// Set once the upstream answered (response headers).
+    responded: Arc<AtomicBool>,
     pub(crate) bound: Bound,
     pub(crate) permit: Option<BreakerPermit>,
     started: std::time::Instant,
@@ -150,9 +159,10 @@ impl Attempt {
     where
         F: Future<Output = Result<T, ProviderError>>,
     {
-        let (limit, span) = (self.limit, self.span.clone());
+        let (limit, span, responded) = (self.limit, self.span.clone(), self.responded.clone());
         async move {
-            match tokio::time::timeout(limit, call.instrument(span)).await {
+            let call = crate::providers::watch_responded(responded, call.instrument(span));
+            match tokio::time::timeout(limit, call).await {
                 Ok(Ok(value)) => Outcome::Done(value),
                 Ok(Err(error)) => Outcome::Failed(error),
                 Err(_) => Outcome::TimedOut,
@@ -169,17 +179,39 @@ impl Attempt {
     /// which ends the call).
     pub(crate) fn timeout_error(&self) -> ProviderError {
         let ms = self.limit.as_millis();
-        ProviderError::new(
-            ErrorClass::Timeout,
-            match self.bound {
-                Bound::Caller => {
-                    format!("no answer within the request's per-try timeout of {ms} ms")
-                }
-                Bound::Operator | Bound::Deadline => {
-                    format!("no answer within the per-try timeout of {ms} ms")
-                }
-            },
-        )
+        let silent = !self.responded.load(Ordering::Relaxed);
+        let what = match self.bound {
+            Bound::Caller => format!("the request's per-try timeout of {ms} ms"),
+            Bound::FirstToken => format!("the first-token timeout of {ms} ms"),
+            Bound::Operator | Bound::Deadline => format!("the per-try timeout of {ms} ms"),
+        };
+        if silent {
+            ProviderError::new(
+                ErrorClass::TimeoutSilent,
+                format!("no response at all (not even headers) within {what}"),
+            )
+        } else {
+            let first = if self.bound == Bound::FirstToken {
+                "no first content"
+            } else {
+                "no answer"
+            };
+            ProviderError::new(ErrorClass::Timeout, format!("{first} within {what}"))
+        }
+    }
+
+    /// Whether running out of time says something about the upstream:
+    /// only under the operator's own per-try timeout.
+    fn timeout_is_a_fault(&self) -> bool {
+        self.bound == Bound::Operator
+    }
+
+    /// Whether a failure of this attempt moves the call to the next hop at
+    /// once (when there is one), without retrying the same provider: a
+    /// first-token timeout, or a silent route.
+    pub(crate) fn fails_over(&self, error: &ProviderError) -> bool {
+        error.class == ErrorClass::TimeoutSilent
+            || (self.bound == Bound::FirstToken && error.class == ErrorClass::Timeout)
     }
 }
 
@@ -246,11 +278,6 @@ impl AttemptGate {
         )
     }
 
-    /// The full-jitter wait before continuation `n` (`n >= 1`) of a stream.
-    pub(crate) fn backoff(&self, hop: &Hop, n: u32) -> Duration {
-        self.jitter.backoff(&hop.policy, n)
-    }
-
     /// Admits one upstream call of `kind` to `hop`, or says why not.
     pub(crate) fn admit(
         &mut self,
@@ -303,8 +330,14 @@ impl AttemptGate {
         }
         self.attempts += 1;
         let per_try = hop.policy.per_try_timeout;
-        let (limit, bound) = match remaining {
-            Some(r) if r <= per_try => (r, Bound::Deadline),
+        // A continuation's first content is not a first token.
+        let first_token = hop
+            .policy
+            .first_token_timeout
+            .filter(|_| kind != AttemptKind::Continuation);
+        let (limit, bound) = match (remaining, first_token) {
+            (Some(r), f) if r <= per_try && f.is_none_or(|f| r <= f) => (r, Bound::Deadline),
+            (_, Some(f)) if f < per_try => (f, Bound::FirstToken),
             _ if per_try < hop.entry.policy.per_try_timeout => (per_try, Bound::Caller),
             _ => (per_try, Bound::Operator),
         };
@@ -312,6 +345,7 @@ impl AttemptGate {
             number: self.attempts,
             span: obs.attempt_span(self.attempts),
             limit,
+            responded: Arc::new(AtomicBool::new(false)),
             bound,
             permit,
             started: std::time::Instant::now(),
@@ -336,6 +370,23 @@ impl AttemptGate {
     /// Ends an attempt without a verdict: its permit is given back.
     pub(crate) fn abandon(attempt: &mut Attempt) {
         attempt.permit.take();
+    }
+
+    /// Ends an attempt that ran out of time (not by the deadline): its
+    /// error, counted against the breaker only under the operator's own
+    /// per-try timeout.
+    pub(crate) fn timed_out(
+        &self,
+        entry: &RegisteredProvider,
+        attempt: &mut Attempt,
+    ) -> ProviderError {
+        let error = attempt.timeout_error();
+        if attempt.timeout_is_a_fault() {
+            self.settle(entry, attempt, Some(&error));
+        } else {
+            Self::abandon(attempt);
+        }
+        error
     }
 
     /// A stream committed on `attempt`: a probe closes the breaker now.
@@ -449,7 +500,7 @@ impl<'l> CallChain<'l> {
         } = self;
         let (mut obs, result) = run(&mut gate, first, rest, metrics, labels, &call).await;
         match result {
-            Ok((hop, mut won)) => {
+            Ok((hop, mut won, _)) => {
                 gate.settle(&hop.entry, &mut won.attempt, None);
                 obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
                 let attempts = gate.attempts();
@@ -478,7 +529,7 @@ impl<'l> CallChain<'l> {
     /// (and resumed) by [`stream`].
     pub(crate) async fn stream(
         self,
-        stream_resume: Option<bool>,
+        stream_resume: Option<crate::config::ResumeMode>,
     ) -> Result<OpenStream, GatewayError> {
         let call = |hop: &Hop| -> BoxFuture<'static, Result<_, ProviderError>> {
             let (provider, request) = (hop.entry.provider.clone(), hop.request.clone());
@@ -495,7 +546,7 @@ impl<'l> CallChain<'l> {
             labels,
         } = self;
         let (mut obs, result) = run(&mut gate, first, rest, metrics, labels, &call).await;
-        let (hop, mut won) = match result {
+        let (hop, mut won, rest) = match result {
             Ok(served) => served,
             Err(error) => {
                 obs.failed(&error);
@@ -509,11 +560,11 @@ impl<'l> CallChain<'l> {
             obs.first_chunk();
         }
         obs.committed();
-        let resume = stream_resume.unwrap_or(hop.entry.resilience.stream_resume)
-            && hop.entry.provider.supports_prefill();
+        let resume = stream_resume.unwrap_or(hop.entry.resilience.stream_resume);
         Ok(stream::committed(StreamSetup {
             gate,
             hop,
+            rest,
             count: won.count,
             attempt: won.attempt,
             obs,
@@ -535,7 +586,7 @@ async fn run<T: Send + 'static>(
     metrics: Arc<GatewayMetrics>,
     labels: &ModelLabels,
     call: AttemptFn<'_, T>,
-) -> (CallObservation, Result<(Hop, Won<T>), GatewayError>) {
+) -> (CallObservation, Result<Served<T>, GatewayError>) {
     let mut hops = rest.into_iter().peekable();
     let mut hop = first;
     let mut obs = CallObservation::start(metrics, hop.observed(labels));
@@ -546,11 +597,20 @@ async fn run<T: Send + 'static>(
             .instrument(chat)
             .await;
         match result {
-            Ok(won) => return (obs, Ok((hop, won))),
+            Ok(won) => {
+                let rest = hops.collect();
+                return (obs, Ok((hop, won, rest)));
+            }
             Err(error) => {
-                let next = match hops.next() {
-                    Some(next) if falls_back(&error) => next,
-                    _ => return (obs, Err(error)),
+                let next = match context_overflow(&error, &hop) {
+                    // Only a hop with a larger window can take a prompt
+                    // that overflowed this one.
+                    Some(window) => hops.find(|h| h.context_window.is_some_and(|w| w > window)),
+                    None if falls_back(&error) => hops.next(),
+                    None => None,
+                };
+                let Some(next) = next else {
+                    return (obs, Err(error));
                 };
                 tracing::info!(
                     provider = %hop.entry.name,
@@ -615,17 +675,13 @@ async fn run_hop<T: Send + 'static>(
                     last_error,
                 });
             }
-            Outcome::TimedOut => {
-                let error = attempt.timeout_error();
-                if attempt.bound == Bound::Operator {
-                    gate.settle(&hop.entry, &mut attempt, Some(&error));
-                } else {
-                    AttemptGate::abandon(&mut attempt);
-                }
-                error
-            }
+            Outcome::TimedOut => gate.timed_out(&hop.entry, &mut attempt),
         };
-        let decision = gate.decide(hop, count.tries, &error);
+        let decision = if has_fallback && attempt.fails_over(&error) {
+            Decision::GiveUp(GiveUp::FailOver)
+        } else {
+            gate.decide(hop, count.tries, &error)
+        };
         obs.attempt_done(&attempt.span, took, Some((&error, decision)));
         let attempts = gate.attempts();
         if has_fallback
@@ -721,14 +777,12 @@ async fn race<T: Send + 'static>(
     // recorded, and the other attempt decides.
     if let Some(mut failed) = attempts[decided].take() {
         let error = match outcome {
-            Outcome::Failed(error) => error,
-            Outcome::Done(_) | Outcome::TimedOut => failed.timeout_error(),
+            Outcome::Failed(error) => {
+                gate.settle(&hop.entry, &mut failed, Some(&error));
+                error
+            }
+            Outcome::Done(_) | Outcome::TimedOut => gate.timed_out(&hop.entry, &mut failed),
         };
-        if failed.bound == Bound::Operator || !matches!(error.class, ErrorClass::Timeout) {
-            gate.settle(&hop.entry, &mut failed, Some(&error));
-        } else {
-            AttemptGate::abandon(&mut failed);
-        }
         obs.attempt_done(&failed.span, failed.took(), None);
         failed.span.record("otel.status_code", "ERROR");
         failed.span.record("error.type", error.class.as_str());
@@ -758,10 +812,27 @@ fn unreachable_attempt<T>() -> (Outcome<T>, Attempt) {
             span: Span::none(),
             limit: Duration::ZERO,
             bound: Bound::Deadline,
+            responded: Arc::new(AtomicBool::new(false)),
             permit: None,
             started: std::time::Instant::now(),
         },
     )
+}
+
+/// The hop that served, its winning attempt, and the hops after it (for a
+/// stream's rescue).
+type Served<T> = (Hop, Won<T>, Vec<Hop>);
+
+/// The declared context window of a hop whose prompt overflowed it.
+fn context_overflow(error: &GatewayError, hop: &Hop) -> Option<u32> {
+    match error {
+        GatewayError::Upstream {
+            error,
+            delivered: None,
+            ..
+        } if error.class == ErrorClass::ContextLength => hop.context_window,
+        _ => None,
+    }
 }
 
 /// Whether a failed hop leaves the call to the next provider.
@@ -814,7 +885,7 @@ fn give_up(
                 budget_exhausted: false,
             }
         }
-        GiveUp::NotRetryable | GiveUp::AttemptsSpent | GiveUp::BudgetExhausted => {
+        GiveUp::NotRetryable | GiveUp::AttemptsSpent | GiveUp::BudgetExhausted | GiveUp::FailOver => {
             GatewayError::Upstream {
                 provider,
                 attempts,

@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures_core::Stream;
 
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
-use crate::config::{Config, ConfigError, EnvSource, ResilienceConfig};
+use crate::config::{Config, ConfigError, EnvSource, ResilienceConfig, ResumeMode};
 use crate::error::GatewayError;
 use crate::observe::ModelLabels;
 use crate::providers::{self, Provider};
@@ -112,12 +112,15 @@ pub struct CallOptions {
     /// provider's configured chain, empty = none.
     pub fallback: Option<Vec<String>>,
     /// The request's `x-stream-resume`; `None` = the provider's setting.
-    pub stream_resume: Option<bool>,
+    pub stream_resume: Option<ResumeMode>,
     /// The request's `x-hedge-after-ms`; `None` = the provider's setting,
     /// zero = no hedge. Clamped by the operator's limits.
     pub hedge_after: Option<Duration>,
     /// The providers the authenticated client may use; `None` = all.
     pub allowed_providers: Option<Vec<String>>,
+    /// The request's `x-first-token-timeout-ms`; `None` = the provider's.
+    /// Clamped by the operator's per-try ceiling.
+    pub first_token_timeout: Option<Duration>,
 }
 
 /// A whole answer and how it was obtained.
@@ -283,6 +286,9 @@ impl Registry {
     fn call_policy(&self, entry: &RegisteredProvider, options: &CallOptions) -> RetryPolicy {
         let limits = self.call_limits(options);
         let mut policy = options.overrides.apply(&entry.policy, limits);
+        if let Some(t) = options.first_token_timeout {
+            policy.first_token_timeout = Some(t.min(limits.per_try_timeout));
+        }
         if options.client_previous_attempts > 0 && policy.single_attempt_when_client_retries {
             policy.max_attempts = 1;
         }
@@ -310,16 +316,23 @@ impl Registry {
             request: Arc::new(request.clone()),
             policy: self.call_policy(primary, options),
             hedge_after: limits.hedge_after(options.hedge_after, configured_hedge(primary)),
+            context_window: primary.resilience.context_window,
         };
         let mut hops: Vec<attempts::Hop> = Vec::new();
-        let configured: Vec<(String, Option<String>)> = primary
+        let configured: Vec<(String, Option<String>, Option<u32>)> = primary
             .resilience
             .fallback
             .iter()
-            .map(|h| (h.provider().to_string(), h.model().map(str::to_string)))
+            .map(|h| {
+                (
+                    h.provider().to_string(),
+                    h.model().map(str::to_string),
+                    h.context_window(),
+                )
+            })
             .collect();
         let names = match &options.fallback {
-            Some(requested) => requested.iter().map(|n| (n.clone(), None)).collect(),
+            Some(requested) => requested.iter().map(|n| (n.clone(), None, None)).collect(),
             None => configured,
         };
         let uses_tools = !request.tools.is_empty()
@@ -329,7 +342,7 @@ impl Registry {
                     crate::chat::Content::ToolUse { .. } | crate::chat::Content::ToolResult { .. }
                 )
             });
-        for (name, model) in names {
+        for (name, model, window) in names {
             let entry = self.providers.get(&name).ok_or_else(|| {
                 GatewayError::InvalidArgument(format!(
                     "x-fallback-providers: `{name}` is not a configured provider"
@@ -346,6 +359,12 @@ impl Registry {
             {
                 continue;
             }
+            // A hop naming its own model declares that model's window; else
+            // the provider's default model's.
+            let context_window = match &model {
+                Some(_) => window,
+                None => entry.resilience.context_window,
+            };
             // A fallback asks for its own model (empty = its default): the
             // caller's model belongs to the primary.
             hops.push(attempts::Hop {
@@ -356,6 +375,7 @@ impl Registry {
                 }),
                 policy: self.call_policy(entry, options),
                 hedge_after: configured_hedge(entry).filter(|d| !d.is_zero()),
+                context_window,
             });
         }
         Ok((first, hops))

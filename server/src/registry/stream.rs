@@ -36,7 +36,8 @@ use crate::chat::{ChatRequest, Content, Message, Role, StreamEvent, Usage};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::observe::CallObservation;
 use crate::providers::{EventStream, Provider};
-use crate::retry::{self, min_useful_attempt};
+use crate::config::ResumeMode;
+use crate::retry;
 
 fn no_stop() -> ProviderError {
     ProviderError::new(
@@ -61,6 +62,7 @@ pub(crate) async fn open_until_commit(
     idle: Duration,
 ) -> Result<(EventStream, VecDeque<StreamEvent>), ProviderError> {
     let mut events = provider.stream(request).await?;
+    crate::providers::mark_responded();
     let mut head = VecDeque::new();
     loop {
         match tokio::time::timeout(idle, events.next()).await {
@@ -82,15 +84,18 @@ pub(crate) async fn open_until_commit(
 /// What a committed stream starts from.
 pub(crate) struct StreamSetup {
     pub(crate) gate: AttemptGate,
+    /// The hop that serves.
     pub(crate) hop: Hop,
+    /// The hops after it in the chain, which may rescue a break.
+    pub(crate) rest: Vec<Hop>,
     pub(crate) count: HopCount,
     /// The serving attempt (its span and breaker permit).
     pub(crate) attempt: Attempt,
     pub(crate) obs: CallObservation,
     pub(crate) events: EventStream,
     pub(crate) head: VecDeque<StreamEvent>,
-    /// Whether a break inside text may be resumed.
-    pub(crate) resume: bool,
+    /// How a break after content is rescued.
+    pub(crate) resume: ResumeMode,
 }
 
 /// The open stream of a committed attempt.
@@ -98,6 +103,7 @@ pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
     let StreamSetup {
         gate,
         hop,
+        rest,
         count,
         attempt,
         obs,
@@ -116,11 +122,14 @@ pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
     }
     let provider = hop.entry.name.clone();
     let attempts = gate.attempts();
+    let idle = hop.policy.stream_idle_timeout;
+    let mut hops = vec![(hop, count)];
+    hops.extend(rest.into_iter().map(|h| (h, HopCount::default())));
     let state = Committed {
-        idle: hop.policy.stream_idle_timeout,
+        idle,
         gate,
-        hop,
-        count,
+        hops,
+        serving: 0,
         attempt: Some(attempt),
         obs,
         id: String::new(),
@@ -130,7 +139,8 @@ pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
         head,
         delivered: 0,
         done: false,
-        resume: resume.then(Resume::default),
+        mode: resume,
+        resume: Resume::default(),
     };
     OpenStream {
         provider,
@@ -145,19 +155,20 @@ pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
     }
 }
 
-/// What resuming needs to know of the text delivered so far.
+/// What rescuing needs to know of the answer relayed so far.
 #[derive(Default)]
 struct Resume {
-    /// Every text delta relayed, in order.
+    /// Every text delta relayed since the answer (re)started, in order.
     text: String,
     /// The block the text went to.
     text_index: Option<u32>,
     /// Text deltas relayed (a floor on the tokens generated).
     text_deltas: u32,
-    /// A tool call was being relayed: it cannot be resumed.
+    /// A tool call was being relayed: it cannot be continued.
     in_tool: bool,
-    /// Usage before the serving continuation.
+    /// Usage before the serving continuation or restart.
     usage_before: Usage,
+    /// A continuation serves: its block indexes follow the broken block.
     resumed: bool,
     /// Whitespace cut off the prefill that the continuation may repeat.
     skip: String,
@@ -165,8 +176,9 @@ struct Resume {
 
 struct Committed {
     gate: AttemptGate,
-    hop: Hop,
-    count: HopCount,
+    /// The serving hop and the hops after it, with what each has spent.
+    hops: Vec<(Hop, HopCount)>,
+    serving: usize,
     /// The serving attempt, until its verdict.
     attempt: Option<Attempt>,
     obs: CallObservation,
@@ -178,7 +190,8 @@ struct Committed {
     delivered: u64,
     done: bool,
     idle: Duration,
-    resume: Option<Resume>,
+    mode: ResumeMode,
+    resume: Resume,
 }
 
 /// How waiting for the next upstream event ended.
@@ -188,7 +201,20 @@ enum Next {
     Deadline,
 }
 
+/// What a rescue attempt sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rescue {
+    /// A continuation of the text delivered.
+    Continue,
+    /// The request again, from the start.
+    Restart,
+}
+
 impl Committed {
+    fn hop(&self) -> &Hop {
+        &self.hops[self.serving].0
+    }
+
     /// The next event for the caller, or the error that ends the stream.
     async fn next(&mut self) -> Result<StreamEvent, GatewayError> {
         loop {
@@ -201,13 +227,11 @@ impl Committed {
                 Next::Broke(error) => error,
                 Next::Deadline => return Err(self.deadline()),
             };
+            let entry = self.hops[self.serving].0.entry.clone();
             if let Some(attempt) = &mut self.attempt {
-                self.gate.settle(&self.hop.entry, attempt, Some(&broke));
+                self.gate.settle(&entry, attempt, Some(&broke));
             }
-            match self.try_resume(broke).await {
-                Ok(()) => continue,
-                Err(error) => return Err(error),
-            }
+            self.rescue(broke).await?;
         }
     }
 
@@ -233,7 +257,7 @@ impl Committed {
             AttemptGate::abandon(&mut attempt);
         }
         let error = GatewayError::DeadlineExceeded {
-            provider: self.hop.entry.name.clone(),
+            provider: self.hop().entry.name.clone(),
             attempts: self.gate.attempts(),
             last_error: None,
         };
@@ -244,8 +268,9 @@ impl Committed {
     /// Bookkeeping for one event on its way to the caller; `None` when
     /// nothing is left of it to relay.
     fn relay(&mut self, event: StreamEvent) -> Option<StreamEvent> {
-        let event = match (&mut self.resume, event) {
-            (Some(r), StreamEvent::Text { index, mut text }) if r.resumed => {
+        let r = &mut self.resume;
+        let event = match event {
+            StreamEvent::Text { index, mut text } if r.resumed => {
                 if !r.skip.is_empty() {
                     let same = common_prefix(&text, &r.skip);
                     if same == text.len() {
@@ -260,7 +285,7 @@ impl Committed {
                     text,
                 }
             }
-            (Some(r), StreamEvent::ToolUseStart { index, id, name }) if r.resumed => {
+            StreamEvent::ToolUseStart { index, id, name } if r.resumed => {
                 r.skip.clear();
                 StreamEvent::ToolUseStart {
                     index: remap(r, index),
@@ -268,13 +293,13 @@ impl Committed {
                     name,
                 }
             }
-            (Some(r), StreamEvent::ToolInputJson { index, json }) if r.resumed => {
+            StreamEvent::ToolInputJson { index, json } if r.resumed => {
                 StreamEvent::ToolInputJson {
                     index: remap(r, index),
                     json,
                 }
             }
-            (_, other) => other,
+            other => other,
         };
         match &event {
             StreamEvent::Start { id, model } => {
@@ -282,10 +307,7 @@ impl Committed {
                 self.model.clone_from(model);
             }
             StreamEvent::Usage(u) => {
-                let before = self
-                    .resume
-                    .as_ref()
-                    .map_or(Usage::default(), |r| r.usage_before);
+                let before = self.resume.usage_before;
                 self.usage = Usage {
                     input_tokens: before.input_tokens.saturating_add(u.input_tokens),
                     output_tokens: before.output_tokens.saturating_add(u.output_tokens),
@@ -294,8 +316,9 @@ impl Committed {
             }
             StreamEvent::Stop(stop) => {
                 self.done = true;
+                let entry = self.hop().entry.clone();
                 if let Some(mut attempt) = self.attempt.take() {
-                    self.gate.settle(&self.hop.entry, &mut attempt, None);
+                    self.gate.settle(&entry, &mut attempt, None);
                 }
                 let attempts = self.gate.attempts();
                 let (model, id, usage) = (self.model.clone(), self.id.clone(), self.usage);
@@ -303,125 +326,138 @@ impl Committed {
             }
             StreamEvent::Text { index, text } => {
                 self.delivered += 1;
-                if let Some(r) = &mut self.resume {
-                    r.text.push_str(text);
-                    r.text_index = Some(*index);
-                    r.text_deltas = r.text_deltas.saturating_add(1);
-                }
+                let r = &mut self.resume;
+                r.text.push_str(text);
+                r.text_index = Some(*index);
+                r.text_deltas = r.text_deltas.saturating_add(1);
             }
             StreamEvent::ToolUseStart { .. } | StreamEvent::ToolInputJson { .. } => {
                 self.delivered += 1;
-                if let Some(r) = &mut self.resume {
-                    r.in_tool = true;
-                }
+                self.resume.in_tool = true;
             }
-            StreamEvent::Resumed { .. } | StreamEvent::KeepAlive => {}
+            StreamEvent::Resumed { .. } | StreamEvent::Restarted { .. } | StreamEvent::KeepAlive => {}
         }
         Some(event)
     }
 
-    /// After a break inside text, sends continuation requests through the
-    /// gate until one delivers content (then the stream carries on with its
-    /// events after a `resumed` event) or no more may be made. The error
-    /// returned is the last one: the continuation's own when one failed.
-    async fn try_resume(&mut self, broke: ProviderError) -> Result<(), GatewayError> {
-        let resumable = self
-            .resume
-            .as_ref()
-            .is_some_and(|r| !r.in_tool && !r.text.trim_end().is_empty())
-            && retry::is_retryable(&self.hop.policy, &broke);
-        if !resumable {
+    /// Rescues a stream that broke after content, when the call allows it
+    /// and the break is one its policy retries: a continuation from the
+    /// serving provider, else from each later hop that accepts one (a
+    /// provider whose breaker is open, or that just failed a continuation,
+    /// is passed over); in restart mode, when no continuation can be made,
+    /// the request again from the start. Every one is an attempt through
+    /// the gate. The error returned is the last one: a failed
+    /// continuation's own, or the break.
+    async fn rescue(&mut self, broke: ProviderError) -> Result<(), GatewayError> {
+        if self.mode == ResumeMode::Off || !retry::is_retryable(&self.hop().policy, &broke) {
             return Err(self.broken(broke));
         }
         let mut error = broke;
-        loop {
-            let mut attempt = match self.gate.admit(
-                &self.hop,
-                &mut self.count,
-                AttemptKind::Continuation,
-                &self.obs,
-            ) {
-                Ok(attempt) => attempt,
-                Err(_) => return Err(self.broken(error)),
-            };
-            let (continuation, skip) = self.continuation();
-            tracing::info!(
-                parent: &attempt.span,
-                provider = %self.hop.entry.name,
-                attempt = attempt.number,
-                "resuming a stream that broke inside text: {error}"
-            );
-            let provider = self.hop.entry.provider.clone();
-            let outcome = attempt
-                .run(open_until_commit(
-                    provider.as_ref(),
-                    &continuation,
-                    self.idle,
-                ))
-                .await;
-            let took = attempt.took();
-            let failure = match outcome {
-                Outcome::Done((events, head)) => {
-                    self.gate.commit(&self.hop.entry, &mut attempt);
-                    self.obs.attempt_done(&attempt.span, took, None);
-                    self.resumed(attempt, events, head, skip);
-                    return Ok(());
+        let continuable = !self.resume.in_tool && !self.resume.text.trim_end().is_empty();
+        let mut kinds = Vec::new();
+        if continuable {
+            kinds.push(Rescue::Continue);
+        }
+        if self.mode == ResumeMode::Restart {
+            kinds.push(Rescue::Restart);
+        }
+        for kind in kinds {
+            for at in self.serving..self.hops.len() {
+                if kind == Rescue::Continue && !self.hops[at].0.entry.provider.supports_prefill() {
+                    continue;
                 }
-                Outcome::Failed(failure) => {
-                    self.gate
-                        .settle(&self.hop.entry, &mut attempt, Some(&failure));
-                    failure
+                match self.try_rescue(at, kind, &error).await {
+                    Ok(()) => return Ok(()),
+                    Err(Some(failure)) => error = failure,
+                    Err(None) => {}
                 }
-                Outcome::TimedOut if attempt.bound == Bound::Deadline => {
-                    AttemptGate::abandon(&mut attempt);
-                    return Err(self.deadline());
+                if self.done {
+                    // The deadline ended it.
+                    return Err(GatewayError::DeadlineExceeded {
+                        provider: self.hop().entry.name.clone(),
+                        attempts: self.gate.attempts(),
+                        last_error: Some(error),
+                    });
                 }
-                Outcome::TimedOut => {
-                    let failure = attempt.timeout_error();
-                    if attempt.bound == Bound::Operator {
-                        self.gate
-                            .settle(&self.hop.entry, &mut attempt, Some(&failure));
-                    } else {
-                        AttemptGate::abandon(&mut attempt);
-                    }
-                    failure
-                }
-            };
-            let mut failure = failure;
-            failure.message = format!(
-                "{}; the stream's continuation failed after a break ({error})",
-                failure.message
-            );
-            error = failure;
-            // Another continuation only for a failure the policy retries,
-            // after a full-jitter wait that fits the deadline.
-            let wait = self.gate.backoff(&self.hop, self.count.resumes);
-            let fits = self
-                .gate
-                .remaining()
-                .is_none_or(|r| r >= wait.saturating_add(min_useful_attempt(&self.hop.policy)));
-            let decision = if retry::is_retryable(&self.hop.policy, &error) && fits {
-                retry::Decision::Retry { wait }
-            } else {
-                retry::Decision::GiveUp(retry::GiveUp::NotRetryable)
-            };
-            self.obs
-                .attempt_done(&attempt.span, took, Some((&error, decision)));
-            drop(attempt);
-            match decision {
-                retry::Decision::Retry { wait } => self.gate.wait(wait, &mut self.obs).await,
-                retry::Decision::GiveUp(_) => return Err(self.broken(error)),
             }
         }
+        Err(self.broken(error))
     }
 
-    /// The continuation request: the conversation plus an assistant turn
-    /// holding the text delivered (after a prefill the request already
-    /// had), without trailing whitespace, and `max_tokens` less what was
-    /// generated. Also returns the whitespace cut off.
-    fn continuation(&self) -> (ChatRequest, String) {
-        let mut request = (*self.hop.request).clone();
-        let delivered = self.resume.as_ref().map_or("", |r| r.text.as_str());
+    /// One rescue attempt on hop `at`: `Ok` once it delivered content (the
+    /// stream carries on with it); `Err(Some(e))` when it failed with `e`;
+    /// `Err(None)` when the gate did not admit it.
+    async fn try_rescue(
+        &mut self,
+        at: usize,
+        kind: Rescue,
+        broke: &ProviderError,
+    ) -> Result<(), Option<ProviderError>> {
+        let (request, skip) = match kind {
+            Rescue::Continue => self.continuation(at),
+            Rescue::Restart => ((*self.hops[at].0.request).clone(), String::new()),
+        };
+        let (hop, count) = &mut self.hops[at];
+        let mut attempt = self
+            .gate
+            .admit(hop, count, AttemptKind::Continuation, &self.obs)
+            .map_err(|_| None)?;
+        let entry = hop.entry.clone();
+        let idle = hop.policy.stream_idle_timeout;
+        tracing::info!(
+            parent: &attempt.span,
+            provider = %entry.name,
+            attempt = attempt.number,
+            "{} a stream that broke after content: {broke}",
+            match kind {
+                Rescue::Continue => "continuing",
+                Rescue::Restart => "restarting",
+            }
+        );
+        let outcome = attempt
+            .run(open_until_commit(entry.provider.as_ref(), &request, idle))
+            .await;
+        let took = attempt.took();
+        let failure = match outcome {
+            Outcome::Done((events, head)) => {
+                self.gate.commit(&entry, &mut attempt);
+                self.obs.attempt_done(&attempt.span, took, None);
+                self.carry_on(at, kind, attempt, events, head, skip);
+                return Ok(());
+            }
+            Outcome::Failed(failure) => {
+                self.gate.settle(&entry, &mut attempt, Some(&failure));
+                failure
+            }
+            Outcome::TimedOut if attempt.bound == Bound::Deadline => {
+                AttemptGate::abandon(&mut attempt);
+                self.deadline();
+                return Err(None);
+            }
+            Outcome::TimedOut => self.gate.timed_out(&entry, &mut attempt),
+        };
+        let mut failure = failure;
+        failure.message = format!(
+            "{}; it was the {} of a stream that broke after content ({broke})",
+            failure.message,
+            match kind {
+                Rescue::Continue => "continuation",
+                Rescue::Restart => "restart",
+            }
+        );
+        let decision = retry::Decision::GiveUp(retry::GiveUp::NotRetryable);
+        self.obs
+            .attempt_done(&attempt.span, took, Some((&failure, decision)));
+        Err(Some(failure))
+    }
+
+    /// The continuation request for hop `at`: its conversation plus an
+    /// assistant turn holding the text delivered (after a prefill the
+    /// request already had), without trailing whitespace, and `max_tokens`
+    /// less what was generated. Also returns the whitespace cut off.
+    fn continuation(&self, at: usize) -> (ChatRequest, String) {
+        let mut request = (*self.hops[at].0.request).clone();
+        let delivered = self.resume.text.as_str();
         let text = match request.messages.last_mut() {
             Some(last) if last.role == Role::Assistant => match last.content.last_mut() {
                 Some(Content::Text(t)) => {
@@ -441,11 +477,7 @@ impl Committed {
                     role: Role::Assistant,
                     content: vec![Content::Text(delivered.to_string())],
                 });
-                match request
-                    .messages
-                    .last_mut()
-                    .and_then(|m| m.content.last_mut())
-                {
+                match request.messages.last_mut().and_then(|m| m.content.last_mut()) {
                     Some(Content::Text(t)) => t,
                     _ => return (request, String::new()),
                 }
@@ -453,53 +485,64 @@ impl Committed {
         };
         let kept = text.trim_end().len();
         let skip = text.split_off(kept);
-        let generated = self
-            .resume
-            .as_ref()
-            .map_or(0, |r| self.usage.output_tokens.max(r.text_deltas));
+        let generated = self.usage.output_tokens.max(self.resume.text_deltas);
         request.max_tokens = request
             .max_tokens
             .map(|max| max.saturating_sub(generated).max(1));
         (request, skip)
     }
 
-    /// Carries on with a continuation that delivered content.
-    fn resumed(
+    /// Carries on with a rescue attempt on hop `at` that delivered content.
+    fn carry_on(
         &mut self,
+        at: usize,
+        kind: Rescue,
         attempt: Attempt,
         events: EventStream,
         head: VecDeque<StreamEvent>,
         skip: String,
     ) {
-        let usage = self.usage;
-        let characters_delivered = self
-            .resume
-            .as_ref()
-            .map_or(0, |r| r.text.chars().count() as u64);
-        if let Some(r) = &mut self.resume {
-            r.usage_before = usage;
-            r.resumed = true;
-            r.skip = skip;
-        }
         let number = attempt.number;
+        let provider = self.hops[at].0.entry.name.clone();
+        let usage = self.usage;
+        let r = &mut self.resume;
+        let marker = match kind {
+            Rescue::Continue => {
+                let characters_delivered = r.text.chars().count() as u64;
+                r.resumed = true;
+                r.skip = skip;
+                StreamEvent::Resumed {
+                    attempt: number,
+                    provider,
+                    characters_delivered,
+                }
+            }
+            Rescue::Restart => {
+                // The new answer stands alone: block indexes from 0.
+                *r = Resume::default();
+                StreamEvent::Restarted {
+                    attempt: number,
+                    provider,
+                }
+            }
+        };
+        self.resume.usage_before = usage;
+        self.serving = at;
+        self.idle = self.hops[at].0.policy.stream_idle_timeout;
         self.attempt = Some(attempt);
         self.events = events;
         self.head = head
             .into_iter()
             .filter(|e| !matches!(e, StreamEvent::Start { .. }))
             .collect();
-        self.head.push_front(StreamEvent::Resumed {
-            attempt: number,
-            provider: self.hop.entry.name.clone(),
-            characters_delivered,
-        });
+        self.head.push_front(marker);
     }
 
     fn broken(&mut self, error: ProviderError) -> GatewayError {
         self.done = true;
         self.attempt.take();
         let error = GatewayError::Upstream {
-            provider: self.hop.entry.name.clone(),
+            provider: self.hop().entry.name.clone(),
             attempts: self.gate.attempts(),
             error,
             delivered: Some(self.delivered),
@@ -516,7 +559,7 @@ impl Drop for Committed {
             // The caller went away before the end: the serving attempt's
             // permit is abandoned with it.
             self.obs.failed(&GatewayError::Upstream {
-                provider: self.hop.entry.name.clone(),
+                provider: self.hop().entry.name.clone(),
                 attempts: self.gate.attempts(),
                 error: ProviderError::new(ErrorClass::Cancelled, "the caller cancelled the stream"),
                 delivered: Some(self.delivered),

@@ -122,6 +122,7 @@ pub fn is_upstream_fault(class: ErrorClass) -> bool {
         | ErrorClass::Overloaded
         | ErrorClass::ServerError
         | ErrorClass::Timeout
+        | ErrorClass::TimeoutSilent
         | ErrorClass::Connection
         | ErrorClass::StreamInterrupted => true,
         ErrorClass::Busy
@@ -280,8 +281,13 @@ impl CircuitBreaker {
     /// The cooldown of an opening breaker: `cooldown`, or the upstream's
     /// Retry-After if longer, never more than `max_cooldown_ms`.
     fn open_for(&self, cooldown: Duration, error: &ProviderError) -> Duration {
-        let max = Duration::from_millis(self.config.max_cooldown_ms);
+        let max = self.max_cooldown();
         cooldown.max(error.retry_after.unwrap_or_default()).min(max)
+    }
+
+    /// The longest cooldown: `max_cooldown_ms`, or `cooldown_ms` if longer.
+    fn max_cooldown(&self) -> Duration {
+        Duration::from_millis(self.config.max_cooldown_ms.max(self.config.cooldown_ms))
     }
 
     fn abandon(&self, epoch: u64, probe: bool) {
@@ -335,7 +341,7 @@ impl CircuitBreaker {
             inner.faults += 1;
         }
         let base = Duration::from_millis(self.config.cooldown_ms);
-        let max = Duration::from_millis(self.config.max_cooldown_ms);
+        let max = self.max_cooldown();
         if probe {
             let State::HalfOpen {
                 in_flight,
@@ -346,7 +352,7 @@ impl CircuitBreaker {
             };
             return match (fault, outcome) {
                 (Some(error), _) => {
-                    let cooldown = cooldown.saturating_mul(2).clamp(base, max.max(base));
+                    let cooldown = cooldown.saturating_mul(2).clamp(base, max);
                     let wait = self.open_for(cooldown, error);
                     inner.to(State::Open {
                         until: later(now, wait),

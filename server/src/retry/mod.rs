@@ -21,7 +21,7 @@ pub use policy::{RetryLimits, RetryPolicy};
 
 use tokio::time::Instant;
 
-use crate::error::ProviderError;
+use crate::error::{ErrorClass, ProviderError};
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,9 @@ pub enum GiveUp {
     /// The next wait (this long) would not leave a useful attempt before
     /// the caller's deadline.
     WaitPastDeadline(Duration),
+    /// A first-token timeout or a silent route, with a fallback hop to take
+    /// at once.
+    FailOver,
 }
 
 impl GiveUp {
@@ -65,6 +68,7 @@ impl GiveUp {
             Self::RetryAfterTooLong(_) => "retry_after_too_long",
             Self::Deadline => "deadline",
             Self::WaitPastDeadline(_) => "wait_past_deadline",
+            Self::FailOver => "fallback",
         }
     }
 }
@@ -80,14 +84,16 @@ pub fn min_useful_attempt(policy: &RetryPolicy) -> Duration {
 /// own `x-retry-on`; a class that is never retried (invalid request, auth,
 /// not found, context length, cancelled) stays so whatever anyone says.
 pub fn is_retryable(policy: &RetryPolicy, error: &ProviderError) -> bool {
-    let caller_allows = policy
-        .request_retry_on
-        .as_ref()
-        .is_none_or(|classes| classes.contains(&error.class));
+    // `timeout` in a list covers its kind `timeout-silent`.
+    let listed = |classes: &[ErrorClass]| {
+        classes.contains(&error.class)
+            || (error.class == ErrorClass::TimeoutSilent && classes.contains(&ErrorClass::Timeout))
+    };
+    let caller_allows = policy.request_retry_on.as_deref().is_none_or(listed);
     let operator_allows = match error.should_retry {
         Some(false) => false,
         Some(true) => true,
-        None => policy.retry_on.contains(&error.class),
+        None => listed(&policy.retry_on),
     };
     error.class.is_transient() && caller_allows && operator_allows
 }

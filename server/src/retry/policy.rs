@@ -23,6 +23,10 @@ pub struct RetryPolicy {
     pub max_retry_after: Duration,
     /// Longest silence between two stream events.
     pub stream_idle_timeout: Duration,
+    /// The longest wait for an attempt's first content (for Complete, its
+    /// answer) before the call moves to the next hop; `None` = the per-try
+    /// timeout alone.
+    pub first_token_timeout: Option<Duration>,
     /// The classes that are retried; only transient classes may appear.
     pub retry_on: Vec<ErrorClass>,
     /// The caller's own `x-retry-on`, which narrows `retry_on` and which
@@ -48,6 +52,7 @@ impl Default for RetryPolicy {
             per_try_timeout: Duration::from_millis(60_000),
             max_retry_after: Duration::from_millis(60_000),
             stream_idle_timeout: Duration::from_millis(30_000),
+            first_token_timeout: None,
             retry_on: ErrorClass::ALL
                 .into_iter()
                 .filter(|c| c.is_transient())
@@ -143,6 +148,12 @@ impl RetryPolicy {
                 return Err(bad("stream_idle_timeout_ms", "must be greater than 0"));
             }
             self.stream_idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.first_token_timeout_ms {
+            if ms == 0 {
+                return Err(bad("first_token_timeout_ms", "must be greater than 0"));
+            }
+            self.first_token_timeout = Some(Duration::from_millis(ms));
         }
         if let Some(r) = c.budget_ratio {
             if !(r.is_finite() && r >= 0.0) {
