@@ -60,7 +60,9 @@ pub(crate) fn call_options<'a>(pairs: &[(&'a str, &'a str)]) -> Result<CallOptio
     let first_token_timeout = text("x-first-token-timeout-ms")
         .map(|v| match v.parse::<u64>() {
             Ok(n) if n > 0 => Ok(Duration::from_millis(n)),
-            _ => Err(format!("x-first-token-timeout-ms: `{v}` is not an integer > 0")),
+            _ => Err(format!(
+                "x-first-token-timeout-ms: `{v}` is not an integer > 0"
+            )),
         })
         .transpose()?;
     let fallback = text("x-fallback-providers").map(|v| {

@@ -875,7 +875,10 @@ impl Config {
                 )));
             }
             if resilience.context_window == Some(0)
-                || resilience.fallback.iter().any(|h| h.context_window() == Some(0))
+                || resilience
+                    .fallback
+                    .iter()
+                    .any(|h| h.context_window() == Some(0))
             {
                 return Err(err(format!(
                     "config key `providers.{name}.context_window`: must be greater than 0"

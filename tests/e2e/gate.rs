@@ -58,7 +58,7 @@ fn anthropic(upstream: &Upstream, extra: &str) -> String {
 }
 
 /// A request carrying `metadata` and, when given, a `grpc-timeout`.
-fn with<T>(
+pub fn with<T>(
     message: T,
     metadata: &[(&'static str, &str)],
     deadline: Option<Duration>,
@@ -73,7 +73,7 @@ fn with<T>(
     req
 }
 
-fn attempts_in(metadata: &MetadataMap) -> Option<u32> {
+pub fn attempts_in(metadata: &MetadataMap) -> Option<u32> {
     metadata
         .get("x-gateway-attempts")
         .and_then(|v| v.to_str().ok())
@@ -86,15 +86,15 @@ fn attempts_of(status: &tonic::Status) -> u32 {
 
 /// A whole answer as the caller sees it.
 #[derive(Debug)]
-struct Answer {
-    text: String,
+pub struct Answer {
+    pub text: String,
     /// `x-gateway-attempts`.
-    attempts: u32,
+    pub attempts: u32,
     /// `x-gateway-provider`.
-    provider: String,
+    pub provider: String,
 }
 
-async fn complete(
+pub async fn complete(
     gw: &Gateway,
     metadata: &[(&'static str, &str)],
     deadline: Option<Duration>,
@@ -128,13 +128,13 @@ async fn complete(
 
 /// A stream as the caller sees it: its events, its text, and how it ended.
 #[derive(Debug, Default)]
-struct Streamed {
-    events: Vec<Event>,
-    text: String,
+pub struct Streamed {
+    pub events: Vec<Event>,
+    pub text: String,
     /// The final status when it did not end OK.
-    status: Option<tonic::Status>,
+    pub status: Option<tonic::Status>,
     /// The trailers when it ended OK.
-    trailers: Option<MetadataMap>,
+    pub trailers: Option<MetadataMap>,
 }
 
 impl Streamed {
@@ -156,7 +156,7 @@ impl Streamed {
     }
 }
 
-async fn stream_with(
+pub async fn stream_with(
     gw: &Gateway,
     message: v1::StreamRequest,
     metadata: &[(&'static str, &str)],

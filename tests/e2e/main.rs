@@ -19,6 +19,7 @@ mod hostile;
 mod mock;
 mod openai;
 mod operations;
+mod rescue;
 mod resilience;
 mod retry;
 mod secrets;

@@ -45,7 +45,9 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         seeds.len(),
         failed.len()
     );
-    eprintln!("rescued streams: continued={resumes} (by another provider: {cross}) restarted={restarts}");
+    eprintln!(
+        "rescued streams: continued={resumes} (by another provider: {cross}) restarted={restarts}"
+    );
     assert!(
         calls > seeds.len() as u64 && upstream > calls / 2,
         "the scenarios made too few calls to mean anything"

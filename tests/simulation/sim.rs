@@ -744,10 +744,7 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
                 }
             }
             Err(error) => {
-                return Ended::StreamFailed {
-                    text,
-                    error,
-                };
+                return Ended::StreamFailed { text, error };
             }
         }
     }

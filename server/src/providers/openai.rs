@@ -124,7 +124,10 @@ impl OpenAiProvider {
             stream,
             include_usage,
         );
-        let continues = req.messages.last().is_some_and(|m| m.role == Role::Assistant);
+        let continues = req
+            .messages
+            .last()
+            .is_some_and(|m| m.role == Role::Assistant);
         if continues
             && self.prefill == Some(PrefillForm::ContinueFinalMessage)
             && let Value::Object(obj) = &mut body

@@ -885,14 +885,15 @@ fn give_up(
                 budget_exhausted: false,
             }
         }
-        GiveUp::NotRetryable | GiveUp::AttemptsSpent | GiveUp::BudgetExhausted | GiveUp::FailOver => {
-            GatewayError::Upstream {
-                provider,
-                attempts,
-                error,
-                delivered: None,
-                budget_exhausted: reason == GiveUp::BudgetExhausted,
-            }
-        }
+        GiveUp::NotRetryable
+        | GiveUp::AttemptsSpent
+        | GiveUp::BudgetExhausted
+        | GiveUp::FailOver => GatewayError::Upstream {
+            provider,
+            attempts,
+            error,
+            delivered: None,
+            budget_exhausted: reason == GiveUp::BudgetExhausted,
+        },
     }
 }

@@ -33,10 +33,10 @@ use futures_util::{StreamExt, stream};
 use super::OpenStream;
 use super::attempts::{Attempt, AttemptGate, AttemptKind, Bound, Hop, HopCount, Outcome};
 use crate::chat::{ChatRequest, Content, Message, Role, StreamEvent, Usage};
+use crate::config::ResumeMode;
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::observe::CallObservation;
 use crate::providers::{EventStream, Provider};
-use crate::config::ResumeMode;
 use crate::retry;
 
 fn no_stop() -> ProviderError {
@@ -293,12 +293,10 @@ impl Committed {
                     name,
                 }
             }
-            StreamEvent::ToolInputJson { index, json } if r.resumed => {
-                StreamEvent::ToolInputJson {
-                    index: remap(r, index),
-                    json,
-                }
-            }
+            StreamEvent::ToolInputJson { index, json } if r.resumed => StreamEvent::ToolInputJson {
+                index: remap(r, index),
+                json,
+            },
             other => other,
         };
         match &event {
@@ -335,7 +333,9 @@ impl Committed {
                 self.delivered += 1;
                 self.resume.in_tool = true;
             }
-            StreamEvent::Resumed { .. } | StreamEvent::Restarted { .. } | StreamEvent::KeepAlive => {}
+            StreamEvent::Resumed { .. }
+            | StreamEvent::Restarted { .. }
+            | StreamEvent::KeepAlive => {}
         }
         Some(event)
     }
@@ -477,7 +477,11 @@ impl Committed {
                     role: Role::Assistant,
                     content: vec![Content::Text(delivered.to_string())],
                 });
-                match request.messages.last_mut().and_then(|m| m.content.last_mut()) {
+                match request
+                    .messages
+                    .last_mut()
+                    .and_then(|m| m.content.last_mut())
+                {
                     Some(Content::Text(t)) => t,
                     _ => return (request, String::new()),
                 }
