@@ -373,6 +373,7 @@ impl Provider for SimProvider {
             match script {
                 Script::Ok { latency, .. } => {
                     tokio::time::sleep(latency).await;
+                    provider_gateway_server::providers::mark_responded();
                     Ok(ChatResponse {
                         id: "sim".into(),
                         model: "sim-1".into(),
@@ -386,8 +387,10 @@ impl Provider for SimProvider {
                 }
                 Script::Fail { latency, error } => {
                     tokio::time::sleep(latency).await;
+                    provider_gateway_server::providers::mark_responded();
                     Err(error)
                 }
+                // A route that sends nothing: a timeout here is silent.
                 Script::Stall | Script::Break { .. } => std::future::pending().await,
             }
         })
