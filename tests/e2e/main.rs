@@ -16,6 +16,7 @@ mod embedded;
 mod fuzz_props;
 mod gate;
 mod hostile;
+mod http_ingress;
 mod mock;
 mod openai;
 mod operations;
