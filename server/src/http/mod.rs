@@ -391,15 +391,18 @@ fn call_options(headers: &HeaderMap, arrival: Instant) -> Result<CallOptions, Ht
             })
             .transpose()
     };
-    let seconds = |key: &str| -> Result<Option<Duration>, HttpError> {
-        text(key)?
-            .map(|v| match v.parse::<f64>() {
-                Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s.min(86_400.0))),
-                _ => Err(HttpError::invalid(format!(
-                    "{key}: `{v}` is not a number of seconds > 0"
-                ))),
-            })
-            .transpose()
+    // The SDKs' own timeout headers: what they send is not the caller's to
+    // fix (the Anthropic SDK sends `NOT_GIVEN` on some calls), so a value
+    // that is not a number of seconds is ignored rather than refused.
+    let seconds = |key: &str| -> Option<Duration> {
+        let v = headers
+            .get(key)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        (v.is_finite() && v > 0.0).then(|| Duration::from_secs_f64(v.min(86_400.0)))
     };
     let timeout = match text("x-request-timeout-ms")? {
         Some(v) => match v.parse::<u64>() {
@@ -411,8 +414,8 @@ fn call_options(headers: &HeaderMap, arrival: Instant) -> Result<CallOptions, Ht
             }
         },
         None => match (
-            seconds("x-stainless-read-timeout")?,
-            seconds("x-stainless-timeout")?,
+            seconds("x-stainless-read-timeout"),
+            seconds("x-stainless-timeout"),
         ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
