@@ -15,6 +15,7 @@ mod deploy;
 mod embedded;
 mod fuzz_props;
 mod gate;
+mod grpc_ecosystem;
 mod hostile;
 mod http_ingress;
 mod mock;
