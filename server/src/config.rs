@@ -21,6 +21,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
 /// Where the admin HTTP server (`/metrics`) listens by default.
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
+/// Where the OpenAI- and Anthropic-compatible HTTP ingress listens by default.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
 /// The prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "GATEWAY_";
 
@@ -78,6 +80,10 @@ pub struct Config {
     /// Where the gRPC server listens.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Where the HTTP ingress (OpenAI / Anthropic compatible) listens;
+    /// empty = not at all.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: String,
     /// The provider used when a request names none.
     #[serde(default)]
     pub default_provider: Option<String>,
@@ -226,6 +232,10 @@ impl Default for LimitsConfig {
 
 fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
+}
+
+fn default_http_listen() -> String {
+    DEFAULT_HTTP_LISTEN.to_string()
 }
 
 /// A `[retry]` or `[providers.X.retry]` section. Unset keys inherit.
@@ -711,6 +721,19 @@ impl Config {
         })
     }
 
+    /// The HTTP ingress address, parsed; `None` when `http_listen` is empty.
+    pub fn http_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.http_listen.is_empty() {
+            return Ok(None);
+        }
+        self.http_listen.parse().map(Some).map_err(|e| {
+            err(format!(
+                "config key `http_listen`: `{}` is not a socket address: {e}",
+                self.http_listen
+            ))
+        })
+    }
+
     /// The default provider's name.
     pub fn default_provider_name(&self) -> Result<String, ConfigError> {
         if let Some(name) = &self.default_provider {
@@ -729,6 +752,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.http_listen_addr()?;
         let default = self.default_provider_name()?;
         if !self.providers.contains_key(&default) {
             return Err(err(format!(

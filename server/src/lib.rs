@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+mod http;
 pub mod observe;
 pub mod providers;
 pub mod registry;
@@ -55,6 +56,8 @@ pub enum ServeError {
     Transport(tonic::transport::Error),
     /// Reflection could not be set up.
     Reflection(String),
+    /// A listener could not be bound (the message names the config key).
+    Bind(String),
 }
 
 impl std::fmt::Display for ServeError {
@@ -63,6 +66,7 @@ impl std::fmt::Display for ServeError {
             Self::Config(e) => write!(f, "{e}"),
             Self::Transport(e) => write!(f, "transport error: {e}"),
             Self::Reflection(e) => write!(f, "reflection: {e}"),
+            Self::Bind(e) => write!(f, "{e}"),
         }
     }
 }
@@ -156,7 +160,13 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let registry = Arc::new(Registry::from_config(&config, env)?);
     let options = ServerOptions::from_config(&config, env)?;
-    serve_with(listener, registry, options, shutdown).await
+    let http = match config.http_listen_addr()? {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            ServeError::Bind(format!("cannot listen on {addr} (http_listen): {e}"))
+        })?),
+    };
+    serve_listeners(listener, http, registry, options, shutdown).await
 }
 
 /// Serves an already built registry with default options (see [`serve`]).
@@ -168,14 +178,28 @@ pub async fn serve_registry(
     serve_with(listener, registry, ServerOptions::default(), shutdown).await
 }
 
-/// Serves `registry` with `options`.
+/// Serves `registry` with `options` on the gRPC `listener` only (see
+/// [`serve_listeners`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_listeners(listener, None, registry, options, shutdown).await
+}
+
+/// Serves `registry` with `options`: gRPC on `grpc`, and the OpenAI- and
+/// Anthropic-compatible HTTP ingress on `http` when given, over the same
+/// registry, admission gate and client keys.
 ///
 /// When `shutdown` resolves: health turns NOT_SERVING at once, the listener
 /// stops accepting connections, new calls on open connections are answered
 /// UNAVAILABLE (health stays readable on them), and admitted calls get up
 /// to the grace period to finish before this returns.
-pub async fn serve_with(
+pub async fn serve_listeners(
     listener: TcpListener,
+    http: Option<TcpListener>,
     registry: Arc<Registry>,
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send,
@@ -185,6 +209,12 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(provider_gateway::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // v1alpha too: grpcurl 1.8 and older tools speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(provider_gateway::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let local = listener
@@ -257,11 +287,36 @@ pub async fn serve_with(
             }
         })
     };
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let draining = {
         let gate = gate.clone();
         async move {
             shutdown.await;
             gate.start_draining();
+            let _ = drain_tx.send(true);
+        }
+    };
+    let http_task = match http {
+        None => None,
+        Some(http) => {
+            let addr = http
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into());
+            tracing::info!(
+                http = %addr,
+                "HTTP ingress serving: OpenAI /v1/chat/completions and /v1/models, Anthropic /v1/messages"
+            );
+            let ingress = Arc::new(http::Ingress {
+                registry: registry.clone(),
+                gate: gate.clone(),
+                auth: options.auth.clone(),
+                max_body: options.limits.max_request_bytes,
+            });
+            let mut drain_rx = drain_rx;
+            Some(tokio::spawn(http::serve_http(http, ingress, async move {
+                let _ = drain_rx.wait_for(|d| *d).await;
+            })))
         }
     };
     // The incoming connections end when draining starts: the listener
@@ -279,12 +334,16 @@ pub async fn serve_with(
     builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(gateway)
         .serve_with_incoming(incoming)
         .await
         .map_err(ServeError::Transport)?;
 
     watcher.abort();
+    if let Some(task) = http_task {
+        task.abort();
+    }
     // The listener is closed now; open connections still read health.
     for name in [SERVICE_NAME, ""] {
         health_reporter

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use provider_gateway_server::{
-    Config, ProcessEnv, Registry, ServerOptions, admin, serve_with, telemetry,
+    Config, ProcessEnv, Registry, ServerOptions, admin, serve_listeners, telemetry,
 };
 
 /// One gRPC API in front of every LLM provider a team uses.
@@ -107,7 +107,18 @@ async fn main() -> ExitCode {
             }
         }
     }
-    let result = serve_with(listener, registry, options, shutdown_signal()).await;
+    let http = match config.http_listen_addr() {
+        Ok(None) => None,
+        Ok(Some(http_addr)) => match tokio::net::TcpListener::bind(http_addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!("cannot listen on {http_addr} (http_listen): {e}");
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => return fatal(&e.to_string()),
+    };
+    let result = serve_listeners(listener, http, registry, options, shutdown_signal()).await;
     telemetry.shutdown();
     match result {
         Ok(()) => {

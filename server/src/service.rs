@@ -507,6 +507,12 @@ fn invalid(msg: String) -> Status {
     Status::invalid_argument(msg)
 }
 
+/// Validates a request the HTTP ingress translated into the gRPC shape, by
+/// the same rules as a gRPC call: one validation for every edge.
+pub(crate) fn validate_request(request: pb::CompleteRequest) -> Result<ChatRequest, Status> {
+    chat_request(request.into())
+}
+
 /// Validates a request and translates it. Every error names the field.
 fn chat_request(f: ChatFields) -> Result<ChatRequest, Status> {
     if f.messages.is_empty() {

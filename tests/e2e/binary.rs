@@ -24,6 +24,7 @@ fn command() -> Command {
     }
     cmd.env("NO_COLOR", "1")
         .env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -34,6 +34,7 @@ async fn sigterm_drains_an_open_stream_refuses_new_calls_and_exits_zero() {
         .env("NO_COLOR", "1")
         .env("GATEWAY_LISTEN", "127.0.0.1:0")
         .env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
         // The mock answers 6 words, one every 300 ms.
         .env("GATEWAY_PROVIDERS__MOCK__KIND", "mock")
         .env("GATEWAY_PROVIDERS__MOCK__REPLY", "words")

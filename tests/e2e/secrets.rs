@@ -83,7 +83,7 @@ async fn world() -> World {
     };
     let mut upstreams = Vec::new();
     let mut toml = String::from(
-        "default_provider = \"anthropic_401\"\n[retry]\nmax_attempts = 1\n[telemetry]\nadmin_listen = \"127.0.0.1:0\"\n",
+        "default_provider = \"anthropic_401\"\nhttp_listen = \"127.0.0.1:0\"\n[retry]\nmax_attempts = 1\n[telemetry]\nadmin_listen = \"127.0.0.1:0\"\n",
     );
     let mut providers = Vec::new();
     for kind in KINDS {
