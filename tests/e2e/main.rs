@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod anthropic;
+mod azure;
 mod binary;
 mod caller_bounds;
 mod cancel;
