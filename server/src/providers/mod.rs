@@ -8,10 +8,12 @@ pub mod azure;
 pub mod databricks;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+pub mod gemini;
 pub(crate) mod http;
 pub mod mock;
 pub mod openai;
 pub(crate) mod sse;
+pub mod vertex;
 
 use std::fmt;
 use std::pin::Pin;
@@ -210,7 +212,9 @@ pub fn build(
         ProviderConfig::Openai(c) => Arc::new(openai::OpenAiProvider::new(name, c, env)?),
         ProviderConfig::Databricks(c) => Arc::new(databricks::provider(name, c, env)?),
         ProviderConfig::AzureOpenai(c) => Arc::new(azure::provider(name, c, env)?),
-        ProviderConfig::Gemini(_) | ProviderConfig::Vertex(_) | ProviderConfig::Bedrock(_) => {
+        ProviderConfig::Gemini(c) => Arc::new(gemini::GeminiProvider::new(name, c, env)?),
+        ProviderConfig::Vertex(c) => Arc::new(vertex::provider(name, c, env)?),
+        ProviderConfig::Bedrock(_) => {
             return Err(ConfigError(format!(
                 "provider `{name}`: kind `{}` is not available yet",
                 config.kind()

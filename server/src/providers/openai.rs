@@ -344,6 +344,7 @@ fn error_fields(error: &Value) -> Classified {
         class,
         message,
         should_retry,
+        ..Classified::default()
     }
 }
 
