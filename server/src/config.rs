@@ -301,6 +301,15 @@ pub enum ProviderConfig {
     Openai(HttpProviderConfig),
     /// Databricks Model Serving.
     Databricks(HttpProviderConfig),
+    /// Azure OpenAI: a deployment's chat completions.
+    #[serde(rename = "azure-openai")]
+    AzureOpenai(HttpProviderConfig),
+    /// The Google Gemini API (generativelanguage).
+    Gemini(HttpProviderConfig),
+    /// Gemini models on Google Cloud Vertex AI.
+    Vertex(HttpProviderConfig),
+    /// AWS Bedrock Runtime's Converse API.
+    Bedrock(HttpProviderConfig),
     /// The built-in deterministic provider.
     Mock(MockConfig),
     /// A local GGUF model running inside the gateway (cargo feature
@@ -315,6 +324,10 @@ impl ProviderConfig {
             Self::Anthropic(_) => "anthropic",
             Self::Openai(_) => "openai",
             Self::Databricks(_) => "databricks",
+            Self::AzureOpenai(_) => "azure-openai",
+            Self::Gemini(_) => "gemini",
+            Self::Vertex(_) => "vertex",
+            Self::Bedrock(_) => "bedrock",
             Self::Mock(_) => "mock",
             Self::Embedded(_) => "embedded",
         }
@@ -337,7 +350,13 @@ impl ProviderConfig {
         };
         #[allow(unreachable_patterns)]
         match self {
-            Self::Anthropic(c) | Self::Openai(c) | Self::Databricks(c) => from(
+            Self::Anthropic(c)
+            | Self::Openai(c)
+            | Self::Databricks(c)
+            | Self::AzureOpenai(c)
+            | Self::Gemini(c)
+            | Self::Vertex(c)
+            | Self::Bedrock(c) => from(
                 &c.breaker,
                 &c.fallback,
                 c.stream_resume,
@@ -364,7 +383,13 @@ impl ProviderConfig {
     /// The provider's own retry section, if any.
     pub fn retry(&self) -> Option<&RetryConfig> {
         match self {
-            Self::Anthropic(c) | Self::Openai(c) | Self::Databricks(c) => c.retry.as_ref(),
+            Self::Anthropic(c)
+            | Self::Openai(c)
+            | Self::Databricks(c)
+            | Self::AzureOpenai(c)
+            | Self::Gemini(c)
+            | Self::Vertex(c)
+            | Self::Bedrock(c) => c.retry.as_ref(),
             Self::Mock(c) => c.retry.as_ref(),
             Self::Embedded(c) => c.retry.as_ref(),
         }
@@ -582,6 +607,62 @@ pub struct HttpProviderConfig {
     /// Start a second attempt when the first has produced no content after
     /// this long.
     pub hedge_after_ms: Option<u64>,
+    /// `azure-openai`: the `api-version` query parameter.
+    pub api_version: Option<String>,
+    /// `azure-openai`: a variable holding a Microsoft Entra bearer token,
+    /// sent instead of an `api-key`.
+    pub entra_token_env: Option<String>,
+    /// `vertex`: the Google Cloud project.
+    pub project: Option<String>,
+    /// `vertex`: the location (`us-central1`, `global`); `bedrock`: the AWS
+    /// region.
+    pub region: Option<String>,
+    /// `vertex`: a service-account JSON key file.
+    pub credentials_file: Option<String>,
+    /// `vertex`: a variable holding a service-account JSON key.
+    pub credentials_env: Option<String>,
+    /// `vertex`: the OAuth2 token endpoint the signed JWT is sent to.
+    pub token_url: Option<String>,
+    /// `bedrock`: a profile of the shared AWS credentials file.
+    pub profile: Option<String>,
+    /// `bedrock`: the STS endpoint for web-identity credentials.
+    pub sts_url: Option<String>,
+}
+
+impl HttpProviderConfig {
+    /// The kind-specific keys that are set, by name.
+    fn kind_keys(&self) -> Vec<&'static str> {
+        [
+            ("api_version", self.api_version.is_some()),
+            ("entra_token_env", self.entra_token_env.is_some()),
+            ("project", self.project.is_some()),
+            ("region", self.region.is_some()),
+            ("credentials_file", self.credentials_file.is_some()),
+            ("credentials_env", self.credentials_env.is_some()),
+            ("token_url", self.token_url.is_some()),
+            ("profile", self.profile.is_some()),
+            ("sts_url", self.sts_url.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+}
+
+/// The kind-specific keys a kind of HTTP provider accepts.
+fn keys_of_kind(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "azure-openai" => &["api_version", "entra_token_env"],
+        "vertex" => &[
+            "project",
+            "region",
+            "credentials_file",
+            "credentials_env",
+            "token_url",
+        ],
+        "bedrock" => &["region", "profile", "sts_url"],
+        _ => &[],
+    }
 }
 
 /// The keys of the built-in `mock` provider.
@@ -860,8 +941,22 @@ impl Config {
             }
             if let ProviderConfig::Anthropic(c)
             | ProviderConfig::Openai(c)
-            | ProviderConfig::Databricks(c) = provider
+            | ProviderConfig::Databricks(c)
+            | ProviderConfig::AzureOpenai(c)
+            | ProviderConfig::Gemini(c)
+            | ProviderConfig::Vertex(c)
+            | ProviderConfig::Bedrock(c) = provider
             {
+                let kind = provider.kind();
+                if let Some(key) = c
+                    .kind_keys()
+                    .into_iter()
+                    .find(|k| !keys_of_kind(kind).contains(k))
+                {
+                    return Err(err(format!(
+                        "config key `providers.{name}.{key}`: not a key of kind `{kind}`"
+                    )));
+                }
                 if let Some(model) = &c.model {
                     crate::providers::check_model_name(provider.kind(), model).map_err(|why| {
                         err(format!("config key `providers.{name}.model`: {why}"))
@@ -911,6 +1006,13 @@ impl Config {
             match provider {
                 ProviderConfig::Anthropic(c) | ProviderConfig::Openai(c) => {
                     check_url(name, c.base_url.as_deref())?;
+                }
+                ProviderConfig::AzureOpenai(c)
+                | ProviderConfig::Gemini(c)
+                | ProviderConfig::Vertex(c)
+                | ProviderConfig::Bedrock(c) => {
+                    check_url(name, c.base_url.as_deref())?;
+                    check_cloud_keys(name, provider.kind(), c)?;
                 }
                 ProviderConfig::Databricks(c) => {
                     if c.base_url.is_none() {
@@ -962,6 +1064,120 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// The keys of the cloud kinds (`azure-openai`, `gemini`, `vertex`,
+/// `bedrock`) that can be checked without the environment; credentials are
+/// checked when the provider is built (which `--check-config` does).
+fn check_cloud_keys(name: &str, kind: &str, c: &HttpProviderConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("config key `providers.{name}.{k}`");
+    let blank = |v: &Option<String>| v.as_deref().is_some_and(|v| v.trim().is_empty());
+    for (k, v) in [
+        ("api_key_env", &c.api_key_env),
+        ("api_version", &c.api_version),
+        ("entra_token_env", &c.entra_token_env),
+        ("project", &c.project),
+        ("region", &c.region),
+        ("credentials_file", &c.credentials_file),
+        ("credentials_env", &c.credentials_env),
+        ("profile", &c.profile),
+    ] {
+        if blank(v) {
+            return Err(err(format!("{}: must not be empty", key(k))));
+        }
+    }
+    // Values that go into a URL's host or path: a conservative set.
+    let plain = |v: &str, extra: &[char]| {
+        !v.is_empty()
+            && v.len() <= 128
+            && v.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || extra.contains(&ch))
+    };
+    if let Some(r) = &c.region
+        && !plain(r, &[])
+    {
+        return Err(err(format!(
+            "{}: `{r}` is not a region name (letters, digits and `-`)",
+            key("region")
+        )));
+    }
+    match kind {
+        "azure-openai" => {
+            if c.base_url.is_none() {
+                return Err(err(format!(
+                    "{}: required for an azure-openai provider (the resource endpoint, https://NAME.openai.azure.com)",
+                    key("base_url")
+                )));
+            }
+            if c.model.is_none() {
+                return Err(err(format!(
+                    "{}: required for an azure-openai provider (the deployment name)",
+                    key("model")
+                )));
+            }
+            if c.api_key_env.is_some() && c.entra_token_env.is_some() {
+                return Err(err(format!(
+                    "{}: set either api_key_env or entra_token_env, not both",
+                    key("entra_token_env")
+                )));
+            }
+            if let Some(v) = &c.api_version
+                && !plain(v, &['.'])
+            {
+                return Err(err(format!(
+                    "{}: `{v}` is not an api-version (such as 2024-10-21)",
+                    key("api_version")
+                )));
+            }
+        }
+        "vertex" => {
+            match &c.project {
+                None => {
+                    return Err(err(format!(
+                        "{}: required for a vertex provider (the Google Cloud project id)",
+                        key("project")
+                    )));
+                }
+                Some(p) if !plain(p, &['.', ':']) => {
+                    return Err(err(format!(
+                        "{}: `{p}` is not a project id",
+                        key("project")
+                    )));
+                }
+                Some(_) => {}
+            }
+            if c.region.is_none() {
+                return Err(err(format!(
+                    "{}: required for a vertex provider (a location such as us-central1, or global)",
+                    key("region")
+                )));
+            }
+            if c.credentials_file.is_some() && c.credentials_env.is_some() {
+                return Err(err(format!(
+                    "{}: set either credentials_file or credentials_env, not both",
+                    key("credentials_env")
+                )));
+            }
+            check_http_url(&key("token_url"), c.token_url.as_deref())?;
+        }
+        "bedrock" => {
+            check_http_url(&key("sts_url"), c.sts_url.as_deref())?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn check_http_url(key: &str, url: Option<&str>) -> Result<(), ConfigError> {
+    let Some(url) = url else { return Ok(()) };
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(()),
+        Ok(u) => Err(err(format!(
+            "{key}: scheme `{}` is not http or https",
+            u.scheme()
+        ))),
+        Err(e) => Err(err(format!("{key}: `{url}` is not a URL: {e}"))),
     }
 }
 
@@ -1211,8 +1427,11 @@ model = "from-file"
             e.0.contains("providers.a") && e.0.contains("fail_frist"),
             "{e}"
         );
-        let e = Config::from_toml("[providers.a]\nkind = \"gemini\"\n").unwrap_err();
-        assert!(e.0.contains("providers.a") && e.0.contains("gemini"), "{e}");
+        let e = Config::from_toml("[providers.a]\nkind = \"cohere\"\n").unwrap_err();
+        assert!(e.0.contains("providers.a") && e.0.contains("cohere"), "{e}");
+        let e =
+            Config::from_toml("[providers.a]\nkind = \"gemini\"\nproject = \"p\"\n").unwrap_err();
+        assert!(e.0.contains("providers.a.project"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod anthropic;
+mod azure;
 mod binary;
 mod caller_bounds;
 mod cancel;
@@ -15,6 +16,7 @@ mod deploy;
 mod embedded;
 mod fuzz_props;
 mod gate;
+mod gemini;
 mod grpc_ecosystem;
 mod hostile;
 mod http_ingress;
@@ -30,3 +32,4 @@ mod support;
 mod telemetry;
 mod upstream_tls;
 mod validation;
+mod vertex;

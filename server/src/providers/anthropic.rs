@@ -219,7 +219,7 @@ pub(crate) fn classify(_status: u16, body: &[u8]) -> Classified {
     Classified {
         class: error_class(error),
         message: error["message"].as_str().unwrap_or_default().to_string(),
-        should_retry: None,
+        ..Classified::default()
     }
 }
 

@@ -29,7 +29,7 @@ pub fn provider(
     let key_env = config.api_key_env.as_deref().unwrap_or("DATABRICKS_TOKEN");
     OpenAiProvider::with_endpoint(
         "databricks",
-        Endpoint::ServingEndpoint(base),
+        Endpoint::Invocations(base),
         name,
         config,
         Some(key_env),

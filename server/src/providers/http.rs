@@ -208,6 +208,9 @@ pub struct Classified {
     /// Set when the body says the failure is final (for example a spent
     /// quota behind a 429).
     pub should_retry: Option<bool>,
+    /// A wait the body asks for (a `google.rpc.RetryInfo`), used when no
+    /// header gives one.
+    pub retry_after: Option<Duration>,
 }
 
 async fn error_response(
@@ -252,7 +255,7 @@ pub(crate) fn error_from_body(
             .unwrap_or_else(|| ErrorClass::from_http_status(status)),
         http_status: Some(status),
         message,
-        retry_after,
+        retry_after: retry_after.or(classified.retry_after),
         // A body that says the failure is final wins over a header that
         // says retry (a spent quota behind a 429).
         should_retry: match (classified.should_retry, should_retry) {
@@ -319,6 +322,12 @@ pub(crate) fn retry_hints(
         _ => None,
     };
     (retry_after, should_retry)
+}
+
+/// A decimal count of seconds (`2`, `1.5`, `0.250`), saturated at
+/// [`MAX_RETRY_AFTER`]; `None` when negative, `NaN` or not a number.
+pub(crate) fn decimal_seconds(text: &str) -> Option<Duration> {
+    seconds(text, 1.0)
 }
 
 /// A decimal count of `1/per_second` seconds, saturated at

@@ -4,13 +4,16 @@
 //! retry, timeouts and deadlines.
 
 pub mod anthropic;
+pub mod azure;
 pub mod databricks;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+pub mod gemini;
 pub(crate) mod http;
 pub mod mock;
 pub mod openai;
 pub(crate) mod sse;
+pub mod vertex;
 
 use std::fmt;
 use std::pin::Pin;
@@ -114,6 +117,16 @@ pub fn check_model_name(kind: &str, model: &str) -> Result<(), String> {
             &['-', '_', '.', ':', '/'],
             "letters, digits, `-`, `_`, `.`, `:` and `/`",
         ),
+        // Names that become (part of) one URL path segment.
+        "azure-openai" | "gemini" | "vertex" => {
+            (&['-', '_', '.'], "letters, digits, `-`, `_` and `.`")
+        }
+        // Model ids, inference profile ids and ARNs (escaped as one path
+        // segment).
+        "bedrock" => (
+            &['-', '_', '.', ':', '/'],
+            "letters, digits, `-`, `_`, `.`, `:` and `/` (a model id or ARN)",
+        ),
         _ => (
             &['-', '_', '.', ':'],
             "letters, digits, `-`, `_`, `.` and `:`",
@@ -141,9 +154,15 @@ pub fn check_model_name(kind: &str, model: &str) -> Result<(), String> {
             shown()
         ));
     }
-    if model.contains("..") || model.starts_with('/') || model.ends_with('/') {
+    if model.contains("..")
+        || model.starts_with('/')
+        || model.ends_with('/')
+        || (matches!(kind, "azure-openai" | "gemini" | "vertex" | "bedrock")
+            && !model.starts_with(|c: char| c.is_ascii_alphanumeric()))
+    {
         return Err(format!(
-            "{} is not a valid {kind} model name: no `..` and no leading or trailing `/`",
+            "{} is not a valid {kind} model name: no `..`, no leading or trailing `/` \
+             (and for a cloud kind, a letter or digit first)",
             shown()
         ));
     }
@@ -213,6 +232,15 @@ pub fn build(
         ProviderConfig::Anthropic(c) => Arc::new(anthropic::AnthropicProvider::new(name, c, env)?),
         ProviderConfig::Openai(c) => Arc::new(openai::OpenAiProvider::new(name, c, env)?),
         ProviderConfig::Databricks(c) => Arc::new(databricks::provider(name, c, env)?),
+        ProviderConfig::AzureOpenai(c) => Arc::new(azure::provider(name, c, env)?),
+        ProviderConfig::Gemini(c) => Arc::new(gemini::GeminiProvider::new(name, c, env)?),
+        ProviderConfig::Vertex(c) => Arc::new(vertex::provider(name, c, env)?),
+        ProviderConfig::Bedrock(_) => {
+            return Err(ConfigError(format!(
+                "provider `{name}`: kind `{}` is not available yet",
+                config.kind()
+            )));
+        }
         ProviderConfig::Mock(c) => Arc::new(mock::MockProvider::new(c)?),
         #[cfg(feature = "embedded")]
         ProviderConfig::Embedded(c) => Arc::new(embedded::EmbeddedProvider::new(name, c)?),

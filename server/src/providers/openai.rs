@@ -29,7 +29,24 @@ pub(crate) enum Endpoint {
     /// `{base}/chat/completions`, the model in the body.
     ChatCompletions(reqwest::Url),
     /// `{base}/serving-endpoints/{model}/invocations`, no model in the body.
-    ServingEndpoint(reqwest::Url),
+    Invocations(reqwest::Url),
+    /// `{base}/openai/deployments/{model}/chat/completions?api-version=V`
+    /// (Azure OpenAI), no model in the body.
+    AzureDeployment {
+        /// The resource endpoint.
+        base: reqwest::Url,
+        /// The `api-version` query parameter.
+        api_version: String,
+    },
+}
+
+/// How the key is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI, Databricks, an Entra token).
+    Bearer,
+    /// `api-key: <key>` (an Azure OpenAI resource key).
+    ApiKey,
 }
 
 /// A provider speaking OpenAI's chat completions shapes.
@@ -39,6 +56,7 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     endpoint: Endpoint,
     api_key: Option<ApiKey>,
+    key_header: KeyHeader,
     model: String,
     max_tokens: Option<u32>,
     limits: http::ReadLimits,
@@ -89,11 +107,18 @@ impl OpenAiProvider {
             api_key: key_env
                 .map(|var| ApiKey::from_env(env, var, name))
                 .transpose()?,
+            key_header: KeyHeader::Bearer,
             model: config.model.clone().unwrap_or_else(|| default_model.into()),
             max_tokens: config.max_tokens,
             limits: http::ReadLimits::of(config),
             prefill: config.prefill,
         })
+    }
+
+    /// Sends the key as `header` instead of a Bearer token.
+    pub(crate) fn with_key_header(mut self, header: KeyHeader) -> Self {
+        self.key_header = header;
+        self
     }
 
     fn request(&self, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
@@ -102,19 +127,37 @@ impl OpenAiProvider {
             Endpoint::ChatCompletions(url) => (url.clone(), true, true),
             // The endpoint name is one escaped path segment, whatever it
             // holds (it was also checked at the edge).
-            Endpoint::ServingEndpoint(base) => (
+            Endpoint::Invocations(base) => (
                 http::endpoint(base, &["serving-endpoints", model, "invocations"]),
                 false,
                 false,
             ),
+            Endpoint::AzureDeployment { base, api_version } => {
+                let mut url = http::endpoint(
+                    base,
+                    &["openai", "deployments", model, "chat", "completions"],
+                );
+                url.query_pairs_mut()
+                    .append_pair("api-version", api_version);
+                (url, false, true)
+            }
         };
         let mut builder = self.client.post(url);
-        if let Some(key) = &self.api_key
-            && let Ok(mut value) =
-                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-        {
-            value.set_sensitive(true);
-            builder = builder.header(reqwest::header::AUTHORIZATION, value);
+        if let Some(key) = &self.api_key {
+            let (name, value) = match self.key_header {
+                KeyHeader::Bearer => (
+                    reqwest::header::AUTHORIZATION,
+                    reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())),
+                ),
+                KeyHeader::ApiKey => (
+                    reqwest::header::HeaderName::from_static("api-key"),
+                    reqwest::header::HeaderValue::from_str(key.expose()),
+                ),
+            };
+            if let Ok(mut value) = value {
+                value.set_sensitive(true);
+                builder = builder.header(name, value);
+            }
         }
         let mut body = body(
             req,
@@ -306,15 +349,21 @@ fn error_fields(error: &Value) -> Classified {
         ("model_not_found", _) => (Some(ErrorClass::NotFound), None),
         _ => (None, None),
     };
-    let message = match &error["message"] {
+    let mut message = match &error["message"] {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
     };
+    // Azure names the filtered categories of a blocked prompt.
+    let filtered = filtered_categories(&error["innererror"]["content_filter_result"]);
+    if !filtered.is_empty() {
+        message.push_str(&format!(" (content filter: {})", filtered.join(", ")));
+    }
     Classified {
         class,
         message,
         should_retry,
+        ..Classified::default()
     }
 }
 
@@ -333,6 +382,31 @@ pub(crate) fn classify(_status: u16, body: &[u8]) -> Classified {
             ..Default::default()
         },
     }
+}
+
+/// The categories an Azure `content_filter_results` object marks
+/// `filtered: true` (`hate`, `violence`, `jailbreak`, ...), in order.
+fn filtered_categories(results: &Value) -> Vec<String> {
+    let Some(results) = results.as_object() else {
+        return Vec::new();
+    };
+    results
+        .iter()
+        .filter(|(_, v)| v["filtered"].as_bool() == Some(true))
+        .map(|(k, v)| match v["severity"].as_str() {
+            Some(severity) => format!("{k} ({severity})"),
+            None => k.clone(),
+        })
+        .collect()
+}
+
+/// A choice's stop reason: its `finish_reason`, or `content_filter` when
+/// Azure's `content_filter_results` say the output was filtered.
+fn choice_stop(choice: &Value, reason: &str) -> StopReason {
+    if !filtered_categories(&choice["content_filter_results"]).is_empty() {
+        return StopReason::ContentFilter;
+    }
+    finish_reason(reason)
 }
 
 fn finish_reason(s: &str) -> StopReason {
@@ -387,7 +461,7 @@ pub(crate) fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
         id: v["id"].as_str().unwrap_or_default().into(),
         model: v["model"].as_str().unwrap_or_default().into(),
         content,
-        stop_reason: finish_reason(reason),
+        stop_reason: choice_stop(choice, reason),
         usage: usage(&v["usage"]),
     })
 }
@@ -454,6 +528,12 @@ impl SseTranslator for Translator {
                 format!("error in the upstream stream: {}", c.message),
             )));
         }
+        // Azure opens with a chunk holding only `prompt_filter_results`
+        // (no choices, empty id): the answer has not begun yet.
+        let empty_choices = v["choices"].as_array().is_some_and(Vec::is_empty);
+        if !self.started && empty_choices && !v["usage"].is_object() {
+            return;
+        }
         if !self.started {
             self.started = true;
             out.push_back(Ok(StreamEvent::Start {
@@ -508,7 +588,13 @@ impl SseTranslator for Translator {
             }
         }
         if let Some(reason) = choice["finish_reason"].as_str() {
-            self.stop = Some(finish_reason(reason));
+            self.stop = Some(choice_stop(choice, reason));
+        } else if self.stop.is_some()
+            && !filtered_categories(&choice["content_filter_results"]).is_empty()
+        {
+            // Azure may report the output's filter results after the
+            // finish reason.
+            self.stop = Some(StopReason::ContentFilter);
         }
     }
 

@@ -21,6 +21,8 @@ pub struct Recorded {
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
     pub body: Value,
+    /// The body's bytes as sent (a form, an empty body, a signed payload).
+    pub raw: Vec<u8>,
 }
 
 impl Recorded {
@@ -283,11 +285,13 @@ async fn read_request(socket: &mut TcpStream) -> Option<Recorded> {
         }
         body.extend_from_slice(&tmp[..n]);
     }
-    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let raw = body;
+    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     Some(Recorded {
         method,
         path,
         headers,
         body,
+        raw,
     })
 }
