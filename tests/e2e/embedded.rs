@@ -391,8 +391,10 @@ async fn embedded_busy_is_retried_by_the_policy_until_the_session_is_free() {
         EmbeddedConfig {
             max_sessions: Some(1),
             queue_wait_ms: Some(200),
+            // Generous: on a loaded machine the first stream takes a while
+            // to drain, and each busy attempt costs its 200 ms queue wait.
             retry: Some(RetryConfig {
-                max_attempts: Some(10),
+                max_attempts: Some(20),
                 initial_backoff_ms: Some(10),
                 max_backoff_ms: Some(50),
                 ..Default::default()
@@ -423,7 +425,7 @@ async fn embedded_busy_is_retried_by_the_policy_until_the_session_is_free() {
     let answer = second.await.unwrap().unwrap();
     assert_eq!(answer.stop_reason(), StopReason::MaxTokens);
     assert!(
-        (2..=10).contains(&answer.attempts),
+        (2..=20).contains(&answer.attempts),
         "attempts: {}",
         answer.attempts
     );

@@ -615,6 +615,7 @@ struct CallPlan {
     fallback: Option<Vec<String>>,
     cancel_after: Option<Duration>,
     first_token_timeout: Option<Duration>,
+    cannot_restart: bool,
 }
 
 fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
@@ -648,6 +649,7 @@ fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
             _ => None,
         },
         first_token_timeout: rng.chance(10).then(|| rng.ms(1, 200)),
+        cannot_restart: rng.chance(20),
         fallback: rng.chance(15).then(|| {
             (0..providers)
                 .filter(|_| rng.chance(50))
@@ -692,6 +694,7 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
         hedge_after: plan.hedge_after,
         allowed_providers: None,
         first_token_timeout: plan.first_token_timeout,
+        cannot_restart: plan.cannot_restart,
     };
     if !plan.stream {
         return match registry.complete(&request, &options).await {

@@ -435,6 +435,13 @@ impl Events {
                 event(&mut out, "ping", &json!({"type": "ping"}));
             }
             Ok(StreamEvent::Resumed { .. }) => {}
+            // This wire format cannot take back what was sent: a restart
+            // ends the stream with an error, as the break would have.
+            Ok(StreamEvent::Restarted { .. }) => {
+                self.finished = true;
+                let e = HttpError::from_gateway(&super::restart_error(), false, false);
+                event(&mut out, "error", &e.body(Dialect::Anthropic));
+            }
             Err(error) => {
                 self.finished = true;
                 let e = HttpError::from_gateway(&error, false, false);

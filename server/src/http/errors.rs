@@ -205,7 +205,9 @@ fn kind_of(class: ErrorClass) -> (ErrorKind, Option<&'static str>) {
         ErrorClass::Overloaded | ErrorClass::Busy => (ErrorKind::Overloaded, None),
         ErrorClass::ServerError | ErrorClass::StreamInterrupted => (ErrorKind::Api, None),
         ErrorClass::Connection => (ErrorKind::Unavailable, Some("upstream_unreachable")),
-        ErrorClass::Timeout => (ErrorKind::Timeout, Some("upstream_timeout")),
+        ErrorClass::Timeout | ErrorClass::TimeoutSilent => {
+            (ErrorKind::Timeout, Some("upstream_timeout"))
+        }
         ErrorClass::InvalidRequest => (ErrorKind::InvalidRequest, None),
         ErrorClass::ContextLength => (ErrorKind::InvalidRequest, Some("context_length_exceeded")),
         ErrorClass::NotFound => (ErrorKind::NotFound, Some("model_not_found")),

@@ -381,6 +381,8 @@ fn call_options(headers: &HeaderMap, arrival: Instant) -> Result<CallOptions, Ht
         pairs.push((key, value));
     }
     let mut options = crate::call_keys::call_options(&pairs).map_err(HttpError::invalid)?;
+    // An SDK's stream cannot be told to discard what it got.
+    options.cannot_restart = true;
     let text = |key: &str| -> Result<Option<&str>, HttpError> {
         headers
             .get(key)
@@ -556,5 +558,22 @@ pub(crate) fn push_turn(
             role: role as i32,
             content: blocks,
         }),
+    }
+}
+
+/// What an HTTP stream says when the registry restarted it
+/// (`x-stream-resume: restart`): the OpenAI and Anthropic stream formats
+/// have no way to take back what was sent, so the break stands.
+pub(crate) fn restart_error() -> crate::error::GatewayError {
+    crate::error::GatewayError::Upstream {
+        provider: String::new(),
+        attempts: 0,
+        error: crate::error::ProviderError::new(
+            crate::error::ErrorClass::StreamInterrupted,
+            "the stream broke after content; it could only be started over, which this API \
+             cannot express (use x-stream-resume: continue, or retry the request)",
+        ),
+        delivered: Some(0),
+        budget_exhausted: false,
     }
 }

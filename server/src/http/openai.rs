@@ -489,6 +489,13 @@ impl Chunks {
             // An SSE comment: keeps proxies from timing the connection out.
             Ok(StreamEvent::KeepAlive) => Bytes::from_static(b": ping\n\n"),
             Ok(StreamEvent::Resumed { .. }) => Bytes::new(),
+            // This wire format cannot take back what was sent: a restart
+            // ends the stream with an error, as the break would have.
+            Ok(StreamEvent::Restarted { .. }) => {
+                self.finished = true;
+                let e = HttpError::from_gateway(&super::restart_error(), false, false);
+                Bytes::from(format!("data: {}\n\n", e.body(Dialect::OpenAi)))
+            }
             Err(error) => {
                 // In band: the status line is long gone. No `[DONE]` follows.
                 self.finished = true;

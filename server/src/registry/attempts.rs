@@ -530,6 +530,7 @@ impl<'l> CallChain<'l> {
     pub(crate) async fn stream(
         self,
         stream_resume: Option<crate::config::ResumeMode>,
+        cannot_restart: bool,
     ) -> Result<OpenStream, GatewayError> {
         let call = |hop: &Hop| -> BoxFuture<'static, Result<_, ProviderError>> {
             let (provider, request) = (hop.entry.provider.clone(), hop.request.clone());
@@ -560,7 +561,12 @@ impl<'l> CallChain<'l> {
             obs.first_chunk();
         }
         obs.committed();
-        let resume = stream_resume.unwrap_or(hop.entry.resilience.stream_resume);
+        let resume = match stream_resume.unwrap_or(hop.entry.resilience.stream_resume) {
+            crate::config::ResumeMode::Restart if cannot_restart => {
+                crate::config::ResumeMode::Continue
+            }
+            mode => mode,
+        };
         Ok(stream::committed(StreamSetup {
             gate,
             hop,

@@ -118,6 +118,10 @@ pub struct CallOptions {
     pub hedge_after: Option<Duration>,
     /// The providers the authenticated client may use; `None` = all.
     pub allowed_providers: Option<Vec<String>>,
+    /// The caller's wire format cannot take back what was sent (the
+    /// OpenAI and Anthropic HTTP streams): a `restart` rescue is made a
+    /// `continue` one.
+    pub cannot_restart: bool,
     /// The request's `x-first-token-timeout-ms`; `None` = the provider's.
     /// Clamped by the operator's per-try ceiling.
     pub first_token_timeout: Option<Duration>,
@@ -426,6 +430,8 @@ impl Registry {
             self.metrics.clone(),
             &self.labels,
         );
-        chain.stream(options.stream_resume).await
+        chain
+            .stream(options.stream_resume, options.cannot_restart)
+            .await
     }
 }
