@@ -684,3 +684,95 @@ async fn bedrock_configuration_names_the_missing_credential_source_and_region() 
     .unwrap_err();
     assert!(e.0.contains("providers.b.project"), "{e}");
 }
+
+#[tokio::test]
+async fn an_anthropic_primary_falls_back_to_bedrock_claude_with_the_hops_model() {
+    let anthropic = Upstream::start(vec![Reply::json(
+        529,
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    )])
+    .await;
+    let bedrock = Upstream::start(vec![converse("from bedrock")]).await;
+    let hop_model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0";
+    let toml = format!(
+        "default_provider = \"a\"\n\
+         [providers.a]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"A_KEY\"\n\
+         fallback = [{{ provider = \"b\", model = \"{hop_model}\" }}]\n\
+         [providers.a.retry]\nmax_attempts = 1\n\
+         [providers.b]\nkind = \"bedrock\"\nbase_url = \"{}\"\nregion = \"us-east-1\"\n",
+        anthropic.url(),
+        bedrock.url()
+    );
+    let mut env = env_credentials();
+    env.push(("A_KEY", "sk-ant-test-key-123"));
+    let gw = Gateway::start(&toml, &env).await;
+    let answer = gw
+        .client()
+        .await
+        .complete(request::user("Hi"), &CallOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(answer.text(), "from bedrock");
+    assert_eq!((answer.provider.as_str(), answer.attempts), ("b", 2));
+    assert_eq!(anthropic.request_count(), 1);
+    let sent = &bedrock.requests()[0];
+    assert_eq!(sent.path, format!("/model/{hop_model}/converse"));
+    assert_signed(sent, &bedrock, KEY_ID, SECRET, Some(SESSION));
+}
+
+#[tokio::test]
+async fn check_config_names_a_missing_cloud_credential_and_never_prints_one() {
+    let dir = std::env::temp_dir().join(format!("pg-cloud-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "default_provider = \"b\"\n\
+         [providers.b]\nkind = \"bedrock\"\nregion = \"us-east-1\"\n\
+         [providers.az]\nkind = \"azure-openai\"\nbase_url = \"https://r.openai.azure.com\"\nmodel = \"d\"\napi_key_env = \"AZ_KEY\"\n\
+         [providers.g]\nkind = \"gemini\"\n",
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_provider-gateway"));
+        cmd.arg("--check-config")
+            .arg("--config")
+            .arg(&file)
+            .env_clear()
+            .env("HOME", &dir)
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output()
+    };
+    let out = run(&[
+        ("AZ_KEY", "azure-key-0123456789"),
+        ("GEMINI_API_KEY", "gemini-key-0123456789"),
+    ])
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no AWS credentials") && stderr.contains("AWS_WEB_IDENTITY_TOKEN_FILE"),
+        "{stderr}"
+    );
+    let secrets = [
+        ("AZ_KEY", "azure-key-0123456789"),
+        ("GEMINI_API_KEY", "gemini-key-0123456789"),
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_SESSION_TOKEN", SESSION),
+    ];
+    let out = run(&secrets).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for (_, secret) in secrets.iter().skip(2).chain(&secrets[..2]) {
+        assert!(!stderr.contains(secret), "{stderr}");
+    }
+    let out = run(&secrets[2..]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("AZ_KEY"), "{stderr}");
+}
