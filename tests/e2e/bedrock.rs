@@ -776,3 +776,22 @@ async fn check_config_names_a_missing_cloud_credential_and_never_prints_one() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("AZ_KEY"), "{stderr}");
 }
+
+#[test]
+fn keys_of_other_kinds_are_named() {
+    for (kind, extra, key) in [
+        ("bedrock", "", "api_key_env"),
+        ("bedrock", "", "token_url"),
+        ("vertex", "project = \"p\"\n", "api_key_env"),
+        ("vertex", "project = \"p\"\n", "profile"),
+    ] {
+        let e = provider_gateway_server::Config::from_toml(&format!(
+            "default_provider = \"x\"\n[providers.x]\nkind = \"{kind}\"\nregion = \"r\"\n{extra}{key} = \"V\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.0.contains(&format!("providers.x.{key}")),
+            "{kind} {key}: {e}"
+        );
+    }
+}
