@@ -1102,6 +1102,17 @@ fn check_cloud_keys(name: &str, kind: &str, c: &HttpProviderConfig) -> Result<()
             key("region")
         )));
     }
+    if matches!(kind, "vertex" | "bedrock") && c.api_key_env.is_some() {
+        return Err(err(format!(
+            "{}: not a key of kind `{kind}` (it authenticates with {})",
+            key("api_key_env"),
+            if kind == "vertex" {
+                "a service-account key: credentials_file or credentials_env"
+            } else {
+                "AWS credentials from the environment, STS, the container endpoint or a profile"
+            }
+        )));
+    }
     match kind {
         "azure-openai" => {
             if c.base_url.is_none() {

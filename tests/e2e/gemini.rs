@@ -404,3 +404,37 @@ async fn gemini_error_event_after_content_ends_the_stream_unavailable() {
         text: "partial".into()
     }));
 }
+
+#[tokio::test]
+async fn an_anthropic_primary_falls_back_to_gemini_for_a_stream_with_the_hops_model() {
+    let anthropic = Upstream::start(vec![Reply::json(
+        529,
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    )])
+    .await;
+    let gemini = Upstream::start(vec![Reply::sse(&[data(json!({
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "from gemini"}]}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 2}, "responseId": "g1"}))])])
+    .await;
+    let toml = format!(
+        "default_provider = \"a\"\n\
+         [providers.a]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"A_KEY\"\n\
+         fallback = [{{ provider = \"g\", model = \"gemini-2.5-pro\" }}]\n\
+         [providers.a.retry]\nmax_attempts = 1\n\
+         [providers.g]\nkind = \"gemini\"\nbase_url = \"{}\"\napi_key_env = \"G_KEY\"\n",
+        anthropic.url(),
+        gemini.url()
+    );
+    let gw = Gateway::start(&toml, &[("A_KEY", "sk-ant-test-key-123"), ("G_KEY", KEY)]).await;
+    let (events, status) = gw.stream_all(request::user("Hi")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(crate::support::text_of(&events), "from gemini");
+    assert!(
+        matches!(&events[0], StreamEvent::Start { provider, attempt: 2, .. } if provider == "g"),
+        "{events:?}"
+    );
+    assert_eq!(
+        gemini.requests()[0].path,
+        "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
+    );
+}

@@ -6,6 +6,7 @@
 
 mod anthropic;
 mod azure;
+mod bedrock;
 mod binary;
 mod caller_bounds;
 mod cancel;

@@ -139,6 +139,16 @@ pub(crate) async fn send(
     classify: fn(u16, &[u8]) -> Classified,
     key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
+    send_with(request, &|status, _, body| classify(status, body), key).await
+}
+
+/// [`send`] for an upstream whose error class is (also) in a header, as
+/// AWS's `x-amzn-errortype`: `classify` sees the error's headers too.
+pub(crate) async fn send_with(
+    request: reqwest::RequestBuilder,
+    classify: &(dyn Fn(u16, &HeaderMap, &[u8]) -> Classified + Sync),
+    key: Option<&ApiKey>,
+) -> Result<reqwest::Response, ProviderError> {
     // The attempt span is current: its trace context goes upstream.
     let request = request.headers(crate::telemetry::trace_headers());
     let span = tracing::Span::current();
@@ -215,10 +225,11 @@ pub struct Classified {
 
 async fn error_response(
     mut response: reqwest::Response,
-    classify: fn(u16, &[u8]) -> Classified,
+    classify: &(dyn Fn(u16, &HeaderMap, &[u8]) -> Classified + Sync),
 ) -> ProviderError {
     let status = response.status().as_u16();
     let (retry_after, should_retry) = retry_hints(response.headers(), status, SystemTime::now());
+    let headers = response.headers().clone();
     let mut body = Vec::new();
     // A body cut short still classifies by status.
     while let Ok(Some(chunk)) = response.chunk().await {
@@ -228,7 +239,12 @@ async fn error_response(
             break;
         }
     }
-    error_from_body(status, &body, retry_after, should_retry, classify)
+    classified_error(
+        status,
+        classify(status, &headers, &body),
+        retry_after,
+        should_retry,
+    )
 }
 
 /// The error an error status and its (bounded) body make.
@@ -239,7 +255,15 @@ pub(crate) fn error_from_body(
     should_retry: Option<bool>,
     classify: fn(u16, &[u8]) -> Classified,
 ) -> ProviderError {
-    let classified = classify(status, body);
+    classified_error(status, classify(status, body), retry_after, should_retry)
+}
+
+fn classified_error(
+    status: u16,
+    classified: Classified,
+    retry_after: Option<Duration>,
+    should_retry: Option<bool>,
+) -> ProviderError {
     let message = if classified.message.is_empty() {
         reqwest::StatusCode::from_u16(status)
             .ok()

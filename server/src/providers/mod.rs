@@ -4,7 +4,9 @@
 //! retry, timeouts and deadlines.
 
 pub mod anthropic;
+pub(crate) mod aws;
 pub mod azure;
+pub mod bedrock;
 pub mod databricks;
 #[cfg(feature = "embedded")]
 pub mod embedded;
@@ -235,12 +237,7 @@ pub fn build(
         ProviderConfig::AzureOpenai(c) => Arc::new(azure::provider(name, c, env)?),
         ProviderConfig::Gemini(c) => Arc::new(gemini::GeminiProvider::new(name, c, env)?),
         ProviderConfig::Vertex(c) => Arc::new(vertex::provider(name, c, env)?),
-        ProviderConfig::Bedrock(_) => {
-            return Err(ConfigError(format!(
-                "provider `{name}`: kind `{}` is not available yet",
-                config.kind()
-            )));
-        }
+        ProviderConfig::Bedrock(c) => Arc::new(bedrock::BedrockProvider::new(name, c, env)?),
         ProviderConfig::Mock(c) => Arc::new(mock::MockProvider::new(c)?),
         #[cfg(feature = "embedded")]
         ProviderConfig::Embedded(c) => Arc::new(embedded::EmbeddedProvider::new(name, c)?),
