@@ -3,8 +3,9 @@
 //!
 //! Data flows one way: [`service`] (gRPC, validation) -> [`registry`]
 //! (policy, the one place that calls providers) -> [`providers`] (HTTP and
-//! JSON of each upstream). [`serve`] runs the whole server on a listener, so
-//! tests start the real thing on `127.0.0.1:0`.
+//! JSON of each upstream); the HTTP ingress (OpenAI- and Anthropic-compatible)
+//! is a second edge over the same registry. [`serve`] runs the whole server
+//! on a listener, so tests start the real thing on `127.0.0.1:0`.
 
 pub mod admin;
 pub mod admission;
