@@ -21,4 +21,9 @@ python3 -m grpc_tools.protoc \
 # ${out} is on sys.path.
 touch "${out}/provider_gateway/__init__.py" "${out}/provider_gateway/v1/__init__.py"
 
-echo "generated Python stubs in ${out}"
+# The installable package (clients/python) ships the same stubs.
+pkg="${repo}/clients/python/src/provider_gateway"
+rm -rf "${pkg}"
+cp -R "${out}/provider_gateway" "${pkg}"
+
+echo "generated Python stubs in ${out} and ${pkg}"

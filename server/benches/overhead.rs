@@ -5,7 +5,11 @@
 //! the same call through the gateway's `openai` provider (so the difference
 //! is the gateway: gRPC in, validation, registry, HTTP out, translation), and
 //! Complete against the built-in mock (no upstream at all). Then a
-//! concurrent run for throughput. Run with `cargo bench -p provider-gateway-server`.
+//! concurrent run for throughput. Then the HTTP ingress (OpenAI-compatible
+//! `POST /v1/chat/completions` over HTTP/1.1 keep-alive) against the same
+//! direct call, in the same run, at concurrency 1 and 32: the added p50 and
+//! p99 and the requests per second of each. Run with
+//! `cargo bench -p provider-gateway-server --bench overhead`.
 
 #![allow(
     clippy::unwrap_used,
@@ -81,13 +85,84 @@ async fn upstream() -> String {
 async fn gateway(toml: String, env: HashMap<String, String>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = Config::from_toml(&toml).unwrap();
+    // gRPC only: serve() would also bind the default http_listen.
+    let config = Config::from_toml(&format!("http_listen = \"\"\n{toml}")).unwrap();
     tokio::spawn(async move {
         provider_gateway_server::serve(listener, config, &env, std::future::pending())
             .await
             .unwrap();
     });
     format!("http://{addr}")
+}
+
+/// A gateway with its HTTP ingress on 127.0.0.1:0; returns the ingress URL.
+async fn gateway_http(toml: String, env: HashMap<String, String>) -> String {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    let config = Config::from_toml(&toml).unwrap();
+    let registry =
+        std::sync::Arc::new(provider_gateway_server::Registry::from_config(&config, &env).unwrap());
+    let options = provider_gateway_server::ServerOptions::from_config(&config, &env).unwrap();
+    tokio::spawn(async move {
+        provider_gateway_server::serve_listeners(
+            grpc,
+            Some(http),
+            registry,
+            options,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    });
+    format!("http://{addr}")
+}
+
+/// `concurrency` callers making `total` requests in all through `url`
+/// with `body`: every request's latency, and the requests per second.
+async fn http_run(
+    client: &reqwest::Client,
+    url: &str,
+    body: &'static str,
+    concurrency: usize,
+    total: usize,
+) -> (Vec<Duration>, f64) {
+    let call = move |client: reqwest::Client, url: String| async move {
+        let t = Instant::now();
+        let r = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        r.bytes().await.unwrap();
+        t.elapsed()
+    };
+    for _ in 0..WARMUP {
+        call(client.clone(), url.to_string()).await;
+    }
+    let per_task = total / concurrency;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_string());
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(per_task);
+                for _ in 0..per_task {
+                    samples.push(call(client.clone(), url.clone()).await);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(total);
+    for t in tasks {
+        samples.extend(t.await.unwrap());
+    }
+    let rps = samples.len() as f64 / started.elapsed().as_secs_f64();
+    (samples, rps)
 }
 
 fn percentiles(label: &str, mut samples: Vec<Duration>) -> [Duration; 3] {
@@ -203,5 +278,32 @@ fn main() {
             elapsed.as_secs_f64(),
             (per_task * CONCURRENCY) as f64 / elapsed.as_secs_f64()
         );
+
+        // The HTTP ingress against direct, same upstream, same run.
+        let ingress = gateway_http(
+            format!("default_provider = \"o\"\n[providers.o]\nkind = \"openai\"\nbase_url = \"{upstream}\"\napi_key_env = \"BENCH_KEY\"\n"),
+            [("BENCH_KEY".to_string(), "k".to_string())].into(),
+        )
+        .await;
+        let ingress_url = format!("{ingress}/v1/chat/completions");
+        println!();
+        println!("HTTP ingress (OpenAI /v1/chat/completions, HTTP/1.1 keep-alive) vs direct");
+        for (concurrency, total) in [(1, REQUESTS), (CONCURRENCY, CONCURRENT_REQUESTS)] {
+            let pool = reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .http1_only()
+                .pool_max_idle_per_host(concurrency * 2)
+                .build()
+                .unwrap();
+            let (direct, direct_rps) = http_run(&pool, &url, body, concurrency, total).await;
+            let (via, via_rps) = http_run(&pool, &ingress_url, body, concurrency, total).await;
+            let d = percentiles(&format!("direct, concurrency {concurrency}"), direct);
+            let v = percentiles(&format!("HTTP ingress, concurrency {concurrency}"), via);
+            println!(
+                "added at concurrency {concurrency:<3}           p50 {:>8.1} us   p99 {:>8.1} us   RPS direct {direct_rps:.0}, via ingress {via_rps:.0}",
+                (v[0].as_secs_f64() - d[0].as_secs_f64()) * 1e6,
+                (v[2].as_secs_f64() - d[2].as_secs_f64()) * 1e6,
+            );
+        }
     });
 }

@@ -106,6 +106,9 @@ pub struct Config {
     /// Request size, concurrency and connection limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// gRPC-Web on the gRPC port: the browser origins allowed by CORS.
+    #[serde(default)]
+    pub grpc_web: GrpcWebConfig,
     /// Traces, metrics and logs.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -228,6 +231,16 @@ impl Default for LimitsConfig {
             http2_keepalive_timeout_ms: 20_000,
         }
     }
+}
+
+/// `[grpc_web]`: gRPC-Web is always served on the gRPC port (HTTP/1.1 and
+/// HTTP/2); browsers may call it from these origins only.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcWebConfig {
+    /// Origins (`https://app.example.com`) CORS allows; `["*"]` = any;
+    /// empty = none (non-browser gRPC-Web clients need no CORS).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -834,6 +847,18 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.http_listen_addr()?;
+        for (i, origin) in self.grpc_web.cors_allowed_origins.iter().enumerate() {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && http::HeaderValue::from_str(origin).is_ok());
+            if !ok {
+                return Err(err(format!(
+                    "config key `grpc_web.cors_allowed_origins[{i}]`: `{origin}` is not an origin \
+                     (scheme://host[:port], no path) or `*`"
+                )));
+            }
+        }
         let default = self.default_provider_name()?;
         if !self.providers.contains_key(&default) {
             return Err(err(format!(

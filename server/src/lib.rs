@@ -3,8 +3,9 @@
 //!
 //! Data flows one way: [`service`] (gRPC, validation) -> [`registry`]
 //! (policy, the one place that calls providers) -> [`providers`] (HTTP and
-//! JSON of each upstream). [`serve`] runs the whole server on a listener, so
-//! tests start the real thing on `127.0.0.1:0`.
+//! JSON of each upstream); the HTTP ingress (OpenAI- and Anthropic-compatible)
+//! is a second edge over the same registry. [`serve`] runs the whole server
+//! on a listener, so tests start the real thing on `127.0.0.1:0`.
 
 pub mod admin;
 pub mod admission;
@@ -91,6 +92,8 @@ pub struct ServerOptions {
     pub limits: config::LimitsConfig,
     /// How long admitted calls may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Browser origins CORS allows for gRPC-Web (`*` = any).
+    pub grpc_web_origins: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -100,6 +103,7 @@ impl Default for ServerOptions {
             tls: None,
             limits: config::LimitsConfig::default(),
             shutdown_grace: Duration::from_millis(config::DEFAULT_SHUTDOWN_GRACE_MS),
+            grpc_web_origins: Vec::new(),
         }
     }
 }
@@ -144,8 +148,38 @@ impl ServerOptions {
             tls,
             limits: config.limits.clone(),
             shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+            grpc_web_origins: config.grpc_web.cors_allowed_origins.clone(),
         })
     }
+}
+
+/// CORS for gRPC-Web: the allowed origins only, any request header (the
+/// per-call keys), and the gRPC status and `x-gateway-*` headers readable.
+fn grpc_web_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| ::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    let expose = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        service::ATTEMPTS_HEADER,
+        service::PROVIDER_HEADER,
+    ]
+    .map(::http::HeaderName::from_static);
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([::http::Method::POST, ::http::Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers(expose)
+        .max_age(Duration::from_secs(24 * 3600))
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains:
@@ -326,12 +360,16 @@ pub async fn serve_listeners(
         .take_until(draining);
     let l = &options.limits;
     let mut builder = tonic::transport::Server::builder()
+        // gRPC-Web over HTTP/1.1 beside gRPC over HTTP/2.
+        .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_millis(l.http2_keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(l.http2_keepalive_timeout_ms)));
     if let Some(tls) = options.tls.clone() {
         builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
     }
     builder
+        .layer(grpc_web_cors(&options.grpc_web_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use provider_gateway_server::config::{
-    DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_SHUTDOWN_GRACE_MS,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_HTTP_LISTEN, DEFAULT_LISTEN, DEFAULT_SHUTDOWN_GRACE_MS,
 };
 use provider_gateway_server::{Config, Registry};
 use yaml_rust2::{Yaml, YamlLoader};
@@ -174,9 +174,11 @@ fn deploy_ports_and_probes_match_the_binary_defaults() {
     let c = container(&deployment);
     let grpc_port = port_of(DEFAULT_LISTEN);
     let admin_port = port_of(DEFAULT_ADMIN_LISTEN);
+    let http_port = port_of(DEFAULT_HTTP_LISTEN);
 
     let ports = container_ports(&c);
     assert_eq!(ports.get("grpc"), Some(&grpc_port), "{ports:?}");
+    assert_eq!(ports.get("http"), Some(&http_port), "{ports:?}");
     assert_eq!(ports.get("admin"), Some(&admin_port), "{ports:?}");
 
     let readiness = &c["readinessProbe"]["grpc"];
@@ -194,7 +196,11 @@ fn deploy_ports_and_probes_match_the_binary_defaults() {
     let service = object(&files, "Service");
     assert_eq!(service["spec"]["type"].as_str(), Some("ClusterIP"));
     let service_ports = list_of(&service["spec"]["ports"], "Service ports");
-    for (name, expected) in [("grpc", grpc_port), ("admin", admin_port)] {
+    for (name, expected) in [
+        ("grpc", grpc_port),
+        ("http", http_port),
+        ("admin", admin_port),
+    ] {
         let p = service_ports
             .iter()
             .find(|p| p["name"].as_str() == Some(name))
@@ -288,6 +294,11 @@ fn deploy_config_map_loads_and_is_what_the_container_reads() {
         port_of(&config.telemetry.admin_listen),
         port_of(DEFAULT_ADMIN_LISTEN),
         "the ConfigMap's admin port"
+    );
+    assert_eq!(
+        port_of(&config.http_listen),
+        port_of(DEFAULT_HTTP_LISTEN),
+        "the ConfigMap's HTTP ingress port"
     );
 
     // GATEWAY_CONFIG names the file where the ConfigMap is mounted.

@@ -50,3 +50,96 @@ async fn reflection_v1alpha_lists_the_services() {
     };
     assert!(!files.file_descriptor_proto.is_empty());
 }
+
+/// One gRPC-Web frame: flag byte, big-endian length, payload.
+fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![flag];
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The frames of a gRPC-Web body.
+fn frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+        out.push((body[0], body[5..5 + len].to_vec()));
+        body = &body[5 + len..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn grpc_web_complete_over_http1_with_cors() {
+    use prost::Message as _;
+    let gw = Gateway::start(
+        "[grpc_web]\ncors_allowed_origins = [\"https://app.example.com\"]\n",
+        &[],
+    )
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    let url = format!("{}/provider_gateway.v1.ProviderGateway/Complete", gw.url());
+
+    // A browser's preflight from an allowed origin, then from another one.
+    let preflight = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,x-grpc-web,x-retry-max-attempts",
+            )
+            .send()
+    };
+    let ok = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(
+        ok.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://app.example.com")
+    );
+    let other = preflight("https://evil.example.com").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    let request = provider_gateway_client::request::user("hello web");
+    let body = frame(0, &request.encode_to_vec());
+    let r = http
+        .post(&url)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("origin", "https://app.example.com")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    let expose = r
+        .headers()
+        .get("access-control-expose-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(expose.contains("x-gateway-attempts"), "{expose}");
+    assert_eq!(
+        r.headers()
+            .get("x-gateway-attempts")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let frames = frames(&r.bytes().await.unwrap());
+    let (flag, message) = &frames[0];
+    assert_eq!(*flag, 0);
+    let answer = provider_gateway::v1::CompleteResponse::decode(message.as_slice()).unwrap();
+    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
+    else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(text, "hello web");
+    let (flag, trailers) = frames.last().unwrap();
+    assert_eq!(*flag, 0x80);
+    let trailers = String::from_utf8_lossy(trailers).to_ascii_lowercase();
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+}

@@ -15,7 +15,8 @@ use crate::support::{ENV, Reply, Step, Upstream, provider_config, sse_event};
 /// The gateway with gRPC and HTTP listeners on 127.0.0.1:0.
 struct HttpGateway {
     http: String,
-    _stop: oneshot::Sender<()>,
+    /// Dropping it starts the shutdown.
+    stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,9 +54,14 @@ impl HttpGateway {
         });
         Self {
             http: format!("http://{addr}"),
-            _stop: stop,
+            stop: Some(stop),
             task,
         }
+    }
+
+    /// Starts the gateway's shutdown (drain).
+    fn shutdown(&mut self) {
+        self.stop.take();
     }
 
     async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
@@ -563,4 +569,46 @@ async fn the_request_timeout_header_bounds_the_call() {
         )
         .await;
     assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn a_draining_gateway_refuses_new_http_calls_with_a_retryable_503() {
+    // The mock streams its words slowly: one stream stays open while the
+    // gateway drains.
+    let mut gw = HttpGateway::start(
+        "[providers.mock]\nkind = \"mock\"\nreply = \"words\"\nwords = 20\nchunk_delay_ms = 100\n",
+    )
+    .await;
+    let client = http_client(false);
+    let models = format!("{}/v1/models", gw.http);
+    let mut body = user("long story");
+    body["model"] = json!("mock");
+    body["stream"] = json!(true);
+    let open = client
+        .post(format!("{}/v1/chat/completions", gw.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    // A second connection (the stream holds the first), kept alive.
+    assert_eq!(client.get(&models).send().await.unwrap().status(), 200);
+    gw.shutdown();
+    // The kept-alive connection of the first call is still open: a new call
+    // on it is refused, retryably (another replica can serve it).
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = client.get(&models).send().await.unwrap();
+        if r.status() != 200 {
+            refused = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("the draining gateway refuses new calls");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(header(&refused, "x-should-retry"), Some("true"));
+    // The open stream still ends properly.
+    let text = open.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 }

@@ -144,6 +144,15 @@ impl HttpError {
         out
     }
 
+    /// Names `provider` (when not empty) as the one the call was for, unless
+    /// the error already names the provider that failed.
+    pub(crate) fn for_provider(mut self, provider: &str) -> Self {
+        if self.provider.is_none() && !provider.is_empty() {
+            self.provider = Some(provider.to_string());
+        }
+        self
+    }
+
     /// The HTTP status in `dialect`.
     pub(crate) fn status(&self, dialect: Dialect) -> StatusCode {
         let code = match (self.kind, dialect) {

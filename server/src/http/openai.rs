@@ -309,9 +309,13 @@ pub(crate) async fn chat_completions(
     } else {
         CallKind::Request
     };
-    let accepted = ingress.accept(&parts.headers, kind, arrival, &target)?;
-    let chat =
-        crate::service::validate_request(pb_request).map_err(|s| super::invalid_status(&s))?;
+    // Answers before any upstream call name the provider the model chose.
+    let named = |e: HttpError| e.for_provider(&target.provider);
+    let accepted = ingress
+        .accept(&parts.headers, kind, arrival, &target)
+        .map_err(named)?;
+    let chat = crate::service::validate_request(pb_request)
+        .map_err(|s| named(super::invalid_status(&s)))?;
     if !stream {
         let done = ingress
             .registry
