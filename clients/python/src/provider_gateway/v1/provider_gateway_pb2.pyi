@@ -176,18 +176,28 @@ class StreamRequest(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., model: _Optional[str] = ..., system: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("start", "delta", "usage", "stop", "resumed")
+    __slots__ = ("start", "delta", "usage", "stop", "resumed", "restarted")
     START_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
     start: StreamStart
     delta: ContentDelta
     usage: Usage
     stop: StreamStop
     resumed: StreamResumed
-    def __init__(self, start: _Optional[_Union[StreamStart, _Mapping]] = ..., delta: _Optional[_Union[ContentDelta, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stop: _Optional[_Union[StreamStop, _Mapping]] = ..., resumed: _Optional[_Union[StreamResumed, _Mapping]] = ...) -> None: ...
+    restarted: StreamRestarted
+    def __init__(self, start: _Optional[_Union[StreamStart, _Mapping]] = ..., delta: _Optional[_Union[ContentDelta, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stop: _Optional[_Union[StreamStop, _Mapping]] = ..., resumed: _Optional[_Union[StreamResumed, _Mapping]] = ..., restarted: _Optional[_Union[StreamRestarted, _Mapping]] = ...) -> None: ...
+
+class StreamRestarted(_message.Message):
+    __slots__ = ("attempt", "provider")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    provider: str
+    def __init__(self, attempt: _Optional[int] = ..., provider: _Optional[str] = ...) -> None: ...
 
 class StreamResumed(_message.Message):
     __slots__ = ("attempt", "provider", "characters_delivered")
