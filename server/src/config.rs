@@ -407,6 +407,66 @@ impl ProviderConfig {
             Self::Embedded(c) => c.retry.as_ref(),
         }
     }
+
+    /// The section of a provider reached over HTTP.
+    pub fn http(&self) -> Option<&HttpProviderConfig> {
+        match self {
+            Self::Anthropic(c)
+            | Self::Openai(c)
+            | Self::Databricks(c)
+            | Self::AzureOpenai(c)
+            | Self::Gemini(c)
+            | Self::Vertex(c)
+            | Self::Bedrock(c) => Some(c),
+            Self::Mock(_) | Self::Embedded(_) => None,
+        }
+    }
+
+    /// The provider's pool: one member per endpoint and key pair (a
+    /// provider without `endpoints` or a key list is a pool of one), each
+    /// with the section its provider is built from.
+    pub fn members(&self) -> Vec<MemberConfig> {
+        let wrap = |c: HttpProviderConfig| match self {
+            Self::Anthropic(_) => Self::Anthropic(c),
+            Self::Openai(_) => Self::Openai(c),
+            Self::Databricks(_) => Self::Databricks(c),
+            Self::AzureOpenai(_) => Self::AzureOpenai(c),
+            Self::Gemini(_) => Self::Gemini(c),
+            Self::Vertex(_) => Self::Vertex(c),
+            Self::Bedrock(_) => Self::Bedrock(c),
+            // Not reached: these kinds have no HTTP section to expand.
+            Self::Mock(_) | Self::Embedded(_) => Self::Bedrock(c),
+        };
+        let Some(http) = self.http() else {
+            return vec![MemberConfig {
+                label: self.kind().to_string(),
+                host: String::new(),
+                key_env: None,
+                weight: 1,
+                config: self.clone(),
+            }];
+        };
+        http.members()
+            .into_iter()
+            .map(|(base, key_env, weight, config)| {
+                let host = reqwest::Url::parse(&base)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_else(|| self.kind().to_string());
+                let label = match &key_env {
+                    Some(k) => format!("{host}/{k}"),
+                    None => host.clone(),
+                };
+                MemberConfig {
+                    label,
+                    host,
+                    key_env,
+                    weight,
+                    config: wrap(config),
+                }
+            })
+            .collect()
+    }
 }
 
 /// `[providers.X.breaker]`: when to stop calling a failing provider.
@@ -494,6 +554,121 @@ impl FallbackHop {
     }
 }
 
+/// `api_key_env`: one environment variable, or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum KeyEnv {
+    /// One variable.
+    One(String),
+    /// Several: a pool of keys.
+    Many(Vec<String>),
+}
+
+impl KeyEnv {
+    /// The variable names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Self::One(name) => vec![name.as_str()],
+            Self::Many(names) => names.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The first variable's name (a provider built for one pool member
+    /// has exactly one).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::One(name) => name,
+            Self::Many(names) => names.first().map_or("", String::as_str),
+        }
+    }
+}
+
+impl std::ops::Deref for KeyEnv {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// One endpoint of a pool (`endpoints = [{ base_url, weight, api_key_env }]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The endpoint's base URL.
+    pub base_url: String,
+    /// Its share of the calls, relative to the others (default 1).
+    pub weight: Option<u32>,
+    /// Its own key variable(s), instead of the provider's.
+    pub api_key_env: Option<KeyEnv>,
+}
+
+/// How a pool chooses the member for an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// Power of two choices by score (latency, load, failures).
+    #[default]
+    P2c,
+    /// By weight alone.
+    Weighted,
+    /// The first member that can serve.
+    Ordered,
+}
+
+/// One member of a provider's pool: an endpoint and key pair, with the
+/// section a provider of it is built from.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    /// What the member is called in telemetry and `ListProviders`: the
+    /// endpoint's host and the key's variable name (never the key).
+    pub label: String,
+    /// The endpoint's host.
+    pub host: String,
+    /// The key's variable name, when it has one.
+    pub key_env: Option<String>,
+    /// Its weight.
+    pub weight: u32,
+    /// The section, with this member's single `base_url` and key.
+    pub config: ProviderConfig,
+}
+
+impl HttpProviderConfig {
+    /// The pool's members: each endpoint (default: `base_url` alone) with
+    /// each of its keys (the endpoint's own, else the provider's).
+    pub fn members(&self) -> Vec<(String, Option<String>, u32, HttpProviderConfig)> {
+        let endpoints: Vec<(Option<String>, u32, Option<&KeyEnv>)> = if self.endpoints.is_empty() {
+            vec![(self.base_url.clone(), 1, self.api_key_env.as_ref())]
+        } else {
+            self.endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        Some(e.base_url.clone()),
+                        e.weight.unwrap_or(1),
+                        e.api_key_env.as_ref().or(self.api_key_env.as_ref()),
+                    )
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (base_url, weight, keys) in endpoints {
+            let names: Vec<Option<String>> = match keys {
+                None => vec![None],
+                Some(k) => k.names().into_iter().map(|n| Some(n.to_string())).collect(),
+            };
+            for name in names {
+                let mut single = self.clone();
+                single.endpoints = Vec::new();
+                single.base_url.clone_from(&base_url);
+                single.api_key_env = name.clone().map(KeyEnv::One);
+                out.push((base_url.clone().unwrap_or_default(), name, weight, single));
+            }
+        }
+        out
+    }
+}
+
 /// How an OpenAI-compatible server is asked to continue a final assistant
 /// message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -576,8 +751,16 @@ pub struct HttpProviderConfig {
     /// The API's base URL; the kind's public endpoint when unset (required
     /// for databricks).
     pub base_url: Option<String>,
-    /// The environment variable holding the API key.
-    pub api_key_env: Option<String>,
+    /// The environment variable holding the API key, or a list of them (a
+    /// pool of keys: each key is a member of its own).
+    pub api_key_env: Option<KeyEnv>,
+    /// Several endpoints for one provider (a pool); default: `base_url`
+    /// alone.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// How a pool's member is chosen: `p2c` (default), `weighted` or
+    /// `ordered`.
+    pub balance: Option<Balance>,
     /// The default model.
     pub model: Option<String>,
     /// `max_tokens` sent when a request sets none.
@@ -1010,6 +1193,9 @@ impl Config {
                 crate::providers::check_model_name("mock", model)
                     .map_err(|why| err(format!("config key `providers.{name}.model`: {why}")))?;
             }
+            if let Some(c) = provider.http() {
+                check_pool(name, c)?;
+            }
             if let ProviderConfig::Anthropic(c) = provider
                 && c.prefill.is_some()
             {
@@ -1098,8 +1284,24 @@ impl Config {
 fn check_cloud_keys(name: &str, kind: &str, c: &HttpProviderConfig) -> Result<(), ConfigError> {
     let key = |k: &str| format!("config key `providers.{name}.{k}`");
     let blank = |v: &Option<String>| v.as_deref().is_some_and(|v| v.trim().is_empty());
+    let key_envs = c
+        .api_key_env
+        .iter()
+        .chain(c.endpoints.iter().filter_map(|e| e.api_key_env.as_ref()))
+        .flat_map(KeyEnv::names)
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    if let Some(k) = &c.api_key_env
+        && k.names().is_empty()
+    {
+        return Err(err(format!(
+            "{}: the list must not be empty",
+            key("api_key_env")
+        )));
+    }
+    let key_env = key_envs.iter().find(|n| n.trim().is_empty()).cloned();
     for (k, v) in [
-        ("api_key_env", &c.api_key_env),
+        ("api_key_env", &key_env),
         ("api_version", &c.api_version),
         ("entra_token_env", &c.entra_token_env),
         ("project", &c.project),
@@ -1215,6 +1417,50 @@ fn check_http_url(key: &str, url: Option<&str>) -> Result<(), ConfigError> {
         ))),
         Err(e) => Err(err(format!("{key}: `{url}` is not a URL: {e}"))),
     }
+}
+
+/// A pool's keys: every key list non-empty with no blank name, every
+/// endpoint a URL with a weight above zero.
+fn check_pool(name: &str, c: &HttpProviderConfig) -> Result<(), ConfigError> {
+    let lists = std::iter::once(("api_key_env".to_string(), c.api_key_env.as_ref())).chain(
+        c.endpoints.iter().enumerate().map(|(i, e)| {
+            (
+                format!("endpoints[{i}].api_key_env"),
+                e.api_key_env.as_ref(),
+            )
+        }),
+    );
+    for (key, list) in lists {
+        let Some(list) = list else { continue };
+        let names = list.names();
+        if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
+            return Err(err(format!(
+                "config key `providers.{name}.{key}`: needs one or more variable names, none empty"
+            )));
+        }
+    }
+    for (i, e) in c.endpoints.iter().enumerate() {
+        check_url(name, Some(&e.base_url)).map_err(|e2| {
+            err(e2
+                .0
+                .replace(".base_url`", &format!(".endpoints[{i}].base_url`")))
+        })?;
+        if e.weight == Some(0) {
+            return Err(err(format!(
+                "config key `providers.{name}.endpoints[{i}].weight`: must be at least 1"
+            )));
+        }
+    }
+    if c.balance.is_some()
+        && c.endpoints.is_empty()
+        && !matches!(&c.api_key_env, Some(KeyEnv::Many(v)) if v.len() > 1)
+    {
+        return Err(err(format!(
+            "config key `providers.{name}.balance`: the provider has one member; give it \
+             `endpoints` or a list of `api_key_env` variables"
+        )));
+    }
+    Ok(())
 }
 
 fn check_url(name: &str, url: Option<&str>) -> Result<(), ConfigError> {

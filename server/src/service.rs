@@ -301,6 +301,16 @@ impl GatewayService {
                     parameter_count: m.parameter_count,
                     context_length: m.context_length,
                 }),
+                members: p
+                    .members
+                    .into_iter()
+                    .map(|m| pb::PoolMember {
+                        endpoint_host: m.host,
+                        key_env: m.key_env,
+                        state: m.state.to_string(),
+                        ewma_latency_ms: m.ewma_latency_ms,
+                    })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::ListProvidersResponse {

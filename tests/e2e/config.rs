@@ -37,19 +37,22 @@ async fn zero_config_serves_mock_and_registers_keyed_providers() {
                 name: "anthropic".into(),
                 kind: "anthropic".into(),
                 default_model: "claude-sonnet-4-5".into(),
-                local_model: None
+                local_model: None,
+                members: vec![],
             },
             v1::ProviderInfo {
                 name: "mock".into(),
                 kind: "mock".into(),
                 default_model: "mock-1".into(),
-                local_model: None
+                local_model: None,
+                members: vec![],
             },
             v1::ProviderInfo {
                 name: "openai".into(),
                 kind: "openai".into(),
                 default_model: "gpt-4o-mini".into(),
-                local_model: None
+                local_model: None,
+                members: vec![],
             },
         ]
     );

@@ -178,6 +178,7 @@ async fn embedded_list_providers_shows_the_model_file() {
                 parameter_count: TinyModel::default().parameter_count(),
                 context_length: 1024,
             }),
+            members: vec![],
         }]
     );
 }

@@ -24,6 +24,7 @@ mod http_ingress;
 mod mock;
 mod openai;
 mod operations;
+mod pools;
 mod rescue;
 mod resilience;
 mod retry;

@@ -57,7 +57,8 @@ async fn mock_echoes_and_lists_itself() {
             name: "mock".into(),
             kind: "mock".into(),
             default_model: "mock-1".into(),
-            local_model: None
+            local_model: None,
+            members: vec![],
         }]
     );
 }

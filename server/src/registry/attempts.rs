@@ -47,11 +47,13 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tracing::{Instrument, Span};
 
+use super::pool::{MemberLease, Unavailable};
 use super::stream::{self, StreamSetup};
 use super::{Completion, OpenStream, RegisteredProvider};
 use crate::chat::{ChatRequest, StreamEvent};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::observe::{self, CallObservation, ModelLabels};
+use crate::providers::Provider;
 use crate::retry::{
     self, BreakerPermit, Clock, Decision, GiveUp, Jitter, RetryPolicy, Transition,
     min_useful_attempt,
@@ -90,6 +92,8 @@ pub(crate) struct HopCount {
     pub(crate) tries: u32,
     /// Continuations of a committed stream.
     pub(crate) resumes: u32,
+    /// The pool member of the last attempt, which a retry avoids.
+    pub(crate) last_member: Option<usize>,
 }
 
 /// What an upstream call is, for the gate's accounting.
@@ -116,6 +120,8 @@ pub(crate) enum Refusal {
     Budget,
     /// The provider's breaker is open for this long.
     BreakerOpen(Duration),
+    /// No member of the provider's pool can take an attempt now.
+    Pool(Unavailable),
 }
 
 /// Whose limit bounds an attempt.
@@ -143,6 +149,8 @@ pub(crate) struct Attempt {
     responded: Arc<AtomicBool>,
     pub(crate) bound: Bound,
     pub(crate) permit: Option<BreakerPermit>,
+    /// The pool member it goes to, when the provider has a pool.
+    member: Option<MemberLease>,
     started: std::time::Instant,
 }
 
@@ -168,6 +176,13 @@ impl Attempt {
                 Err(_) => Outcome::TimedOut,
             }
         }
+    }
+
+    /// The provider this attempt calls: its pool member's, or the hop's.
+    pub(crate) fn provider<'a>(&'a self, hop: &'a Hop) -> &'a Arc<dyn Provider> {
+        self.member
+            .as_ref()
+            .map_or(&hop.entry.provider, MemberLease::provider)
     }
 
     /// How long it has run.
@@ -278,6 +293,35 @@ impl AttemptGate {
         )
     }
 
+    /// Whether a retry after `error` may go at once to another member of
+    /// the hop's pool: the failure was the member's own (a 429, an
+    /// overload, a refused key), another member is allowed now, the call
+    /// has attempts left and the policy retries the class (a refused key
+    /// is retried on another key), and the budget allows a retry.
+    pub(crate) fn another_member_serves(
+        &self,
+        hop: &Hop,
+        count: &HopCount,
+        error: &ProviderError,
+    ) -> bool {
+        let now = self.clock.now();
+        let member_local = matches!(
+            error.class,
+            ErrorClass::RateLimited | ErrorClass::Overloaded | ErrorClass::Auth
+        );
+        let retried = error.class == ErrorClass::Auth || retry::is_retryable(&hop.policy, error);
+        member_local
+            && retried
+            && count.tries < hop.policy.max_attempts
+            && hop
+                .entry
+                .pool
+                .as_ref()
+                .zip(count.last_member)
+                .is_some_and(|(pool, last)| pool.others_allowed(last, now))
+            && hop.entry.budget.allows(now)
+    }
+
     /// Admits one upstream call of `kind` to `hop`, or says why not.
     pub(crate) fn admit(
         &mut self,
@@ -306,6 +350,17 @@ impl AttemptGate {
             return Err(Refusal::Deadline);
         }
         let now = self.clock.now();
+        let member = match &hop.entry.pool {
+            None => None,
+            Some(pool) => Some(
+                pool.pick(now, count.last_member, &self.jitter)
+                    .map_err(Refusal::Pool)?,
+            ),
+        };
+        if let Some(m) = &member {
+            count.last_member = Some(m.index());
+            tracing::debug!(provider = %hop.entry.name, member = m.label(), "attempt to a pool member");
+        }
         let permit = match &hop.entry.breaker {
             None => None,
             Some(breaker) => {
@@ -346,6 +401,7 @@ impl AttemptGate {
             span: obs.attempt_span(self.attempts),
             limit,
             responded: Arc::new(AtomicBool::new(false)),
+            member,
             bound,
             permit,
             started: std::time::Instant::now(),
@@ -361,15 +417,35 @@ impl AttemptGate {
         attempt: &mut Attempt,
         outcome: Option<&ProviderError>,
     ) {
+        let now = self.clock.now();
+        if let Some(member) = attempt.member.take() {
+            match outcome {
+                None => member.succeeded(attempt.started.elapsed()),
+                Some(error) => member.failed(error, now),
+            }
+            // A member's fault is the provider's only when no other member
+            // can serve: the breaker opens only when the whole pool cannot.
+            if outcome.is_some()
+                && entry
+                    .pool
+                    .as_ref()
+                    .is_some_and(|pool| pool.others_allowed(member.index(), now))
+            {
+                attempt.permit.take();
+                return;
+            }
+        }
         if let Some(permit) = attempt.permit.take() {
             let transition = permit.record(outcome, self.clock.now());
             self.breaker_changed(entry, transition);
         }
     }
 
-    /// Ends an attempt without a verdict: its permit is given back.
+    /// Ends an attempt without a verdict: its permit and pool member are
+    /// given back.
     pub(crate) fn abandon(attempt: &mut Attempt) {
         attempt.permit.take();
+        attempt.member.take();
     }
 
     /// Ends an attempt that ran out of time (not by the deadline): its
@@ -431,13 +507,19 @@ impl AttemptGate {
                 retry_after,
                 last_error,
             },
-            (Refusal::Deadline, last_error) | (_, last_error @ None) => {
-                GatewayError::DeadlineExceeded {
-                    provider,
-                    attempts,
-                    last_error,
-                }
-            }
+            (Refusal::Deadline | Refusal::Spent | Refusal::Budget, last_error @ None)
+            | (Refusal::Deadline, last_error) => GatewayError::DeadlineExceeded {
+                provider,
+                attempts,
+                last_error,
+            },
+            (Refusal::Pool(why), last_error) => GatewayError::Upstream {
+                provider,
+                attempts,
+                error: pool_error(why, last_error),
+                delivered: None,
+                budget_exhausted: false,
+            },
             (refusal @ (Refusal::Spent | Refusal::Budget), Some(error)) => GatewayError::Upstream {
                 provider,
                 attempts,
@@ -466,7 +548,8 @@ pub(crate) struct CallChain<'l> {
 }
 
 /// Makes one upstream call of a hop.
-type AttemptFn<'f, T> = &'f (dyn Fn(&Hop) -> BoxFuture<'static, Result<T, ProviderError>> + Sync);
+type AttemptFn<'f, T> =
+    &'f (dyn Fn(&Hop, &Arc<dyn Provider>) -> BoxFuture<'static, Result<T, ProviderError>> + Sync);
 
 impl<'l> CallChain<'l> {
     pub(crate) fn new(
@@ -487,8 +570,10 @@ impl<'l> CallChain<'l> {
 
     /// A whole answer: the chain's attempts until one answers.
     pub(crate) async fn complete(self) -> Result<Completion, GatewayError> {
-        let call = |hop: &Hop| -> BoxFuture<'static, Result<_, ProviderError>> {
-            let (provider, request) = (hop.entry.provider.clone(), hop.request.clone());
+        let call = |hop: &Hop,
+                    provider: &Arc<dyn Provider>|
+         -> BoxFuture<'static, Result<_, ProviderError>> {
+            let (provider, request) = (provider.clone(), hop.request.clone());
             Box::pin(async move { provider.complete(&request).await })
         };
         let Self {
@@ -532,8 +617,10 @@ impl<'l> CallChain<'l> {
         stream_resume: Option<crate::config::ResumeMode>,
         cannot_restart: bool,
     ) -> Result<OpenStream, GatewayError> {
-        let call = |hop: &Hop| -> BoxFuture<'static, Result<_, ProviderError>> {
-            let (provider, request) = (hop.entry.provider.clone(), hop.request.clone());
+        let call = |hop: &Hop,
+                    provider: &Arc<dyn Provider>|
+         -> BoxFuture<'static, Result<_, ProviderError>> {
+            let (provider, request) = (provider.clone(), hop.request.clone());
             let idle = hop.policy.stream_idle_timeout;
             Box::pin(
                 async move { stream::open_until_commit(provider.as_ref(), &request, idle).await },
@@ -645,11 +732,22 @@ async fn run_hop<T: Send + 'static>(
     loop {
         let attempt = match gate.admit(hop, &mut count, kind, obs) {
             Ok(attempt) => attempt,
+            // Every member of the pool cools down: wait for the first
+            // when that fits the deadline and the gateway's longest wait.
+            Err(Refusal::Pool(Unavailable::Cooling(wait)))
+                if wait <= hop.policy.max_retry_after
+                    && gate.remaining().is_none_or(|r| {
+                        r >= wait.saturating_add(min_useful_attempt(&hop.policy))
+                    }) =>
+            {
+                gate.wait(wait, obs).await;
+                continue;
+            }
             Err(refusal) => return Err(gate.refused(&hop.entry, refusal, last_error)),
         };
         let (outcome, mut attempt) = match hop.hedge_after.filter(|_| kind == AttemptKind::First) {
             Some(delay) => race(gate, hop, &mut count, obs, attempt, delay, call).await,
-            None => (attempt.run(call(hop)).await, attempt),
+            None => (attempt.run(call(hop, attempt.provider(hop))).await, attempt),
         };
         let took = attempt.took();
         let error = match outcome {
@@ -685,6 +783,12 @@ async fn run_hop<T: Send + 'static>(
         };
         let decision = if has_fallback && attempt.fails_over(&error) {
             Decision::GiveUp(GiveUp::FailOver)
+        } else if gate.another_member_serves(hop, &count, &error) {
+            // The fault was this member's (its rate limit, its load, its
+            // key): another member takes the retry at once.
+            Decision::Retry {
+                wait: Duration::ZERO,
+            }
         } else {
             gate.decide(hop, count.tries, &error)
         };
@@ -731,7 +835,7 @@ async fn race<T: Send + 'static>(
     delay: Duration,
     call: AttemptFn<'_, T>,
 ) -> (Outcome<T>, Attempt) {
-    let running = first.run(call(hop));
+    let running = first.run(call(hop, first.provider(hop)));
     tokio::pin!(running);
     // `biased`: the outcome wins a tie with the delay, and the order is
     // deterministic (the simulation replays by seed).
@@ -750,7 +854,7 @@ async fn race<T: Send + 'static>(
         delay_ms = delay.as_millis() as u64,
         "sending a hedge"
     );
-    let hedge = second.run(call(hop));
+    let hedge = second.run(call(hop, second.provider(hop)));
     tokio::pin!(hedge);
     let mut attempts = [Some(first), Some(second)];
     // The hedge is polled first, so an admitted hedge always reaches its
@@ -820,9 +924,37 @@ fn unreachable_attempt<T>() -> (Outcome<T>, Attempt) {
             bound: Bound::Deadline,
             responded: Arc::new(AtomicBool::new(false)),
             permit: None,
+            member: None,
             started: std::time::Instant::now(),
         },
     )
+}
+
+/// What a caller sees when no member of a pool can take an attempt: the
+/// members cool down (rate-limited, with the wait until the first is
+/// ready), or every key was refused.
+fn pool_error(why: Unavailable, last: Option<ProviderError>) -> ProviderError {
+    let mut error = match why {
+        Unavailable::Cooling(wait) => {
+            let mut e = ProviderError::new(
+                ErrorClass::RateLimited,
+                format!(
+                    "every member of the provider's pool is cooling down; the first is ready in {} ms",
+                    wait.as_millis()
+                ),
+            );
+            e.retry_after = Some(wait);
+            e
+        }
+        Unavailable::Dead => ProviderError::new(
+            ErrorClass::Auth,
+            "the upstream refused every key of the provider's pool",
+        ),
+    };
+    if let Some(last) = last {
+        error.message = format!("{}; last error: {last}", error.message);
+    }
+    error
 }
 
 /// The hop that served, its winning attempt, and the hops after it (for a

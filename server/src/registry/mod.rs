@@ -14,7 +14,10 @@
 //! - `stream.rs`: the commit point, the committed stream, resume.
 
 mod attempts;
+mod pool;
 mod stream;
+
+pub use pool::MemberSummary;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -50,6 +53,8 @@ pub struct RegisteredProvider {
     pub breaker: Option<Arc<CircuitBreaker>>,
     /// Its fallback, resume and hedging settings.
     pub resilience: ResilienceConfig,
+    /// Its members, when it has more than one endpoint and key pair.
+    pool: Option<Arc<pool::Pool>>,
 }
 
 impl RegisteredProvider {
@@ -70,6 +75,7 @@ impl RegisteredProvider {
                 max_resumes: 2,
                 ..ResilienceConfig::default()
             },
+            pool: None,
         }
     }
 
@@ -82,7 +88,7 @@ impl RegisteredProvider {
 }
 
 /// What `ListProviders` shows of a provider: never a secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSummary {
     /// The configured name.
     pub name: String,
@@ -92,6 +98,8 @@ pub struct ProviderSummary {
     pub default_model: String,
     /// The model file, for a model running inside the gateway.
     pub local_model: Option<providers::LocalModelInfo>,
+    /// The members of a pool (empty for a provider of one).
+    pub members: Vec<MemberSummary>,
 }
 
 /// Per-call context from the caller.
@@ -182,11 +190,24 @@ impl Registry {
         let mut providers = Vec::new();
         for (name, section) in &config.providers {
             let policy = RetryPolicy::resolve_for(name, section, &config.retry)?;
-            let provider = providers::build(name, section, env)?;
-            providers.push(
-                RegisteredProvider::new(name, provider, policy)
-                    .with_resilience(section.resilience()),
-            );
+            let members = section.members();
+            let mut built = Vec::with_capacity(members.len());
+            for m in members {
+                let provider = providers::build(name, &m.config, env)?;
+                built.push((m, provider));
+            }
+            let Some(first) = built.first().map(|(_, p)| p.clone()) else {
+                return Err(ConfigError(format!(
+                    "provider `{name}`: no endpoint to call"
+                )));
+            };
+            let mut entry =
+                RegisteredProvider::new(name, first, policy).with_resilience(section.resilience());
+            if built.len() > 1 {
+                let balance = section.http().and_then(|h| h.balance).unwrap_or_default();
+                entry.pool = Some(Arc::new(pool::Pool::new(built, balance)));
+            }
+            providers.push(entry);
         }
         Ok(Self::from_providers(
             providers,
@@ -258,6 +279,11 @@ impl Registry {
                 kind: p.provider.kind(),
                 default_model: p.provider.default_model().to_string(),
                 local_model: p.provider.local_model(),
+                members: p
+                    .pool
+                    .as_ref()
+                    .map(|pool| pool.summaries(self.clock.now()))
+                    .unwrap_or_default(),
             })
             .collect()
     }

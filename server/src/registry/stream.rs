@@ -414,8 +414,9 @@ impl Committed {
                 Rescue::Restart => "restarting",
             }
         );
+        let provider = attempt.provider(&self.hops[at].0).clone();
         let outcome = attempt
-            .run(open_until_commit(entry.provider.as_ref(), &request, idle))
+            .run(open_until_commit(provider.as_ref(), &request, idle))
             .await;
         let took = attempt.took();
         let failure = match outcome {

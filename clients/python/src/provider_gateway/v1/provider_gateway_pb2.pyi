@@ -260,16 +260,30 @@ class ListProvidersResponse(_message.Message):
     def __init__(self, providers: _Optional[_Iterable[_Union[ProviderInfo, _Mapping]]] = ..., default_provider: _Optional[str] = ...) -> None: ...
 
 class ProviderInfo(_message.Message):
-    __slots__ = ("name", "kind", "default_model", "local_model")
+    __slots__ = ("name", "kind", "default_model", "local_model", "members")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     LOCAL_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     default_model: str
     local_model: LocalModel
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_model: _Optional[str] = ..., local_model: _Optional[_Union[LocalModel, _Mapping]] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[PoolMember]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_model: _Optional[str] = ..., local_model: _Optional[_Union[LocalModel, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PoolMember, _Mapping]]] = ...) -> None: ...
+
+class PoolMember(_message.Message):
+    __slots__ = ("endpoint_host", "key_env", "state", "ewma_latency_ms")
+    ENDPOINT_HOST_FIELD_NUMBER: _ClassVar[int]
+    KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EWMA_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    endpoint_host: str
+    key_env: str
+    state: str
+    ewma_latency_ms: float
+    def __init__(self, endpoint_host: _Optional[str] = ..., key_env: _Optional[str] = ..., state: _Optional[str] = ..., ewma_latency_ms: _Optional[float] = ...) -> None: ...
 
 class LocalModel(_message.Message):
     __slots__ = ("file_name", "parameter_count", "context_length")

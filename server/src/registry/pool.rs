@@ -1,0 +1,299 @@
+//! Provider pools: several endpoint and key pairs (members) behind one
+//! provider name, which keeps its single policy, budget and breaker.
+//!
+//! Each member has its own state: requests in flight, a peak-EWMA of its
+//! latency, recent failures, a cooldown and whether its key is dead. The
+//! gate picks a member for every attempt it admits:
+//!
+//! - `p2c` (the default): two members drawn at random by weight among
+//!   those allowed now, the one with the lower score wins, where
+//!   `score = (ewma_ms + 1) * (in_flight + 1) * (1 + failures)`.
+//!   `ewma_ms` jumps to a slower sample at once and decays towards faster
+//!   ones (`0.8 * ewma + 0.2 * sample`); `failures` grows by one per
+//!   upstream fault and halves on each success.
+//! - `weighted`: one member drawn by weight alone.
+//! - `ordered`: the first member allowed now.
+//!
+//! A member is not allowed while it cools down or once its key is dead.
+//! A 429 or an overload cools only that member, for the upstream's
+//! Retry-After, else a default that doubles from 1 s up to 30 s (reset by
+//! a success). A 401/403 marks the member's key dead until the gateway
+//! restarts, with one warning naming the key's variable (never the key).
+//! A retry after a member's fault goes to another member when one is
+//! allowed.
+//!
+//! Invariants: no attempt goes to a member that is cooling or dead; a
+//! member's in-flight count is an RAII lease, given back however the
+//! attempt ends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{Balance, MemberConfig};
+use crate::error::{ErrorClass, ProviderError};
+use crate::providers::Provider;
+use crate::retry::Jitter;
+
+const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
+const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// One endpoint and key pair.
+pub(crate) struct Member {
+    /// Endpoint host and key variable, for telemetry.
+    pub(crate) label: String,
+    pub(crate) host: String,
+    pub(crate) key_env: Option<String>,
+    pub(crate) provider: Arc<dyn Provider>,
+    weight: u32,
+    state: Mutex<MemberState>,
+}
+
+#[derive(Debug, Default)]
+struct MemberState {
+    in_flight: u32,
+    ewma_ms: f64,
+    failures: f64,
+    cooling_until: Option<Instant>,
+    next_cooldown: Duration,
+    dead: bool,
+}
+
+/// What `ListProviders` shows of a member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberSummary {
+    /// The endpoint's host.
+    pub host: String,
+    /// The key's environment variable (never the key).
+    pub key_env: String,
+    /// `ready`, `cooling` or `dead`.
+    pub state: &'static str,
+    /// Its latency estimate.
+    pub ewma_latency_ms: f64,
+}
+
+/// A provider's members and how one is chosen.
+pub(crate) struct Pool {
+    members: Vec<Member>,
+    balance: Balance,
+}
+
+/// Why no member can take an attempt now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unavailable {
+    /// Every live member cools down; the first is ready after this.
+    Cooling(Duration),
+    /// Every member's key is dead.
+    Dead,
+}
+
+/// A member taken for one attempt (its in-flight count, given back on
+/// drop).
+pub(crate) struct MemberLease {
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+fn lock(m: &Member) -> std::sync::MutexGuard<'_, MemberState> {
+    match m.state.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Pool {
+    /// A pool of `members`, each with the provider built for it.
+    pub(crate) fn new(members: Vec<(MemberConfig, Arc<dyn Provider>)>, balance: Balance) -> Self {
+        Self {
+            members: members
+                .into_iter()
+                .map(|(m, provider)| Member {
+                    label: m.label,
+                    host: m.host,
+                    key_env: m.key_env,
+                    provider,
+                    weight: m.weight.max(1),
+                    state: Mutex::new(MemberState {
+                        next_cooldown: FIRST_COOLDOWN,
+                        ..MemberState::default()
+                    }),
+                })
+                .collect(),
+            balance,
+        }
+    }
+
+    fn allowed(&self, index: usize, now: Instant) -> bool {
+        let s = lock(&self.members[index]);
+        !s.dead && s.cooling_until.is_none_or(|t| now >= t)
+    }
+
+    /// Whether a member other than `except` may take an attempt now.
+    pub(crate) fn others_allowed(&self, except: usize, now: Instant) -> bool {
+        (0..self.members.len()).any(|i| i != except && self.allowed(i, now))
+    }
+
+    /// Takes a member for an attempt, avoiding `avoid` (the member that
+    /// just failed) when another is allowed.
+    pub(crate) fn pick(
+        self: &Arc<Self>,
+        now: Instant,
+        avoid: Option<usize>,
+        jitter: &Jitter,
+    ) -> Result<MemberLease, Unavailable> {
+        let mut allowed: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.allowed(i, now))
+            .collect();
+        if allowed.is_empty() {
+            let wait = self
+                .members
+                .iter()
+                .filter_map(|m| {
+                    let s = lock(m);
+                    (!s.dead).then(|| s.cooling_until.map(|t| t.saturating_duration_since(now)))
+                })
+                .flatten()
+                .min();
+            return Err(wait.map_or(Unavailable::Dead, Unavailable::Cooling));
+        }
+        if allowed.len() > 1
+            && let Some(a) = avoid
+        {
+            allowed.retain(|&i| i != a);
+        }
+        let index = match self.balance {
+            Balance::Ordered => allowed[0],
+            Balance::Weighted => self.draw(&allowed, jitter),
+            Balance::P2c if allowed.len() == 1 => allowed[0],
+            Balance::P2c => {
+                let first = self.draw(&allowed, jitter);
+                let rest: Vec<usize> = allowed.iter().copied().filter(|&i| i != first).collect();
+                let second = self.draw(&rest, jitter);
+                if self.score(second) < self.score(first) {
+                    second
+                } else {
+                    first
+                }
+            }
+        };
+        lock(&self.members[index]).in_flight += 1;
+        Ok(MemberLease {
+            pool: self.clone(),
+            index,
+        })
+    }
+
+    /// One of `among` at random, by weight.
+    fn draw(&self, among: &[usize], jitter: &Jitter) -> usize {
+        let total: u64 = among
+            .iter()
+            .map(|&i| u64::from(self.members[i].weight))
+            .sum();
+        let mut point = (jitter.next_unit() * total as f64) as u64;
+        for &i in among {
+            let w = u64::from(self.members[i].weight);
+            if point < w {
+                return i;
+            }
+            point -= w;
+        }
+        among[among.len() - 1]
+    }
+
+    fn score(&self, index: usize) -> f64 {
+        let s = lock(&self.members[index]);
+        (s.ewma_ms + 1.0) * f64::from(s.in_flight + 1) * (1.0 + s.failures)
+    }
+
+    /// Every member, for `ListProviders`.
+    pub(crate) fn summaries(&self, now: Instant) -> Vec<MemberSummary> {
+        self.members
+            .iter()
+            .map(|m| {
+                let s = lock(m);
+                MemberSummary {
+                    host: m.host.clone(),
+                    key_env: m.key_env.clone().unwrap_or_default(),
+                    state: if s.dead {
+                        "dead"
+                    } else if s.cooling_until.is_some_and(|t| now < t) {
+                        "cooling"
+                    } else {
+                        "ready"
+                    },
+                    ewma_latency_ms: s.ewma_ms,
+                }
+            })
+            .collect()
+    }
+}
+
+impl MemberLease {
+    /// The member's index in its pool.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    fn member(&self) -> &Member {
+        &self.pool.members[self.index]
+    }
+
+    /// The provider to call.
+    pub(crate) fn provider(&self) -> &Arc<dyn Provider> {
+        &self.member().provider
+    }
+
+    /// The member's label (host and key variable).
+    pub(crate) fn label(&self) -> &str {
+        &self.member().label
+    }
+
+    /// The attempt succeeded after `took`.
+    pub(crate) fn succeeded(&self, took: Duration) {
+        let mut s = lock(self.member());
+        let ms = took.as_secs_f64() * 1_000.0;
+        s.ewma_ms = if ms > s.ewma_ms {
+            ms
+        } else {
+            0.8 * s.ewma_ms + 0.2 * ms
+        };
+        s.failures /= 2.0;
+        s.next_cooldown = FIRST_COOLDOWN;
+    }
+
+    /// The attempt failed with `error`: a 429 or an overload cools this
+    /// member, a refused key kills it, other upstream faults count.
+    pub(crate) fn failed(&self, error: &ProviderError, now: Instant) {
+        let member = self.member();
+        let mut s = lock(member);
+        match error.class {
+            ErrorClass::RateLimited | ErrorClass::Overloaded => {
+                let wait = error
+                    .retry_after
+                    .unwrap_or(s.next_cooldown)
+                    .min(MAX_COOLDOWN);
+                s.next_cooldown = s.next_cooldown.saturating_mul(2).min(MAX_COOLDOWN);
+                s.cooling_until = Some(now.checked_add(wait).unwrap_or(now));
+                s.failures += 1.0;
+            }
+            ErrorClass::Auth if !s.dead => {
+                s.dead = true;
+                tracing::warn!(
+                    member = %member.label,
+                    key_env = member.key_env.as_deref().unwrap_or(""),
+                    "the upstream refused this pool member's key; it is not used again until restart"
+                );
+            }
+            class if crate::retry::is_upstream_fault(class) => s.failures += 1.0,
+            _ => {}
+        }
+    }
+}
+
+impl Drop for MemberLease {
+    fn drop(&mut self) {
+        let mut s = lock(self.member());
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
+}

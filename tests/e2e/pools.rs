@@ -1,0 +1,154 @@
+//! Provider pools (issue 13): several keys and endpoints behind one
+//! provider name. A 429 cools only its member and the retry goes to
+//! another at once; a refused key dies and is never called again; P2C
+//! prefers the faster endpoint; `ListProviders` shows the members without
+//! a secret.
+
+use std::time::{Duration, Instant};
+
+use provider_gateway_client::{RawClient, v1};
+use serde_json::json;
+
+use crate::gate::complete;
+use crate::resilience::anthropic_ok;
+use crate::support::{Gateway, Reply, Upstream};
+
+const KEY_A: &str = "sk-pool-key-aaaaaaaa";
+const KEY_B: &str = "sk-pool-key-bbbbbbbb";
+const ENV: &[(&str, &str)] = &[("KEY_A", KEY_A), ("KEY_B", KEY_B)];
+
+fn keys_seen(upstream: &Upstream) -> Vec<String> {
+    upstream
+        .requests()
+        .iter()
+        .map(|r| r.header("x-api-key").unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A 429 on one key cools only that key: the retry goes to the other key
+/// at once, without waiting out the Retry-After.
+#[tokio::test]
+async fn a_rate_limited_key_is_cooled_and_the_retry_goes_to_the_other_at_once() {
+    let upstream = Upstream::start(vec![
+        Reply::json(
+            429,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}),
+        )
+        .header("retry-after", "2"),
+        anthropic_ok("served by the other key"),
+        anthropic_ok("still the other key"),
+    ])
+    .await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
+         api_key_env = [\"KEY_A\", \"KEY_B\"]\n",
+        upstream.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let started = Instant::now();
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "it waited"
+    );
+    assert_eq!(answer.text, "served by the other key");
+    assert_eq!(answer.attempts, 2);
+    let seen = keys_seen(&upstream);
+    assert_eq!(seen.len(), 2);
+    assert_ne!(seen[0], seen[1], "the retry went to the same key");
+    // The cooled key is not used while it cools.
+    complete(&gw, &[], None).await.unwrap();
+    let seen = keys_seen(&upstream);
+    assert_eq!(seen[2], seen[1], "a cooling key was called");
+}
+
+/// A refused key dies: the other keeps serving, and the dead key is never
+/// called again.
+#[tokio::test]
+async fn a_refused_key_dies_and_the_other_keeps_serving() {
+    let refusing = Upstream::start(vec![Reply::json(
+        401,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    )])
+    .await;
+    let serving = Upstream::start(vec![anthropic_ok("ok"); 10]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\n\
+         endpoints = [{{ base_url = \"{}\", api_key_env = \"KEY_A\" }}, {{ base_url = \"{}\", api_key_env = \"KEY_B\" }}]\n",
+        refusing.url(),
+        serving.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    for _ in 0..10 {
+        let answer = complete(&gw, &[], None).await.unwrap();
+        assert_eq!(answer.text, "ok");
+    }
+    assert!(
+        refusing.request_count() <= 1,
+        "the dead key was called again"
+    );
+    assert_eq!(serving.request_count(), 10);
+    let mut raw = RawClient::connect(gw.url()).await.unwrap();
+    let listed = raw
+        .list_providers(v1::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let members = &listed.providers[0].members;
+    assert_eq!(members.len(), 2);
+    assert_eq!(members[0].key_env, "KEY_A");
+    assert_eq!(members[1].key_env, "KEY_B");
+    if refusing.request_count() == 1 {
+        assert_eq!(members[0].state, "dead");
+    }
+    assert_eq!(members[1].state, "ready");
+    let text = format!("{listed:?}");
+    assert!(!text.contains(KEY_A) && !text.contains(KEY_B), "{text}");
+}
+
+/// Power of two choices sends most calls to the faster endpoint.
+#[tokio::test]
+async fn p2c_prefers_the_faster_endpoint() {
+    let slow = Upstream::start(vec![
+        anthropic_ok("slow").delay(Duration::from_millis(40));
+        100
+    ])
+    .await;
+    let fast = Upstream::start(vec![anthropic_ok("fast"); 100]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n",
+        slow.url(),
+        fast.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let calls = 50;
+    for _ in 0..calls {
+        complete(&gw, &[], None).await.unwrap();
+    }
+    let (s, f) = (slow.request_count(), fast.request_count());
+    assert_eq!(s + f, calls);
+    assert!(f * 100 >= calls * 80, "slow {s}, fast {f}");
+}
+
+/// Bad pool keys are refused at start-up, naming the key.
+#[tokio::test]
+async fn pool_keys_are_checked_naming_the_key() {
+    for (extra, key) in [
+        ("api_key_env = []", "providers.p.api_key_env"),
+        (
+            "endpoints = [{ base_url = \"ftp://x\" }]",
+            "providers.p.endpoints[0].base_url",
+        ),
+        (
+            "endpoints = [{ base_url = \"http://127.0.0.1:1\", weight = 0 }]",
+            "providers.p.endpoints[0].weight",
+        ),
+        ("balance = \"p2c\"", "providers.p.balance"),
+    ] {
+        let toml =
+            format!("default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\n{extra}\n");
+        let err = provider_gateway_server::Config::from_toml(&toml).unwrap_err();
+        assert!(err.to_string().contains(key), "{extra}: {err}");
+    }
+}
