@@ -3,7 +3,8 @@
 //! Each scenario builds a real [`Registry`] over scripted in-process
 //! providers (no sockets), on a current-thread tokio runtime with paused
 //! time, everything drawn from one seed: the providers' policies, breakers,
-//! budgets, fallback chains, resume and hedge settings; each upstream
+//! budgets, fallback chains, resume and hedge settings, pools of up to
+//! three members with a drawn balance; each upstream
 //! call's behaviour (latency, 429 with and without Retry-After, absurd
 //! Retry-After values, 5xx, 529, resets, streams cut before or after
 //! content, stalls, truncation, error events, keep-alives,
@@ -44,7 +45,9 @@ use provider_gateway_server::Registry;
 use provider_gateway_server::chat::{
     ChatRequest, ChatResponse, Content, Message, Role, StopReason, StreamEvent, Usage,
 };
-use provider_gateway_server::config::{BreakerConfig, FallbackHop, ResilienceConfig, ResumeMode};
+use provider_gateway_server::config::{
+    Balance, BreakerConfig, FallbackHop, MemberConfig, ResilienceConfig, ResumeMode,
+};
 use provider_gateway_server::error::{ErrorClass, GatewayError, ProviderError};
 use provider_gateway_server::providers::{EventStream, Provider};
 use provider_gateway_server::registry::{CallOptions, RegisteredProvider};
@@ -540,7 +543,7 @@ struct SimSetup {
     log: Arc<Mutex<ProviderLog>>,
 }
 
-fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Arc<SimProvider>) {
+fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Arc<SimProvider>>) {
     let name = format!("p{index}");
     let initial = rng.ms(0, 50);
     let policy = RetryPolicy {
@@ -582,13 +585,20 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Arc<Si
         context_window: rng.chance(30).then(|| rng.range(1, 4) as u32 * 1_000),
     };
     let log = Arc::new(Mutex::new(ProviderLog::default()));
-    let provider = Arc::new(SimProvider {
-        rng: Mutex::new(Rng::new(rng.next_u64())),
-        per_try: policy.per_try_timeout,
-        idle: policy.stream_idle_timeout,
-        fault_rate: rng.pick(&[0, 10, 30, 60, 100]),
-        log: log.clone(),
-    });
+    // A pool of one to three members (endpoint and key pairs), each with
+    // its own faults, all counted in the provider's log.
+    let members = if rng.chance(30) { rng.range(2, 3) } else { 1 };
+    let provider = (0..members)
+        .map(|_| {
+            Arc::new(SimProvider {
+                rng: Mutex::new(Rng::new(rng.next_u64())),
+                per_try: policy.per_try_timeout,
+                idle: policy.stream_idle_timeout,
+                fault_rate: rng.pick(&[0, 10, 30, 60, 100]),
+                log: log.clone(),
+            })
+        })
+        .collect();
     (
         SimSetup {
             name,
@@ -787,10 +797,28 @@ async fn scenario(seed: u64) -> Report {
     let mut setups = Vec::new();
     let mut registered = Vec::new();
     for i in 0..count {
-        let (setup, provider) = draw_provider(&mut rng, i, count);
+        let (setup, members) = draw_provider(&mut rng, i, count);
+        let balance = rng.pick(&[Balance::P2c, Balance::Weighted, Balance::Ordered]);
+        let pool = members
+            .iter()
+            .enumerate()
+            .map(|(m, provider)| {
+                let member = MemberConfig {
+                    label: format!("{}-{m}", setup.name),
+                    host: format!("{}-{m}", setup.name),
+                    key_env: Some(format!("KEY_{m}")),
+                    weight: 1 + m as u32,
+                    config: provider_gateway_server::config::ProviderConfig::Mock(
+                        Default::default(),
+                    ),
+                };
+                (member, provider.clone() as Arc<dyn Provider>)
+            })
+            .collect();
         registered.push(
-            RegisteredProvider::new(&setup.name, provider, setup.policy.clone())
-                .with_resilience(setup.resilience.clone()),
+            RegisteredProvider::new(&setup.name, members[0].clone(), setup.policy.clone())
+                .with_resilience(setup.resilience.clone())
+                .with_members(pool, balance),
         );
         setups.push(setup);
     }

@@ -79,6 +79,20 @@ impl RegisteredProvider {
         }
     }
 
+    /// Makes the provider a pool of `members` (each an endpoint and key
+    /// pair with the provider built for it), chosen by `balance`. A single
+    /// member leaves it as it is.
+    pub fn with_members(
+        mut self,
+        members: Vec<(crate::config::MemberConfig, Arc<dyn Provider>)>,
+        balance: crate::config::Balance,
+    ) -> Self {
+        if members.len() > 1 {
+            self.pool = Some(Arc::new(pool::Pool::new(members, balance)));
+        }
+        self
+    }
+
     /// Adds the breaker, fallback, resume and hedging settings.
     pub fn with_resilience(mut self, resilience: ResilienceConfig) -> Self {
         self.breaker = resilience.breaker.clone().map(CircuitBreaker::new);
@@ -201,13 +215,12 @@ impl Registry {
                     "provider `{name}`: no endpoint to call"
                 )));
             };
-            let mut entry =
-                RegisteredProvider::new(name, first, policy).with_resilience(section.resilience());
-            if built.len() > 1 {
-                let balance = section.http().and_then(|h| h.balance).unwrap_or_default();
-                entry.pool = Some(Arc::new(pool::Pool::new(built, balance)));
-            }
-            providers.push(entry);
+            let balance = section.http().and_then(|h| h.balance).unwrap_or_default();
+            providers.push(
+                RegisteredProvider::new(name, first, policy)
+                    .with_resilience(section.resilience())
+                    .with_members(built, balance),
+            );
         }
         Ok(Self::from_providers(
             providers,
