@@ -352,13 +352,17 @@ impl ProviderConfig {
                     fallback: &Vec<FallbackHop>,
                     resume: Option<ResumeMode>,
                     max_resumes: Option<u32>,
-                    hedge: Option<u64>,
+                    hedge: Option<HedgeAfter>,
                     context_window: Option<u32>| ResilienceConfig {
             breaker: breaker.clone(),
             fallback: fallback.clone(),
             stream_resume: resume.unwrap_or_default(),
             max_resumes: max_resumes.unwrap_or(2),
-            hedge_after_ms: hedge,
+            hedge_after_ms: match hedge {
+                Some(HedgeAfter::Millis(ms)) => Some(ms),
+                Some(HedgeAfter::P95) | None => None,
+            },
+            hedge_p95: hedge == Some(HedgeAfter::P95),
             context_window,
         };
         #[allow(unreachable_patterns)]
@@ -682,6 +686,35 @@ pub enum PrefillForm {
     AssistantLast,
 }
 
+/// `hedge_after_ms`: a delay in milliseconds, or `"p95"`: the provider's
+/// observed p95 time to first content (at least 100 ms; no hedge until 50
+/// answers were seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeAfter {
+    /// A fixed delay.
+    Millis(u64),
+    /// The observed p95.
+    P95,
+}
+
+impl<'de> Deserialize<'de> for HedgeAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Millis(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Millis(ms) => Ok(Self::Millis(ms)),
+            Raw::Text(t) if t == "p95" => Ok(Self::P95),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "`{t}` is not a number of milliseconds or \"p95\""
+            ))),
+        }
+    }
+}
+
 /// How a stream that broke after content is rescued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ResumeMode {
@@ -740,6 +773,8 @@ pub struct ResilienceConfig {
     pub max_resumes: u32,
     /// The hedge delay.
     pub hedge_after_ms: Option<u64>,
+    /// Hedge after the provider's observed p95 time to first content.
+    pub hedge_p95: bool,
     /// The default model's context window, when declared.
     pub context_window: Option<u32>,
 }
@@ -801,8 +836,9 @@ pub struct HttpProviderConfig {
     /// How many breaks of one stream may be resumed (default 2).
     pub max_resumes: Option<u32>,
     /// Start a second attempt when the first has produced no content after
-    /// this long.
-    pub hedge_after_ms: Option<u64>,
+    /// this long (milliseconds), or after the provider's observed p95 time
+    /// to first content (`"p95"`).
+    pub hedge_after_ms: Option<HedgeAfter>,
     /// `azure-openai`: the `api-version` query parameter.
     pub api_version: Option<String>,
     /// `azure-openai`: a variable holding a Microsoft Entra bearer token,
@@ -904,8 +940,9 @@ pub struct MockConfig {
     /// How many breaks of one stream may be resumed (default 2).
     pub max_resumes: Option<u32>,
     /// Start a second attempt when the first has produced no content after
-    /// this long.
-    pub hedge_after_ms: Option<u64>,
+    /// this long (milliseconds), or after the provider's observed p95 time
+    /// to first content (`"p95"`).
+    pub hedge_after_ms: Option<HedgeAfter>,
 }
 
 /// The keys of the `embedded` provider: a GGUF model file run in-process.

@@ -172,6 +172,7 @@ impl CallObservation {
             otel.kind = "client",
             otel.status_code = Empty,
             gateway.attempt = i64::from(n),
+            gateway.member = Empty,
             http.request.resend_count = Empty,
             http.response.status_code = Empty,
             server.address = Empty,

@@ -152,3 +152,104 @@ async fn pool_keys_are_checked_naming_the_key() {
         assert!(err.to_string().contains(key), "{extra}: {err}");
     }
 }
+
+/// A member whose answer says its requests are spent is skipped until its
+/// reset, with no 429 seen; when every member is spent and the reset is
+/// past the gateway's longest wait, the call is answered at once with
+/// RetryInfo, without a request bound to fail.
+#[tokio::test]
+async fn rate_limit_headers_pace_the_members() {
+    let spent = |text: &str| {
+        anthropic_ok(text)
+            .header("anthropic-ratelimit-requests-remaining", "0")
+            .header("anthropic-ratelimit-requests-reset", "2099-01-01T00:00:00Z")
+    };
+    let a = Upstream::start(vec![spent("a, now spent"), anthropic_ok("a again")]).await;
+    let b = Upstream::start(vec![
+        anthropic_ok("b"),
+        anthropic_ok("b"),
+        spent("b, now spent"),
+        anthropic_ok("b again"),
+    ])
+    .await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    assert_eq!(complete(&gw, &[], None).await.unwrap().text, "a, now spent");
+    for _ in 0..2 {
+        assert_eq!(complete(&gw, &[], None).await.unwrap().text, "b");
+    }
+    assert_eq!(complete(&gw, &[], None).await.unwrap().text, "b, now spent");
+    assert_eq!(
+        (a.request_count(), b.request_count()),
+        (1, 3),
+        "a spent member was called"
+    );
+    let status = complete(&gw, &[], None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("pool"), "{}", status.message());
+    assert_eq!(
+        (a.request_count(), b.request_count()),
+        (1, 3),
+        "a request bound to fail was sent"
+    );
+    let mut raw = RawClient::connect(gw.url()).await.unwrap();
+    let listed = raw
+        .list_providers(v1::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let states: Vec<&str> = listed.providers[0]
+        .members
+        .iter()
+        .map(|m| m.state.as_str())
+        .collect();
+    assert_eq!(states, ["paced", "paced"]);
+}
+
+/// `hedge_after_ms = "p95"`: no hedge until 50 answers were seen; then an
+/// attempt slower than the observed p95 (at least 100 ms) is hedged, onto
+/// the other member.
+#[tokio::test]
+async fn p95_hedging_starts_once_the_provider_has_been_observed() {
+    // `ordered`: every first attempt goes to `a`, a hedge to `b`.
+    let mut script =
+        vec![anthropic_ok("slow before p95 is known").delay(Duration::from_millis(300))];
+    script.extend(vec![anthropic_ok("fast"); 55]);
+    script.push(anthropic_ok("slow").delay(Duration::from_secs(2)));
+    let a = Upstream::start(script).await;
+    let b = Upstream::start(vec![anthropic_ok("the hedge"); 5]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         hedge_after_ms = \"p95\"\nbalance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    // Before 50 samples: a slow answer is waited out, not hedged.
+    let first = complete(&gw, &[], None).await.unwrap();
+    assert_eq!(
+        (first.text.as_str(), first.attempts),
+        ("slow before p95 is known", 1)
+    );
+    for _ in 0..55 {
+        complete(&gw, &[], None).await.unwrap();
+    }
+    assert_eq!(
+        (a.request_count(), b.request_count()),
+        (56, 0),
+        "a fast call was hedged"
+    );
+    let started = Instant::now();
+    let answer = complete(&gw, &[], None).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1_500), "not hedged: {took:?}");
+    assert_eq!((answer.text.as_str(), answer.attempts), ("the hedge", 2));
+    assert_eq!(b.request_count(), 1, "the hedge went to the other member");
+}

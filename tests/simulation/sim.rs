@@ -582,6 +582,7 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
         stream_resume: rng.pick(&[ResumeMode::Off, ResumeMode::Continue, ResumeMode::Restart]),
         max_resumes: rng.range(0, 2) as u32,
         hedge_after_ms: rng.chance(25).then(|| rng.range(5, 100)),
+        hedge_p95: rng.chance(10),
         context_window: rng.chance(30).then(|| rng.range(1, 4) as u32 * 1_000),
     };
     let log = Arc::new(Mutex::new(ProviderLog::default()));

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::Url;
 use reqwest::header::HeaderMap;
 
-use super::ApiKey;
+use super::{ApiKey, RateLimits};
 use crate::config::{ConfigError, HttpProviderConfig};
 use crate::error::{ErrorClass, ProviderError};
 
@@ -157,6 +157,9 @@ pub(crate) async fn send_with(
         .await
         .map_err(|e| redact(key, transport_error(&e)))?;
     super::mark_responded();
+    if let Some(limits) = rate_limits(response.headers(), SystemTime::now()) {
+        super::report_rate_limits(limits);
+    }
     let status = response.status();
     span.record("http.response.status_code", i64::from(status.as_u16()));
     if let Some(host) = response.url().host_str() {
@@ -346,6 +349,92 @@ pub(crate) fn retry_hints(
         _ => None,
     };
     (retry_after, should_retry)
+}
+
+/// The rate limits an answer reports: OpenAI's
+/// `x-ratelimit-remaining-requests|tokens` with their Go-duration resets,
+/// or Anthropic's `anthropic-ratelimit-requests-*` and the tightest of its
+/// `…-tokens-*`, `…-input-tokens-*`, `…-output-tokens-*` with RFC 3339
+/// resets. `None` when the answer says nothing of them.
+pub(crate) fn rate_limits(headers: &HeaderMap, now: SystemTime) -> Option<RateLimits> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let count = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
+    let openai = |limit: &str| {
+        let left = count(&format!("x-ratelimit-remaining-{limit}"))?;
+        let reset = go_duration(text(&format!("x-ratelimit-reset-{limit}"))?)?;
+        Some((left, reset))
+    };
+    let anthropic = |limit: &str| {
+        let left = count(&format!("anthropic-ratelimit-{limit}-remaining"))?;
+        let reset = rfc3339(text(&format!("anthropic-ratelimit-{limit}-reset"))?)?;
+        let wait = reset.duration_since(now).unwrap_or(Duration::ZERO);
+        Some((left, wait.min(MAX_RETRY_AFTER)))
+    };
+    let requests = openai("requests").or_else(|| anthropic("requests"));
+    let tokens = openai("tokens").or_else(|| {
+        ["tokens", "input-tokens", "output-tokens"]
+            .into_iter()
+            .filter_map(anthropic)
+            .min_by_key(|(left, _)| *left)
+    });
+    (requests.is_some() || tokens.is_some()).then_some(RateLimits { requests, tokens })
+}
+
+/// An RFC 3339 time (`2026-12-01T10:00:30Z`, fractions and offsets
+/// allowed), as a `SystemTime`; `None` when malformed or before 1970.
+pub(crate) fn rfc3339(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { text.get(r)?.parse().ok() };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let kept = &frac[..digits.min(9)];
+        nanos = kept.parse::<u32>().ok()? * 10u32.pow(9 - kept.len() as u32);
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let h: i64 = rest.get(1..3)?.parse().ok()?;
+            let m: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (h * 3600 + m * 60)
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    let secs = u64::try_from(secs).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
 }
 
 /// A decimal count of seconds (`2`, `1.5`, `0.250`), saturated at
@@ -606,6 +695,59 @@ mod tests {
         assert_eq!(retry_hints(&h, 429, now).0, Some(Duration::from_secs(360)));
         let h = headers(&[("x-ratelimit-reset-tokens", "20ms"), ("retry-after", "3")]);
         assert_eq!(retry_hints(&h, 429, now).0, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn rate_limit_headers_are_read_from_both_dialects() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_583_200);
+        let openai = headers(&[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "1.5s"),
+            ("x-ratelimit-remaining-tokens", "900"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]);
+        assert_eq!(
+            rate_limits(&openai, now),
+            Some(RateLimits {
+                requests: Some((0, Duration::from_millis(1_500))),
+                tokens: Some((900, Duration::from_secs(360))),
+            })
+        );
+        // 2025-12-01T10:00:00Z is `now`; resets 30 s and 2 s later.
+        let anthropic = headers(&[
+            ("anthropic-ratelimit-requests-remaining", "3"),
+            ("anthropic-ratelimit-requests-reset", "2025-12-01T10:00:30Z"),
+            ("anthropic-ratelimit-input-tokens-remaining", "500"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2025-12-01T11:00:02+01:00",
+            ),
+            ("anthropic-ratelimit-output-tokens-remaining", "9000"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2025-12-01T10:00:09.5Z",
+            ),
+        ]);
+        assert_eq!(
+            rate_limits(&anthropic, now),
+            Some(RateLimits {
+                requests: Some((3, Duration::from_secs(30))),
+                tokens: Some((500, Duration::from_secs(2))),
+            })
+        );
+        assert_eq!(
+            rate_limits(&headers(&[("x-ratelimit-remaining-requests", "x")]), now),
+            None
+        );
+        for bad in [
+            "2025-13-01T00:00:00Z",
+            "2025-12-01T00:00:00",
+            "1969-12-31T23:59:59Z",
+            "soon",
+            "",
+        ] {
+            assert_eq!(rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -28,8 +28,26 @@ use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
 use crate::config::{ConfigError, EnvSource, ProviderConfig};
 use crate::error::ProviderError;
 
+/// What an upstream said of its rate limits on one answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Requests left, and how long until they are refilled.
+    pub requests: Option<(u64, std::time::Duration)>,
+    /// Tokens left (the tightest of its token limits), and their reset.
+    pub tokens: Option<(u64, std::time::Duration)>,
+}
+
+/// What one attempt's upstream call tells the gate besides its result.
+#[derive(Debug, Default)]
+pub(crate) struct AttemptSignals {
+    /// The upstream answered (response headers arrived).
+    pub(crate) responded: std::sync::atomic::AtomicBool,
+    /// The rate limits its answer reported.
+    pub(crate) limits: std::sync::Mutex<Option<RateLimits>>,
+}
+
 tokio::task_local! {
-    static RESPONDED: Arc<std::sync::atomic::AtomicBool>;
+    static SIGNALS: Arc<AttemptSignals>;
 }
 
 /// Tells the running attempt that the upstream has answered (its response
@@ -37,16 +55,28 @@ tokio::task_local! {
 /// one that never got here a `timeout-silent`. Outside an attempt it does
 /// nothing.
 pub fn mark_responded() {
-    let _ = RESPONDED.try_with(|flag| flag.store(true, std::sync::atomic::Ordering::Relaxed));
+    let _ = SIGNALS.try_with(|s| {
+        s.responded
+            .store(true, std::sync::atomic::Ordering::Relaxed)
+    });
 }
 
-/// Runs one attempt's upstream call, noting in `flag` whether it was
-/// answered.
+/// Tells the running attempt the rate limits the upstream reported, which
+/// pace a pool's members. Outside an attempt it does nothing.
+pub fn report_rate_limits(limits: RateLimits) {
+    let _ = SIGNALS.try_with(|s| {
+        if let Ok(mut slot) = s.limits.lock() {
+            *slot = Some(limits);
+        }
+    });
+}
+
+/// Runs one attempt's upstream call, noting in `signals` what it tells.
 pub(crate) async fn watch_responded<F: std::future::Future>(
-    flag: Arc<std::sync::atomic::AtomicBool>,
+    signals: Arc<AttemptSignals>,
     call: F,
 ) -> F::Output {
-    RESPONDED.scope(flag, call).await
+    SIGNALS.scope(signals, call).await
 }
 
 /// The events of one streamed attempt. It ends after [`StreamEvent::Stop`] or

@@ -40,7 +40,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -53,7 +53,7 @@ use super::{Completion, OpenStream, RegisteredProvider};
 use crate::chat::{ChatRequest, StreamEvent};
 use crate::error::{ErrorClass, GatewayError, ProviderError};
 use crate::observe::{self, CallObservation, ModelLabels};
-use crate::providers::Provider;
+use crate::providers::{AttemptSignals, Provider};
 use crate::retry::{
     self, BreakerPermit, Clock, Decision, GiveUp, Jitter, RetryPolicy, Transition,
     min_useful_attempt,
@@ -71,6 +71,9 @@ pub(crate) struct Hop {
     pub(crate) hedge_after: Option<Duration>,
     /// The context window of the model this hop asks for, when declared.
     pub(crate) context_window: Option<u32>,
+    /// About how many tokens the request spends of a rate limit (its text
+    /// at four characters a token, plus `max_tokens`), for pacing.
+    pub(crate) token_estimate: u64,
 }
 
 impl Hop {
@@ -145,8 +148,9 @@ pub(crate) struct Attempt {
     pub(crate) number: u32,
     pub(crate) span: Span,
     limit: Duration,
-    /// Set once the upstream answered (response headers).
-    responded: Arc<AtomicBool>,
+    /// What the upstream call told besides its result (that it answered,
+    /// its rate limits).
+    signals: Arc<AttemptSignals>,
     pub(crate) bound: Bound,
     pub(crate) permit: Option<BreakerPermit>,
     /// The pool member it goes to, when the provider has a pool.
@@ -167,9 +171,9 @@ impl Attempt {
     where
         F: Future<Output = Result<T, ProviderError>>,
     {
-        let (limit, span, responded) = (self.limit, self.span.clone(), self.responded.clone());
+        let (limit, span, signals) = (self.limit, self.span.clone(), self.signals.clone());
         async move {
-            let call = crate::providers::watch_responded(responded, call.instrument(span));
+            let call = crate::providers::watch_responded(signals, call.instrument(span));
             match tokio::time::timeout(limit, call).await {
                 Ok(Ok(value)) => Outcome::Done(value),
                 Ok(Err(error)) => Outcome::Failed(error),
@@ -194,7 +198,7 @@ impl Attempt {
     /// which ends the call).
     pub(crate) fn timeout_error(&self) -> ProviderError {
         let ms = self.limit.as_millis();
-        let silent = !self.responded.load(Ordering::Relaxed);
+        let silent = !self.signals.responded.load(Ordering::Relaxed);
         let what = match self.bound {
             Bound::Caller => format!("the request's per-try timeout of {ms} ms"),
             Bound::FirstToken => format!("the first-token timeout of {ms} ms"),
@@ -353,7 +357,7 @@ impl AttemptGate {
         let member = match &hop.entry.pool {
             None => None,
             Some(pool) => Some(
-                pool.pick(now, count.last_member, &self.jitter)
+                pool.pick(now, count.last_member, &self.jitter, hop.token_estimate)
                     .map_err(Refusal::Pool)?,
             ),
         };
@@ -396,11 +400,16 @@ impl AttemptGate {
             _ if per_try < hop.entry.policy.per_try_timeout => (per_try, Bound::Caller),
             _ => (per_try, Bound::Operator),
         };
+        let span = obs.attempt_span(self.attempts);
+        if let Some(m) = &member {
+            // The pool member: its host and key variable, never the key.
+            span.record("gateway.member", m.label());
+        }
         Ok(Attempt {
             number: self.attempts,
-            span: obs.attempt_span(self.attempts),
+            span,
             limit,
-            responded: Arc::new(AtomicBool::new(false)),
+            signals: Arc::default(),
             member,
             bound,
             permit,
@@ -419,6 +428,10 @@ impl AttemptGate {
     ) {
         let now = self.clock.now();
         if let Some(member) = attempt.member.take() {
+            let limits = attempt.signals.limits.lock().ok().and_then(|l| *l);
+            if let Some(limits) = limits {
+                member.paced(limits, now);
+            }
             match outcome {
                 None => member.succeeded(attempt.started.elapsed()),
                 Some(error) => member.failed(error, now),
@@ -586,6 +599,7 @@ impl<'l> CallChain<'l> {
         let (mut obs, result) = run(&mut gate, first, rest, metrics, labels, &call).await;
         match result {
             Ok((hop, mut won, _)) => {
+                hop.entry.first_content_took(won.attempt.took());
                 gate.settle(&hop.entry, &mut won.attempt, None);
                 obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
                 let attempts = gate.attempts();
@@ -641,6 +655,7 @@ impl<'l> CallChain<'l> {
                 return Err(error);
             }
         };
+        hop.entry.first_content_took(won.attempt.took());
         gate.commit(&hop.entry, &mut won.attempt);
         obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
         let (events, head) = won.value;
@@ -922,7 +937,7 @@ fn unreachable_attempt<T>() -> (Outcome<T>, Attempt) {
             span: Span::none(),
             limit: Duration::ZERO,
             bound: Bound::Deadline,
-            responded: Arc::new(AtomicBool::new(false)),
+            signals: Arc::default(),
             permit: None,
             member: None,
             started: std::time::Instant::now(),

@@ -55,6 +55,8 @@ pub struct RegisteredProvider {
     pub resilience: ResilienceConfig,
     /// Its members, when it has more than one endpoint and key pair.
     pool: Option<Arc<pool::Pool>>,
+    /// Its recent times to first content (for `hedge_after_ms = "p95"`).
+    first_content: std::sync::Mutex<std::collections::VecDeque<Duration>>,
 }
 
 impl RegisteredProvider {
@@ -76,7 +78,30 @@ impl RegisteredProvider {
                 ..ResilienceConfig::default()
             },
             pool: None,
+            first_content: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// Notes how long a successful attempt took to its first content.
+    pub(crate) fn first_content_took(&self, took: Duration) {
+        if let Ok(mut times) = self.first_content.lock() {
+            if times.len() == FIRST_CONTENT_SAMPLES {
+                times.pop_front();
+            }
+            times.push_back(took);
+        }
+    }
+
+    /// The p95 of the recent times to first content, once there are
+    /// [`MIN_P95_SAMPLES`] of them.
+    fn p95_first_content(&self) -> Option<Duration> {
+        let mut times: Vec<Duration> = self.first_content.lock().ok()?.iter().copied().collect();
+        if times.len() < MIN_P95_SAMPLES {
+            return None;
+        }
+        let at = (times.len() * 95).div_ceil(100).saturating_sub(1);
+        let (_, p95, _) = times.select_nth_unstable(at);
+        Some(*p95)
     }
 
     /// Makes the provider a pool of `members` (each an endpoint and key
@@ -100,6 +125,13 @@ impl RegisteredProvider {
         self
     }
 }
+
+/// How many recent times to first content a provider keeps.
+const FIRST_CONTENT_SAMPLES: usize = 256;
+/// `hedge_after_ms = "p95"` hedges only once this many were seen.
+pub const MIN_P95_SAMPLES: usize = 50;
+/// The least delay of a p95 hedge.
+pub const MIN_P95_HEDGE_MS: u64 = 100;
 
 /// What `ListProviders` shows of a provider: never a secret.
 #[derive(Debug, Clone, PartialEq)]
@@ -352,14 +384,24 @@ impl Registry {
     ) -> Result<(attempts::Hop, Vec<attempts::Hop>), GatewayError> {
         let primary = self.entry(&options.provider)?;
         let limits = self.call_limits(options);
-        let configured_hedge =
-            |entry: &RegisteredProvider| entry.resilience.hedge_after_ms.map(Duration::from_millis);
+        // `"p95"`: after the provider's observed p95 time to first content
+        // (at least 100 ms), once it has seen enough answers.
+        let configured_hedge = |entry: &RegisteredProvider| {
+            if entry.resilience.hedge_p95 {
+                entry
+                    .p95_first_content()
+                    .map(|p| p.max(Duration::from_millis(MIN_P95_HEDGE_MS)))
+            } else {
+                entry.resilience.hedge_after_ms.map(Duration::from_millis)
+            }
+        };
         let first = attempts::Hop {
             entry: primary.clone(),
             request: Arc::new(request.clone()),
             policy: self.call_policy(primary, options),
             hedge_after: limits.hedge_after(options.hedge_after, configured_hedge(primary)),
             context_window: primary.resilience.context_window,
+            token_estimate: token_estimate(request),
         };
         let mut hops: Vec<attempts::Hop> = Vec::new();
         let configured: Vec<(String, Option<String>, Option<u32>)> = primary
@@ -419,6 +461,7 @@ impl Registry {
                 policy: self.call_policy(entry, options),
                 hedge_after: configured_hedge(entry).filter(|d| !d.is_zero()),
                 context_window,
+                token_estimate: token_estimate(request),
             });
         }
         Ok((first, hops))
@@ -473,4 +516,21 @@ impl Registry {
             .stream(options.stream_resume, options.cannot_restart)
             .await
     }
+}
+
+/// About how many tokens `request` spends of an upstream's token limit:
+/// its text at four characters a token, plus what it may generate.
+fn token_estimate(request: &ChatRequest) -> u64 {
+    let chars: usize = request.system.len()
+        + request
+            .messages
+            .iter()
+            .flat_map(|m| &m.content)
+            .map(|c| match c {
+                crate::chat::Content::Text(t) => t.len(),
+                crate::chat::Content::ToolUse { input_json, .. } => input_json.len(),
+                crate::chat::Content::ToolResult { content, .. } => content.len(),
+            })
+            .sum::<usize>();
+    (chars as u64 / 4).saturating_add(u64::from(request.max_tokens.unwrap_or(0)))
 }

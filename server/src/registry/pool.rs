@@ -33,11 +33,13 @@ use tokio::time::Instant;
 
 use crate::config::{Balance, MemberConfig};
 use crate::error::{ErrorClass, ProviderError};
-use crate::providers::Provider;
+use crate::providers::{Provider, RateLimits};
 use crate::retry::Jitter;
 
 const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+/// The longest an upstream's reported reset paces a member.
+const MAX_PACE: Duration = Duration::from_secs(600);
 
 /// One endpoint and key pair.
 pub(crate) struct Member {
@@ -52,6 +54,10 @@ pub(crate) struct Member {
 
 #[derive(Debug, Default)]
 struct MemberState {
+    /// Requests left and when they refill, as the upstream last said.
+    requests: Option<(u64, Instant)>,
+    /// Tokens left and when they refill.
+    tokens: Option<(u64, Instant)>,
     in_flight: u32,
     ewma_ms: f64,
     failures: f64,
@@ -124,14 +130,37 @@ impl Pool {
         }
     }
 
-    fn allowed(&self, index: usize, now: Instant) -> bool {
+    /// When member `index` may take a request of `tokens` (now: `None`
+    /// past the instant; dead: never).
+    fn ready_at(&self, index: usize, now: Instant, tokens: u64) -> Option<Option<Instant>> {
         let s = lock(&self.members[index]);
-        !s.dead && s.cooling_until.is_none_or(|t| now >= t)
+        if s.dead {
+            return None;
+        }
+        let mut at = s.cooling_until.filter(|t| now < *t);
+        // Paced: a limit that this request would exhaust waits for its
+        // reset, instead of a request that is bound to fail.
+        if let Some((0, reset)) = s.requests
+            && now < reset
+        {
+            at = Some(at.map_or(reset, |a| a.max(reset)));
+        }
+        if let Some((left, reset)) = s.tokens
+            && left < tokens.max(1)
+            && now < reset
+        {
+            at = Some(at.map_or(reset, |a| a.max(reset)));
+        }
+        Some(at)
+    }
+
+    fn allowed(&self, index: usize, now: Instant, tokens: u64) -> bool {
+        matches!(self.ready_at(index, now, tokens), Some(None))
     }
 
     /// Whether a member other than `except` may take an attempt now.
     pub(crate) fn others_allowed(&self, except: usize, now: Instant) -> bool {
-        (0..self.members.len()).any(|i| i != except && self.allowed(i, now))
+        (0..self.members.len()).any(|i| i != except && self.allowed(i, now, 0))
     }
 
     /// Takes a member for an attempt, avoiding `avoid` (the member that
@@ -141,19 +170,15 @@ impl Pool {
         now: Instant,
         avoid: Option<usize>,
         jitter: &Jitter,
+        tokens: u64,
     ) -> Result<MemberLease, Unavailable> {
         let mut allowed: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.allowed(i, now))
+            .filter(|&i| self.allowed(i, now, tokens))
             .collect();
         if allowed.is_empty() {
-            let wait = self
-                .members
-                .iter()
-                .filter_map(|m| {
-                    let s = lock(m);
-                    (!s.dead).then(|| s.cooling_until.map(|t| t.saturating_duration_since(now)))
-                })
-                .flatten()
+            let wait = (0..self.members.len())
+                .filter_map(|i| self.ready_at(i, now, tokens).flatten())
+                .map(|t| t.saturating_duration_since(now))
                 .min();
             return Err(wait.map_or(Unavailable::Dead, Unavailable::Cooling));
         }
@@ -219,6 +244,8 @@ impl Pool {
                         "dead"
                     } else if s.cooling_until.is_some_and(|t| now < t) {
                         "cooling"
+                    } else if matches!(s.requests, Some((0, reset)) if now < reset) {
+                        "paced"
                     } else {
                         "ready"
                     },
@@ -247,6 +274,18 @@ impl MemberLease {
     /// The member's label (host and key variable).
     pub(crate) fn label(&self) -> &str {
         &self.member().label
+    }
+
+    /// The upstream's answer reported `limits`: they pace this member.
+    pub(crate) fn paced(&self, limits: RateLimits, now: Instant) {
+        let mut s = lock(self.member());
+        let at = |d: Duration| now.checked_add(d.min(MAX_PACE)).unwrap_or(now);
+        if let Some((left, reset)) = limits.requests {
+            s.requests = Some((left, at(reset)));
+        }
+        if let Some((left, reset)) = limits.tokens {
+            s.tokens = Some((left, at(reset)));
+        }
     }
 
     /// The attempt succeeded after `took`.
