@@ -710,9 +710,21 @@ impl SseTranslator for Translator {
         if data.is_empty() {
             return;
         }
-        if self.on_text_chunk(data, out) {
-            return;
+        if !self.on_text_chunk(data, out) {
+            self.on_chunk(data, out);
         }
+    }
+
+    fn on_end(&mut self, out: &mut Out) {
+        // Some servers close the body without `[DONE]`; a finish_reason seen
+        // before that is still a complete answer.
+        self.finish(out);
+    }
+}
+
+impl Translator {
+    /// Any chunk, read through a `Value`.
+    fn on_chunk(&mut self, data: &str, out: &mut Out) {
         let v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => return out.push_back(Err(http::bad_event("a stream chunk", &e))),
@@ -797,12 +809,6 @@ impl SseTranslator for Translator {
             self.stop = Some(StopReason::ContentFilter);
         }
     }
-
-    fn on_end(&mut self, out: &mut Out) {
-        // Some servers close the body without `[DONE]`; a finish_reason seen
-        // before that is still a complete answer.
-        self.finish(out);
-    }
 }
 
 #[cfg(test)]
@@ -815,6 +821,37 @@ mod tests {
         let c = classify(429, br#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#);
         assert_eq!(c.class, Some(ErrorClass::RateLimited));
         assert_eq!(c.should_retry, Some(false));
+    }
+
+    #[test]
+    fn text_chunks_read_the_same_on_both_paths() {
+        let chunks = [
+            r#"{"id":"c1","model":"m","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"lo \u00e9\n"}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+        ];
+        let (mut fast, mut general) = (Translator::default(), Translator::default());
+        let (mut fast_out, mut general_out) = (Out::new(), Out::new());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let event = SseEvent {
+                event: String::new(),
+                data: (*chunk).to_string(),
+            };
+            fast.on_event(event, &mut fast_out);
+            general.on_chunk(chunk, &mut general_out);
+            // The first four take the typed path, the others the general one.
+            assert_eq!(
+                Translator::default().on_text_chunk(chunk, &mut Out::new()),
+                i < 4
+            );
+        }
+        fast.on_end(&mut fast_out);
+        general.on_end(&mut general_out);
+        assert_eq!(format!("{fast_out:?}"), format!("{general_out:?}"));
+        assert_eq!(fast_out.len(), 6, "{fast_out:?}");
     }
 
     #[test]
