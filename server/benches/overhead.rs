@@ -26,6 +26,8 @@
 //! For callgrind, `OVERHEAD_PROFILE=N` runs only N sequential gateway
 //! requests (after a warm-up) and exits: run it with two values of N and
 //! divide the difference in instructions by the difference in N.
+//! `OVERHEAD_PROFILE_STREAMS=N` does the same with N streams of
+//! `STREAM_DELTAS` deltas.
 
 #![allow(
     clippy::unwrap_used,
@@ -571,6 +573,20 @@ fn main() {
             sequential(&gateway, &unary, 200).await;
             sequential(&gateway, &unary, n).await;
             println!("overhead: profiled {n} sequential gateway requests");
+            return;
+        }
+
+        if let Some(n) = std::env::var("OVERHEAD_PROFILE_STREAMS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let mut stream_request = request::to_stream(request::user("hello world"));
+            stream_request.model = "deltas".into();
+            let body = Bytes::from(stream_request.encode_to_vec());
+            for _ in 0..n {
+                relay_stream(&gateway, &body).await;
+            }
+            println!("overhead: profiled {n} streams of {STREAM_DELTAS} deltas");
             return;
         }
 
