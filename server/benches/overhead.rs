@@ -1,15 +1,33 @@
-//! The gateway's own cost per request, printed as figures.
+//! The gateway's cost against the floor, printed as figures (issue 12).
 //!
-//! Three loops over loopback, each a fixed number of sequential requests
-//! after a warm-up: a direct HTTP call to a minimal OpenAI-shaped upstream,
-//! the same call through the gateway's `openai` provider (so the difference
-//! is the gateway: gRPC in, validation, registry, HTTP out, translation), and
-//! Complete against the built-in mock (no upstream at all). Then a
-//! concurrent run for throughput. Then the HTTP ingress (OpenAI-compatible
-//! `POST /v1/chat/completions` over HTTP/1.1 keep-alive) against the same
-//! direct call, in the same run, at concurrency 1 and 32: the added p50 and
-//! p99 and the requests per second of each. Run with
-//! `cargo bench -p provider-gateway-server --bench overhead`.
+//! One process hosts everything, on loopback only, each part on its own
+//! tokio runtime with named threads:
+//! - `up*`: a minimal OpenAI-shaped upstream (keep-alive HTTP/1.1; JSON
+//!   answers, fast SSE streams, slow SSE streams);
+//! - `floor*`: the floor, a tonic service with a pass-through `Bytes` codec
+//!   that POSTs a fixed body through reqwest and relays the answer's bytes:
+//!   no decode, no translation, no telemetry, the least a gRPC -> HTTP
+//!   gateway can cost here;
+//! - `gw*`: provider-gateway with an `openai` provider, wired as `main.rs`
+//!   wires it (the default telemetry: `info` logs, metrics, no exporter);
+//! - `load*`: the callers, one HTTP/2 connection per target, sending
+//!   pre-encoded requests and not decoding answers (the same work for both
+//!   targets).
+//!
+//! "Server CPU" is the utime+stime of the server's own threads, read from
+//! `/proc/self/task/*/stat` (100 Hz ticks); "process CPU" is the whole
+//! bench process (`/proc/self/stat`: upstream, load and server together).
+//! RSS is the whole process's (`/proc/self/status`). Every loop is bounded
+//! by a request count; floor and gateway rounds alternate, and the medians
+//! of the rounds are printed, so both see the same noise.
+//!
+//! `cargo bench -p provider-gateway-server --bench overhead`
+//!
+//! For callgrind, `OVERHEAD_PROFILE=N` runs only N sequential gateway
+//! requests (after a warm-up) and exits: run it with two values of N and
+//! divide the difference in instructions by the difference in N.
+//! `OVERHEAD_PROFILE_STREAMS=N` does the same with N streams of
+//! `STREAM_DELTAS` deltas.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,31 +37,101 @@
 )]
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BufMut, Bytes};
+use http::uri::PathAndQuery;
+use prost::Message as _;
 use provider_gateway_client::{CallOptions, GatewayClient, request};
-use provider_gateway_server::Config;
+use provider_gateway_server::{Config, Registry, ServerOptions, serve_listeners, telemetry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::server::TcpIncoming;
 
-const WARMUP: usize = 500;
-const REQUESTS: usize = 5_000;
-const CONCURRENCY: usize = 32;
-const CONCURRENT_REQUESTS: usize = 20_000;
+const COMPLETE: &str = "/provider_gateway.v1.ProviderGateway/Complete";
+const STREAM: &str = "/provider_gateway.v1.ProviderGateway/Stream";
+
+const ROUNDS: usize = 3;
+const WARMUP: usize = 300;
+const SEQUENTIAL: usize = 2_000;
+/// Requests per round at each concurrency.
+const CONCURRENT: [(usize, usize); 2] = [(8, 12_000), (32, 24_000)];
+const STREAM_DELTAS: usize = 10_000;
+/// Streams of `STREAM_DELTAS` measured (enough ticks of CPU to count).
+const STREAM_REPEATS: usize = 5;
+/// Open streams held at once. Each one holds two sockets in this process
+/// (gateway -> upstream, both ends), so the fd limit bounds it here.
+const OPEN_STREAMS: usize = 4_000;
+/// The slow upstream's deltas, one a second.
+const SLOW_DELTAS: usize = 4;
 
 const BODY: &str = r#"{"id":"c","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello world"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+/// What the floor POSTs: what the gateway sends for `request::user("hello world")`.
+const FLOOR_BODY: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello world"}]}"#;
+const DELTA: &str =
+    r#"data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"x"}}]}"#;
+const FINISH: &str =
+    r#"data: {"id":"c","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
 
-/// A keep-alive HTTP/1.1 server answering every request with `BODY`.
+// === the upstream ===
+
+fn chunk(data: &str) -> Vec<u8> {
+    let event = format!("{data}\n\n");
+    format!("{:x}\r\n{event}\r\n", event.len()).into_bytes()
+}
+
+/// Answers one request on `socket`: JSON, a fast SSE stream of
+/// `STREAM_DELTAS` deltas, or (model `slow`) one delta a second.
+async fn answer(socket: &mut tokio::net::TcpStream, request: &[u8]) -> std::io::Result<()> {
+    let text = String::from_utf8_lossy(request);
+    if !text.contains(r#""stream":true"#) {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        );
+        return socket.write_all(response.as_bytes()).await;
+    }
+    socket
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await?;
+    let delta = chunk(DELTA);
+    if text.contains(r#""model":"slow""#) {
+        for i in 0..SLOW_DELTAS {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            socket.write_all(&delta).await?;
+        }
+    } else {
+        // One event per write, as a model's tokens arrive.
+        for _ in 0..STREAM_DELTAS {
+            socket.write_all(&delta).await?;
+        }
+    }
+    socket.write_all(&chunk(FINISH)).await?;
+    socket.write_all(&chunk("data: [DONE]")).await?;
+    socket.write_all(b"0\r\n\r\n").await
+}
+
 async fn upstream() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let (mut socket, _) = listener.accept().await.unwrap();
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
             socket.set_nodelay(true).unwrap();
             tokio::spawn(async move {
-                let mut buf = Vec::with_capacity(8192);
-                let mut tmp = [0u8; 8192];
+                let mut buf = Vec::with_capacity(1024);
+                let mut tmp = [0u8; 2048];
                 loop {
                     // Read one request: head, then content-length bytes.
                     let (head_end, length) = loop {
@@ -67,12 +155,8 @@ async fn upstream() -> String {
                             Ok(n) => buf.extend_from_slice(&tmp[..n]),
                         }
                     }
-                    buf.drain(..head_end + length);
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
-                        BODY.len()
-                    );
-                    if socket.write_all(response.as_bytes()).await.is_err() {
+                    let request: Vec<u8> = buf.drain(..head_end + length).collect();
+                    if answer(&mut socket, &request[head_end..]).await.is_err() {
                         return;
                     }
                 }
@@ -82,228 +166,534 @@ async fn upstream() -> String {
     format!("http://{addr}")
 }
 
-async fn gateway(toml: String, env: HashMap<String, String>) -> String {
+// === the floor ===
+
+/// A codec that passes message bytes through untouched.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+struct RawEncoder;
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+#[derive(Clone)]
+struct Floor {
+    http: reqwest::Client,
+    url: Arc<str>,
+}
+
+impl tonic::server::NamedService for Floor {
+    const NAME: &'static str = "provider_gateway.v1.ProviderGateway";
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Floor {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let relay = FloorRelay(self.clone());
+        Box::pin(async move { Ok(tonic::server::Grpc::new(RawCodec).unary(relay, req).await) })
+    }
+}
+
+struct FloorRelay(Floor);
+
+impl tonic::server::UnaryService<Bytes> for FloorRelay {
+    type Response = Bytes;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<Bytes>, Status>;
+
+    fn call(&mut self, _request: tonic::Request<Bytes>) -> Self::Future {
+        let floor = self.0.clone();
+        Box::pin(async move {
+            let response = floor
+                .http
+                .post(&*floor.url)
+                .header("content-type", "application/json")
+                .body(FLOOR_BODY)
+                .send()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(tonic::Response::new(body))
+        })
+    }
+}
+
+async fn floor(upstream: &str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    // gRPC only: serve() would also bind the default http_listen.
-    let config = Config::from_toml(&format!("http_listen = \"\"\n{toml}")).unwrap();
+    let service = Floor {
+        http: reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .build()
+            .unwrap(),
+        url: format!("{upstream}/chat/completions").into(),
+    };
     tokio::spawn(async move {
-        provider_gateway_server::serve(listener, config, &env, std::future::pending())
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await
             .unwrap();
     });
     format!("http://{addr}")
 }
 
-/// A gateway with its HTTP ingress on 127.0.0.1:0; returns the ingress URL.
-async fn gateway_http(toml: String, env: HashMap<String, String>) -> String {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = http.local_addr().unwrap();
+// === the gateway ===
+
+/// The gateway as `main.rs` wires it: registry, telemetry (the global
+/// subscriber, `info`, no exporter), metrics.
+async fn gateway(upstream: &str) -> String {
+    let toml = format!(
+        "default_provider = \"o\"\n\
+         [limits]\nmax_concurrent_streams = {}\n\
+         [providers.o]\nkind = \"openai\"\nbase_url = \"{upstream}\"\napi_key_env = \"BENCH_KEY\"\n",
+        OPEN_STREAMS + 64
+    );
+    let env: HashMap<String, String> = [("BENCH_KEY".to_string(), "k".to_string())].into();
     let config = Config::from_toml(&toml).unwrap();
-    let registry =
-        std::sync::Arc::new(provider_gateway_server::Registry::from_config(&config, &env).unwrap());
-    let options = provider_gateway_server::ServerOptions::from_config(&config, &env).unwrap();
+    let telemetry = telemetry::init(&config.telemetry, &env).unwrap();
+    let registry = Arc::new(
+        Registry::from_config(&config, &env)
+            .unwrap()
+            .with_metrics(telemetry.metrics()),
+    );
+    let options = ServerOptions::from_config(&config, &env).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        provider_gateway_server::serve_listeners(
-            grpc,
-            Some(http),
-            registry,
-            options,
-            std::future::pending(),
+        let _telemetry = telemetry;
+        serve_listeners(listener, None, registry, options, std::future::pending())
+            .await
+            .unwrap();
+    });
+    format!("http://{addr}")
+}
+
+// === measuring ===
+
+/// utime+stime of the threads whose name starts with `prefix`, or of the
+/// whole process for `None`.
+fn cpu(prefix: Option<&str>) -> Duration {
+    fn ticks(stat: &str) -> Option<(&str, u64)> {
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+        // After the name: state is field 3, utime 14, stime 15.
+        let t = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((&stat[open + 1..close], t))
+    }
+    let total = match prefix {
+        None => std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| ticks(&s).map(|(_, t)| t))
+            .unwrap_or(0),
+        Some(prefix) => std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+            .filter_map(|s| ticks(&s).and_then(|(name, t)| name.starts_with(prefix).then_some(t)))
+            .sum(),
+    };
+    Duration::from_millis(total * 10)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    threads: &'static str,
+    channel: tonic::transport::Channel,
+}
+
+async fn connect(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn call(channel: &tonic::transport::Channel, body: &Bytes) {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let response: tonic::Response<Bytes> = grpc
+        .unary(
+            tonic::Request::new(body.clone()),
+            PathAndQuery::from_static(COMPLETE),
+            RawCodec,
         )
         .await
         .unwrap();
-    });
-    format!("http://{addr}")
+    assert!(!response.get_ref().is_empty());
 }
 
-/// `concurrency` callers making `total` requests in all through `url`
-/// with `body`: every request's latency, and the requests per second.
-async fn http_run(
-    client: &reqwest::Client,
-    url: &str,
-    body: &'static str,
-    concurrency: usize,
-    total: usize,
-) -> (Vec<Duration>, f64) {
-    let call = move |client: reqwest::Client, url: String| async move {
-        let t = Instant::now();
-        let r = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-        r.bytes().await.unwrap();
-        t.elapsed()
-    };
-    for _ in 0..WARMUP {
-        call(client.clone(), url.to_string()).await;
-    }
+struct Run {
+    rps: f64,
+    server_cpu_per_request: Duration,
+    process_cpu_per_request: Duration,
+}
+
+async fn concurrent(target: &Target, body: &Bytes, concurrency: usize, total: usize) -> Run {
     let per_task = total / concurrency;
+    let (server, process) = (cpu(Some(target.threads)), cpu(None));
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url) = (client.clone(), url.to_string());
+            let (channel, body) = (target.channel.clone(), body.clone());
             tokio::spawn(async move {
-                let mut samples = Vec::with_capacity(per_task);
                 for _ in 0..per_task {
-                    samples.push(call(client.clone(), url.clone()).await);
+                    call(&channel, &body).await;
                 }
-                samples
             })
         })
         .collect();
-    let mut samples = Vec::with_capacity(total);
     for t in tasks {
-        samples.extend(t.await.unwrap());
+        t.await.unwrap();
     }
-    let rps = samples.len() as f64 / started.elapsed().as_secs_f64();
-    (samples, rps)
+    let elapsed = started.elapsed();
+    let n = (per_task * concurrency) as u32;
+    Run {
+        rps: f64::from(n) / elapsed.as_secs_f64(),
+        server_cpu_per_request: (cpu(Some(target.threads)) - server) / n,
+        process_cpu_per_request: (cpu(None) - process) / n,
+    }
 }
 
-fn percentiles(label: &str, mut samples: Vec<Duration>) -> [Duration; 3] {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    let (p50, p90, p99) = (at(0.50), at(0.90), at(0.99));
-    println!(
-        "{label:<34} p50 {:>8.1} us   p90 {:>8.1} us   p99 {:>8.1} us",
-        p50.as_secs_f64() * 1e6,
-        p90.as_secs_f64() * 1e6,
-        p99.as_secs_f64() * 1e6
-    );
-    [p50, p90, p99]
-}
-
-async fn time_loop<F, Fut>(mut call: F) -> Vec<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for _ in 0..WARMUP {
-        call().await;
-    }
-    let mut samples = Vec::with_capacity(REQUESTS);
-    for _ in 0..REQUESTS {
+async fn sequential(target: &Target, body: &Bytes, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
         let t = Instant::now();
-        call().await;
+        call(&target.channel, body).await;
         samples.push(t.elapsed());
     }
     samples
 }
 
+fn at(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// One stream of `STREAM_DELTAS` deltas through the gateway: messages
+/// received and the gateway threads' CPU.
+async fn relay_stream(gateway: &Target, body: &Bytes) -> (usize, Duration) {
+    let before = cpu(Some(gateway.threads));
+    let mut grpc = tonic::client::Grpc::new(gateway.channel.clone());
+    grpc.ready().await.unwrap();
+    let mut stream = grpc
+        .server_streaming(
+            tonic::Request::new(body.clone()),
+            PathAndQuery::from_static(STREAM),
+            RawCodec,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut messages = 0;
+    while let Some(_m) = stream.message().await.unwrap() {
+        messages += 1;
+    }
+    (messages, cpu(Some(gateway.threads)) - before)
+}
+
+/// `n` streams held open at once against the slow upstream, 100 per
+/// HTTP/2 connection: (opened, errors, process RSS growth in KiB while all
+/// were open, the time to open them).
+async fn open_streams(
+    gateway_url: &str,
+    body: &Bytes,
+    n: usize,
+) -> (usize, usize, u64, u64, Duration) {
+    let base = rss_kib();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let mut channels = Vec::new();
+    for _ in 0..n.div_ceil(100) {
+        channels.push(connect(gateway_url).await);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let channel = channels[i / 100].clone();
+            let (body, opened, errors) = (body.clone(), opened.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut grpc = tonic::client::Grpc::new(channel);
+                let result = async {
+                    grpc.ready()
+                        .await
+                        .map_err(|e| Status::unknown(e.to_string()))?;
+                    let mut stream = grpc
+                        .server_streaming(
+                            tonic::Request::new(body),
+                            PathAndQuery::from_static(STREAM),
+                            RawCodec,
+                        )
+                        .await?
+                        .into_inner();
+                    let mut first = true;
+                    while stream.message().await?.is_some() {
+                        if std::mem::take(&mut first) {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok::<(), Status>(())
+                }
+                .await;
+                if result.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while opened.load(Ordering::Relaxed) + errors.load(Ordering::Relaxed) < n
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let peak = rss_kib();
+    let grown = peak.saturating_sub(base);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (
+        opened.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        grown,
+        peak,
+        took,
+    )
+}
+
+fn runtime(name: &'static str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn main() {
     // reqwest is built without a crypto provider of its own (see tls.rs).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let upstream = upstream().await;
-        let env: HashMap<String, String> = [("BENCH_KEY".to_string(), "k".to_string())].into();
-        let via_openai = gateway(
-            format!("default_provider = \"o\"\n[providers.o]\nkind = \"openai\"\nbase_url = \"{upstream}\"\napi_key_env = \"BENCH_KEY\"\n"),
-            env,
-        )
-        .await;
-        let via_mock = gateway(String::new(), HashMap::new()).await;
+    let (up_rt, floor_rt, gw_rt, load_rt) = (
+        runtime("up"),
+        runtime("floor"),
+        runtime("gw"),
+        runtime("load"),
+    );
+    let upstream_url = up_rt.block_on(upstream());
+    let floor_url = floor_rt.block_on(floor(&upstream_url));
+    let gateway_url = gw_rt.block_on(gateway(&upstream_url));
 
-        println!("provider-gateway overhead ({REQUESTS} sequential requests after {WARMUP} warm-up, loopback)");
-        let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
-        let url = format!("{upstream}/chat/completions");
-        let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello world"}]}"#;
-        let direct = time_loop(|| {
-            let request = http.post(&url).header("content-type", "application/json").body(body);
-            async move {
-                let r = request.send().await.unwrap();
-                assert!(r.status().is_success());
-                r.bytes().await.unwrap();
-            }
-        })
-        .await;
-        let direct = percentiles("direct HTTP to upstream", direct);
+    load_rt.block_on(async {
+        let unary = Bytes::from(request::user("hello world").encode_to_vec());
+        // The typed client once: the gateway answers what the upstream said.
+        let mut typed = GatewayClient::connect(gateway_url.clone()).await.unwrap();
+        let answer = typed
+            .complete(request::user("hello world"), &CallOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(answer.text(), "hello world");
 
-        let client = GatewayClient::connect(via_openai).await.unwrap();
-        let through = time_loop(|| {
-            let mut client = client.clone();
-            async move {
-                let a = client.complete(request::user("hello world"), &CallOptions::new()).await.unwrap();
-                assert_eq!(a.text(), "hello world");
-            }
-        })
-        .await;
-        let through = percentiles("gRPC -> gateway -> openai upstream", through);
-        println!(
-            "{:<34} p50 {:>8.1} us   p90 {:>8.1} us   p99 {:>8.1} us",
-            "gateway overhead (difference)",
-            (through[0].as_secs_f64() - direct[0].as_secs_f64()) * 1e6,
-            (through[1].as_secs_f64() - direct[1].as_secs_f64()) * 1e6,
-            (through[2].as_secs_f64() - direct[2].as_secs_f64()) * 1e6,
-        );
+        let floor = Target {
+            name: "floor",
+            threads: "floor",
+            channel: connect(&floor_url).await,
+        };
+        let gateway = Target {
+            name: "gateway",
+            threads: "gw",
+            channel: connect(&gateway_url).await,
+        };
 
-        let mock = GatewayClient::connect(via_mock).await.unwrap();
-        let mocked = time_loop(|| {
-            let mut client = mock.clone();
-            async move {
-                client.complete(request::user("hello world"), &CallOptions::new()).await.unwrap();
-            }
-        })
-        .await;
-        percentiles("gRPC -> gateway -> mock", mocked);
-
-        // Throughput: CONCURRENCY callers sharing one HTTP/2 connection.
-        let started = Instant::now();
-        let per_task = CONCURRENT_REQUESTS / CONCURRENCY;
-        let tasks: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let mut client = client.clone();
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        client.complete(request::user("hello world"), &CallOptions::new()).await.unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
+        if let Some(n) = std::env::var("OVERHEAD_PROFILE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            sequential(&gateway, &unary, 200).await;
+            sequential(&gateway, &unary, n).await;
+            println!("overhead: profiled {n} sequential gateway requests");
+            return;
         }
-        let elapsed = started.elapsed();
+
+        if let Some(n) = std::env::var("OVERHEAD_PROFILE_STREAMS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let mut stream_request = request::to_stream(request::user("hello world"));
+            stream_request.model = "deltas".into();
+            let body = Bytes::from(stream_request.encode_to_vec());
+            for _ in 0..n {
+                relay_stream(&gateway, &body).await;
+            }
+            println!("overhead: profiled {n} streams of {STREAM_DELTAS} deltas");
+            return;
+        }
+
+        for target in [&floor, &gateway] {
+            sequential(target, &unary, WARMUP).await;
+        }
+
         println!(
-            "throughput via openai provider: {} requests, {CONCURRENCY} concurrent, {:.2} s, {:.0} req/s",
-            per_task * CONCURRENCY,
-            elapsed.as_secs_f64(),
-            (per_task * CONCURRENCY) as f64 / elapsed.as_secs_f64()
+            "provider-gateway overhead: floor (tonic + reqwest, raw bytes) vs gateway (openai provider, default telemetry), loopback, {ROUNDS} alternating rounds, medians"
+        );
+        println!(
+            "CPU: server = utime+stime of the server's own threads (/proc/self/task/*/stat); process = the whole bench process (upstream + load + server, /proc/self/stat)"
         );
 
-        // The HTTP ingress against direct, same upstream, same run.
-        let ingress = gateway_http(
-            format!("default_provider = \"o\"\n[providers.o]\nkind = \"openai\"\nbase_url = \"{upstream}\"\napi_key_env = \"BENCH_KEY\"\n"),
-            [("BENCH_KEY".to_string(), "k".to_string())].into(),
-        )
-        .await;
-        let ingress_url = format!("{ingress}/v1/chat/completions");
-        println!();
-        println!("HTTP ingress (OpenAI /v1/chat/completions, HTTP/1.1 keep-alive) vs direct");
-        for (concurrency, total) in [(1, REQUESTS), (CONCURRENCY, CONCURRENT_REQUESTS)] {
-            let pool = reqwest::Client::builder()
-                .tcp_nodelay(true)
-                .http1_only()
-                .pool_max_idle_per_host(concurrency * 2)
-                .build()
-                .unwrap();
-            let (direct, direct_rps) = http_run(&pool, &url, body, concurrency, total).await;
-            let (via, via_rps) = http_run(&pool, &ingress_url, body, concurrency, total).await;
-            let d = percentiles(&format!("direct, concurrency {concurrency}"), direct);
-            let v = percentiles(&format!("HTTP ingress, concurrency {concurrency}"), via);
+        // c=1: every round's samples pooled per target.
+        let mut latency: HashMap<&str, Vec<Duration>> = HashMap::new();
+        for _ in 0..ROUNDS {
+            for target in [&floor, &gateway] {
+                let samples = sequential(target, &unary, SEQUENTIAL).await;
+                latency.entry(target.name).or_default().extend(samples);
+            }
+        }
+        let mut p50 = HashMap::new();
+        for target in [&floor, &gateway] {
+            let samples = latency.get_mut(target.name).unwrap();
+            samples.sort();
+            let (a, b) = (at(samples, 0.50), at(samples, 0.99));
+            p50.insert(target.name, a);
             println!(
-                "added at concurrency {concurrency:<3}           p50 {:>8.1} us   p99 {:>8.1} us   RPS direct {direct_rps:.0}, via ingress {via_rps:.0}",
-                (v[0].as_secs_f64() - d[0].as_secs_f64()) * 1e6,
-                (v[2].as_secs_f64() - d[2].as_secs_f64()) * 1e6,
+                "c=1  {:<8} p50 {:>7.3} ms  p99 {:>7.3} ms  ({} requests)",
+                target.name,
+                ms(a),
+                ms(b),
+                samples.len()
             );
         }
+        let p50_delta = ms(p50["gateway"]) - ms(p50["floor"]);
+        println!("c=1  gateway - floor: p50 {p50_delta:+.3} ms");
+
+        let mut rps_ratio_c32 = 0.0;
+        let mut cpu_ratio = 0.0;
+        for (concurrency, total) in CONCURRENT {
+            let mut rps: HashMap<&str, Vec<f64>> = HashMap::new();
+            let mut server: HashMap<&str, Vec<f64>> = HashMap::new();
+            let mut process: HashMap<&str, Vec<f64>> = HashMap::new();
+            for _ in 0..ROUNDS {
+                for target in [&floor, &gateway] {
+                    let run = concurrent(target, &unary, concurrency, total).await;
+                    rps.entry(target.name).or_default().push(run.rps);
+                    server
+                        .entry(target.name)
+                        .or_default()
+                        .push(us(run.server_cpu_per_request));
+                    process
+                        .entry(target.name)
+                        .or_default()
+                        .push(us(run.process_cpu_per_request));
+                }
+            }
+            let m = |map: &HashMap<&str, Vec<f64>>, name: &str| median(map[name].clone());
+            for name in ["floor", "gateway"] {
+                println!(
+                    "c={concurrency:<2} {name:<8} {:>8.0} req/s  server CPU {:>6.1} us/req  process CPU {:>6.1} us/req  ({total} requests a round)",
+                    m(&rps, name),
+                    m(&server, name),
+                    m(&process, name),
+                );
+            }
+            let ratio = m(&rps, "gateway") / m(&rps, "floor");
+            let cpu = m(&server, "gateway") / m(&server, "floor");
+            println!(
+                "c={concurrency:<2} gateway / floor: RPS {ratio:.2}x  server CPU {cpu:.2}x  process CPU {:.2}x",
+                m(&process, "gateway") / m(&process, "floor")
+            );
+            if concurrency == 32 {
+                (rps_ratio_c32, cpu_ratio) = (ratio, cpu);
+            }
+        }
+
+        let mut stream_request = request::to_stream(request::user("hello world"));
+        stream_request.model = "deltas".into();
+        let stream_body = Bytes::from(stream_request.encode_to_vec());
+        relay_stream(&gateway, &stream_body).await;
+        let (mut messages, mut took) = (0, Duration::ZERO);
+        for _ in 0..STREAM_REPEATS {
+            let (m, t) = relay_stream(&gateway, &stream_body).await;
+            (messages, took) = (m, took + t);
+        }
+        println!(
+            "stream relay: {STREAM_DELTAS} text deltas in one stream ({STREAM_REPEATS} streams measured), {messages} messages out each, gateway CPU {:.2} us per delta",
+            us(took) / (STREAM_DELTAS * STREAM_REPEATS) as f64
+        );
+
+        let mut slow_request = request::to_stream(request::user("hello world"));
+        slow_request.model = "slow".into();
+        let slow_body = Bytes::from(slow_request.encode_to_vec());
+        let (opened, errors, grown, peak, took) = open_streams(&gateway_url, &slow_body, OPEN_STREAMS).await;
+        println!(
+            "open streams: N={OPEN_STREAMS} against a slow upstream (1 delta/s): {opened} opened, {errors} errors, opened in {:.1} s, process RSS +{:.1} MiB ({:.1} KiB per stream, gateway + in-process upstream and client), total RSS {:.1} MiB",
+            took.as_secs_f64(),
+            grown as f64 / 1024.0,
+            grown as f64 / OPEN_STREAMS as f64,
+            peak as f64 / 1024.0
+        );
+
+        println!(
+            "overhead: rps_ratio_c32={rps_ratio_c32:.2} cpu_ratio={cpu_ratio:.2} p50_delta_c1_ms={p50_delta:.3}"
+        );
     });
 }

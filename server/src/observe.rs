@@ -8,8 +8,17 @@
 //! one of the first [`MAX_EXTRA_MODEL_LABELS`] other models callers named,
 //! or `other`, so no caller can create unbounded series. Spans, which are
 //! not series, carry the requested model as it was.
+//!
+//! Cost when nothing is exported: the `chat` and `attempt` spans are
+//! `TRACE` spans. The OpenTelemetry layer (present only when spans are
+//! exported) takes every level of this crate; the log layer's default
+//! filter is `info`. So without an exporter no layer wants them, the
+//! macros return a disabled span before evaluating a field, and every
+//! `record` on it is a no-op; with one, every span and attribute is there.
+//! The metric attributes of a provider and model label are built once
+//! ([`HopAttributes`]) and shared by every call.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,11 +46,56 @@ pub fn finish_reason(stop: StopReason) -> &'static str {
 /// How many models besides the configured ones get a metric label.
 pub const MAX_EXTRA_MODEL_LABELS: usize = 32;
 
-/// The values the `gen_ai.request.model` metric label may take.
+/// The values the `gen_ai.request.model` metric label may take, and the
+/// metric attributes built for each provider and label.
 #[derive(Debug, Default)]
 pub struct ModelLabels {
     configured: HashSet<String>,
     extra: Mutex<HashSet<String>>,
+    /// By provider, then by model label: bounded as the labels are.
+    attributes: Mutex<HashMap<String, HashMap<String, Arc<HopAttributes>>>>,
+}
+
+/// The metric attributes of one provider and model label, built once.
+#[derive(Debug)]
+pub struct HopAttributes {
+    /// `gen_ai.operation.name`, `gen_ai.provider.name`,
+    /// `gen_ai.request.model`.
+    call: Vec<KeyValue>,
+    /// `call` and `gen_ai.token.type="input"`.
+    input_tokens: Vec<KeyValue>,
+    /// `call` and `gen_ai.token.type="output"`.
+    output_tokens: Vec<KeyValue>,
+    /// `gateway.provider`.
+    provider: [KeyValue; 1],
+}
+
+impl HopAttributes {
+    fn new(provider: &str, kind: &'static str, label: &str) -> Self {
+        let call = vec![
+            KeyValue::new("gen_ai.operation.name", "chat"),
+            KeyValue::new("gen_ai.provider.name", kind),
+            KeyValue::new("gen_ai.request.model", label.to_string()),
+        ];
+        let with_type = |kind: &'static str| {
+            let mut attrs = call.clone();
+            attrs.push(KeyValue::new("gen_ai.token.type", kind));
+            attrs
+        };
+        Self {
+            input_tokens: with_type("input"),
+            output_tokens: with_type("output"),
+            call,
+            provider: [KeyValue::new("gateway.provider", provider.to_string())],
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl ModelLabels {
@@ -49,27 +103,48 @@ impl ModelLabels {
     pub fn new(configured: impl IntoIterator<Item = String>) -> Self {
         Self {
             configured: configured.into_iter().collect(),
-            extra: Mutex::new(HashSet::new()),
+            ..Self::default()
         }
     }
 
     /// The label of `model`.
     pub fn label(&self, model: &str) -> String {
+        self.label_of(model).to_string()
+    }
+
+    fn label_of<'m>(&self, model: &'m str) -> &'m str {
         if self.configured.contains(model) {
-            return model.to_string();
+            return model;
         }
-        let mut extra = match self.extra.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut extra = lock(&self.extra);
         if extra.contains(model) {
-            return model.to_string();
+            return model;
         }
         if extra.len() < MAX_EXTRA_MODEL_LABELS {
             extra.insert(model.to_string());
-            return model.to_string();
+            return model;
         }
-        "other".to_string()
+        "other"
+    }
+
+    /// The metric attributes of a call to `provider` (of `kind`) for
+    /// `model`.
+    pub fn attributes(
+        &self,
+        provider: &str,
+        kind: &'static str,
+        model: &str,
+    ) -> Arc<HopAttributes> {
+        let label = self.label_of(model);
+        let mut all = lock(&self.attributes);
+        if let Some(found) = all.get(provider).and_then(|by_label| by_label.get(label)) {
+            return found.clone();
+        }
+        let built = Arc::new(HopAttributes::new(provider, kind, label));
+        all.entry(provider.to_string())
+            .or_default()
+            .insert(label.to_string(), built.clone());
+        built
     }
 }
 
@@ -93,10 +168,9 @@ pub struct CallObservation {
     /// The `chat {model}` span; attempt spans are its children.
     pub chat: Span,
     metrics: Arc<GatewayMetrics>,
-    attributes: Vec<KeyValue>,
+    attributes: Arc<HopAttributes>,
     started: Instant,
     waited: Duration,
-    provider: String,
     overhead_recorded: bool,
 }
 
@@ -111,7 +185,6 @@ impl CallObservation {
             attributes,
             started: Instant::now(),
             waited: Duration::ZERO,
-            provider: hop.provider.to_string(),
             overhead_recorded: false,
         }
     }
@@ -124,21 +197,22 @@ impl CallObservation {
         let (chat, attributes) = Self::open_hop(&hop);
         self.chat = chat;
         self.attributes = attributes;
-        self.provider = hop.provider.to_string();
     }
 
-    fn open_hop(hop: &Hop<'_>) -> (Span, Vec<KeyValue>) {
+    fn open_hop(hop: &Hop<'_>) -> (Span, Arc<HopAttributes>) {
         let (kind, request) = (hop.kind, hop.request);
-        let model = request.model_or(hop.default_model).to_string();
+        let model = request.model_or(hop.default_model);
         let provider = hop.provider;
-        let chat = tracing::info_span!(
+        // TRACE: see the module docs. The fields are evaluated only when a
+        // layer takes the span.
+        let chat = tracing::trace_span!(
             "chat",
-            otel.name = %format!("chat {model}"),
+            otel.name = %format_args!("chat {model}"),
             otel.kind = "client",
             otel.status_code = Empty,
             gen_ai.operation.name = "chat",
             gen_ai.provider.name = kind,
-            gen_ai.request.model = %model,
+            gen_ai.request.model = model,
             gen_ai.request.max_tokens = Empty,
             gen_ai.request.temperature = Empty,
             gen_ai.response.model = Empty,
@@ -147,28 +221,25 @@ impl CallObservation {
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             error.type = Empty,
-            gateway.provider = %provider,
+            gateway.provider = provider,
         );
-        if let Some(n) = request.max_tokens {
-            chat.record("gen_ai.request.max_tokens", i64::from(n));
+        if !chat.is_disabled() {
+            if let Some(n) = request.max_tokens {
+                chat.record("gen_ai.request.max_tokens", i64::from(n));
+            }
+            if let Some(t) = request.temperature {
+                chat.record("gen_ai.request.temperature", f64::from(t));
+            }
         }
-        if let Some(t) = request.temperature {
-            chat.record("gen_ai.request.temperature", f64::from(t));
-        }
-        let attributes = vec![
-            KeyValue::new("gen_ai.operation.name", "chat"),
-            KeyValue::new("gen_ai.provider.name", kind),
-            KeyValue::new("gen_ai.request.model", hop.labels.label(&model)),
-        ];
-        (chat, attributes)
+        (chat, hop.labels.attributes(provider, kind, model))
     }
 
     /// Opens the span of attempt `n` (1-based) under the chat span.
     pub fn attempt_span(&self, n: u32) -> Span {
-        let span = tracing::info_span!(
+        let span = tracing::trace_span!(
             parent: &self.chat,
             "attempt",
-            otel.name = %format!("attempt {n}"),
+            otel.name = %format_args!("attempt {n}"),
             otel.kind = "client",
             otel.status_code = Empty,
             gateway.attempt = i64::from(n),
@@ -217,17 +288,16 @@ impl CallObservation {
                     1,
                     &[
                         KeyValue::new("gateway.retry.class", error.class.as_str()),
-                        KeyValue::new("gateway.provider", self.provider.clone()),
+                        self.attributes.provider[0].clone(),
                     ],
                 );
             }
             Decision::GiveUp(reason) => {
                 span.record("gateway.retry.decision", reason.as_str());
                 if reason == crate::retry::GiveUp::BudgetExhausted {
-                    self.metrics.budget_refusals.add(
-                        1,
-                        &[KeyValue::new("gateway.provider", self.provider.clone())],
-                    );
+                    self.metrics
+                        .budget_refusals
+                        .add(1, &self.attributes.provider);
                 }
             }
         }
@@ -235,10 +305,9 @@ impl CallObservation {
 
     /// Counts a hedge or continuation the retry budget refused.
     pub fn budget_refused(&self) {
-        self.metrics.budget_refusals.add(
-            1,
-            &[KeyValue::new("gateway.provider", self.provider.clone())],
-        );
+        self.metrics
+            .budget_refusals
+            .add(1, &self.attributes.provider);
     }
 
     /// Records a backoff's real duration (not the request's own work).
@@ -250,7 +319,7 @@ impl CallObservation {
     pub fn first_chunk(&self) {
         self.metrics
             .time_to_first_chunk
-            .record(self.started.elapsed().as_secs_f64(), &self.attributes);
+            .record(self.started.elapsed().as_secs_f64(), &self.attributes.call);
     }
 
     /// A stream committed: its gateway overhead is known now (the rest of
@@ -264,13 +333,12 @@ impl CallObservation {
             return;
         }
         self.overhead_recorded = true;
-        let provider = [KeyValue::new("gateway.provider", self.provider.clone())];
         self.metrics.overhead.record(
             self.started
                 .elapsed()
                 .saturating_sub(self.waited)
                 .as_secs_f64(),
-            &provider,
+            &self.attributes.provider,
         );
     }
 
@@ -283,26 +351,26 @@ impl CallObservation {
         usage: Usage,
         attempts: u32,
     ) {
-        if !model.is_empty() {
-            self.chat.record("gen_ai.response.model", model);
+        if !self.chat.is_disabled() {
+            if !model.is_empty() {
+                self.chat.record("gen_ai.response.model", model);
+            }
+            if !id.is_empty() {
+                self.chat.record("gen_ai.response.id", id);
+            }
+            self.chat
+                .record("gen_ai.response.finish_reasons", finish_reason(stop));
+            self.chat
+                .record("gen_ai.usage.input_tokens", i64::from(usage.input_tokens));
+            self.chat
+                .record("gen_ai.usage.output_tokens", i64::from(usage.output_tokens));
         }
-        if !id.is_empty() {
-            self.chat.record("gen_ai.response.id", id);
-        }
-        self.chat
-            .record("gen_ai.response.finish_reasons", finish_reason(stop));
-        self.chat
-            .record("gen_ai.usage.input_tokens", i64::from(usage.input_tokens));
-        self.chat
-            .record("gen_ai.usage.output_tokens", i64::from(usage.output_tokens));
-        for (kind, n) in [
-            ("input", usage.input_tokens),
-            ("output", usage.output_tokens),
-        ] {
-            let mut attrs = self.attributes.clone();
-            attrs.push(KeyValue::new("gen_ai.token.type", kind));
-            self.metrics.token_usage.record(u64::from(n), &attrs);
-        }
+        let tokens = &self.metrics.token_usage;
+        tokens.record(u64::from(usage.input_tokens), &self.attributes.input_tokens);
+        tokens.record(
+            u64::from(usage.output_tokens),
+            &self.attributes.output_tokens,
+        );
         self.finish(None, attempts);
     }
 
@@ -333,14 +401,20 @@ impl CallObservation {
 
     fn finish(&mut self, error: Option<&'static str>, attempts: u32) {
         self.record_overhead();
-        let mut attrs = self.attributes.clone();
-        if let Some(kind) = error {
-            attrs.push(KeyValue::new("error.type", kind));
+        let took = self.started.elapsed().as_secs_f64();
+        match error {
+            None => self
+                .metrics
+                .operation_duration
+                .record(took, &self.attributes.call),
+            Some(kind) => {
+                let mut attrs = self.attributes.call.clone();
+                attrs.push(KeyValue::new("error.type", kind));
+                self.metrics.operation_duration.record(took, &attrs);
+            }
         }
         self.metrics
-            .operation_duration
-            .record(self.started.elapsed().as_secs_f64(), &attrs);
-        let provider = [KeyValue::new("gateway.provider", self.provider.clone())];
-        self.metrics.attempts.record(u64::from(attempts), &provider);
+            .attempts
+            .record(u64::from(attempts), &self.attributes.provider);
     }
 }

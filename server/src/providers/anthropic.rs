@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::http::{self, Classified};
@@ -64,80 +65,141 @@ impl AnthropicProvider {
             .json(&self.body(req, stream))
     }
 
-    fn body(&self, req: &ChatRequest, stream: bool) -> Value {
-        let mut obj = serde_json::Map::new();
-        obj.insert("model".into(), json!(req.model_or(&self.model)));
-        obj.insert(
-            "max_tokens".into(),
-            json!(req.max_tokens.unwrap_or(self.max_tokens)),
-        );
-        let messages: Vec<Value> = req
-            .messages
-            .iter()
-            .map(|m| {
-                json!({
-                    "role": match m.role { Role::User => "user", Role::Assistant => "assistant" },
-                    "content": m.content.iter().map(content_json).collect::<Vec<_>>(),
+    fn body<'a>(&'a self, req: &'a ChatRequest, stream: bool) -> WireRequest<'a> {
+        let (tools, tool_choice) = if req.tools.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let tools = req
+                .tools
+                .iter()
+                .map(|t| WireTool {
+                    name: &t.name,
+                    description: &t.description,
+                    input_schema: &t.input_schema,
                 })
-            })
-            .collect();
-        obj.insert("messages".into(), Value::Array(messages));
-        if !req.system.is_empty() {
-            obj.insert("system".into(), json!(req.system));
-        }
-        if let Some(t) = req.temperature {
-            obj.insert("temperature".into(), json!(t));
-        }
-        if let Some(p) = req.top_p {
-            obj.insert("top_p".into(), json!(p));
-        }
-        if !req.stop_sequences.is_empty() {
-            obj.insert("stop_sequences".into(), json!(req.stop_sequences));
-        }
-        if !req.tools.is_empty() {
-            obj.insert(
-                "tools".into(),
-                req.tools
-                    .iter()
-                    .map(|t| {
-                        json!({"name": t.name, "description": t.description, "input_schema": t.input_schema})
-                    })
-                    .collect(),
-            );
+                .collect();
             let choice = match &req.tool_choice {
-                ToolChoice::Auto => json!({"type": "auto"}),
-                ToolChoice::Any => json!({"type": "any"}),
-                ToolChoice::Tool(name) => json!({"type": "tool", "name": name}),
-                ToolChoice::None => json!({"type": "none"}),
+                ToolChoice::Auto => WireToolChoice::Auto,
+                ToolChoice::Any => WireToolChoice::Any,
+                ToolChoice::Tool(name) => WireToolChoice::Tool { name },
+                ToolChoice::None => WireToolChoice::None,
             };
-            obj.insert("tool_choice".into(), choice);
+            (tools, Some(choice))
+        };
+        WireRequest {
+            model: req.model_or(&self.model),
+            max_tokens: req.max_tokens.unwrap_or(self.max_tokens),
+            messages: req
+                .messages
+                .iter()
+                .map(|m| WireMessage {
+                    role: match m.role {
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    },
+                    content: m.content.iter().map(WireBlock::of).collect(),
+                })
+                .collect(),
+            system: &req.system,
+            temperature: req.temperature.map(f64::from),
+            top_p: req.top_p.map(f64::from),
+            stop_sequences: &req.stop_sequences,
+            tools,
+            tool_choice,
+            stream,
         }
-        if stream {
-            obj.insert("stream".into(), json!(true));
-        }
-        Value::Object(obj)
     }
 }
 
-fn content_json(c: &Content) -> Value {
-    match c {
-        Content::Text(text) => json!({"type": "text", "text": text}),
-        Content::ToolUse {
-            id,
-            name,
-            input_json,
-        } => json!({
-            "type": "tool_use", "id": id, "name": name,
-            "input": serde_json::from_str::<Value>(input_json).unwrap_or_else(|_| json!({})),
-        }),
-        Content::ToolResult {
-            tool_use_id,
-            content,
-            is_error,
-        } => json!({
-            "type": "tool_result", "tool_use_id": tool_use_id, "content": content, "is_error": is_error,
-        }),
+/// The Messages API request body, borrowed from the gateway's request and
+/// serialized without building a `serde_json::Value`.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    messages: Vec<WireMessage<'a>>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    system: &'a str,
+    // As f64, the number a `Value` made of the f32 carried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<WireToolChoice<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: Vec<WireBlock<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireBlock<'a> {
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        /// The call's arguments as JSON (`{}` when they do not parse).
+        input: Value,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: &'a str,
+        is_error: bool,
+    },
+}
+
+impl<'a> WireBlock<'a> {
+    fn of(c: &'a Content) -> Self {
+        match c {
+            Content::Text(text) => Self::Text { text },
+            Content::ToolUse {
+                id,
+                name,
+                input_json,
+            } => Self::ToolUse {
+                id,
+                name,
+                input: serde_json::from_str::<Value>(input_json).unwrap_or_else(|_| json!({})),
+            },
+            Content::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } => Self::ToolResult {
+                tool_use_id,
+                content,
+                is_error: *is_error,
+            },
+        }
     }
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    name: &'a str,
+    description: &'a str,
+    input_schema: &'a Value,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireToolChoice<'a> {
+    Auto,
+    Any,
+    Tool { name: &'a str },
+    None,
 }
 
 impl Provider for AnthropicProvider {

@@ -3,11 +3,14 @@
 //! Databricks Model Serving speaks the same shapes at another path (see
 //! [`super::databricks`]).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use serde_json::{Map, Value, json};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::http::{self, Classified};
 use super::sse::{SseEvent, SseTranslator, sse_stream};
@@ -171,112 +174,223 @@ impl OpenAiProvider {
             .messages
             .last()
             .is_some_and(|m| m.role == Role::Assistant);
-        if continues
-            && self.prefill == Some(PrefillForm::ContinueFinalMessage)
-            && let Value::Object(obj) = &mut body
-        {
-            obj.insert("continue_final_message".into(), json!(true));
-            obj.insert("add_generation_prompt".into(), json!(false));
+        if continues && self.prefill == Some(PrefillForm::ContinueFinalMessage) {
+            body.continue_final_message = Some(true);
+            body.add_generation_prompt = Some(false);
         }
         builder.json(&body)
     }
 }
 
-fn body(
-    req: &ChatRequest,
-    model: &str,
+/// The chat-completions request body, borrowed from the gateway's request
+/// and serialized without building a `serde_json::Value`.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    messages: Vec<WireMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    // As f64, the number a `Value` made of the f32 carried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<WireTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<WireToolChoice<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    continue_final_message: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    add_generation_prompt: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    /// `null` for an assistant turn that only calls tools.
+    content: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireToolCall<'a>>,
+}
+
+impl<'a> WireMessage<'a> {
+    fn text(role: &'static str, content: Cow<'a, str>) -> Self {
+        Self {
+            role,
+            content: Some(content),
+            tool_call_id: None,
+            tool_calls: Vec::new(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireToolCall<'a> {
+    id: &'a str,
+    r#type: &'static str,
+    function: WireFunctionCall<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunctionCall<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    r#type: &'static str,
+    function: WireFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireToolChoice<'a> {
+    Mode(&'static str),
+    Function {
+        r#type: &'static str,
+        function: WireFunctionName<'a>,
+    },
+}
+
+#[derive(Serialize)]
+struct WireFunctionName<'a> {
+    name: &'a str,
+}
+
+fn body<'a>(
+    req: &'a ChatRequest,
+    model: &'a str,
     send_model: bool,
     default_max_tokens: Option<u32>,
     stream: bool,
     include_usage: bool,
-) -> Value {
-    let mut obj = Map::new();
-    if send_model {
-        obj.insert("model".into(), json!(model));
-    }
-    obj.insert("messages".into(), Value::Array(messages(req)));
-    if let Some(n) = req.max_tokens.or(default_max_tokens) {
-        obj.insert("max_tokens".into(), json!(n));
-    }
-    if let Some(t) = req.temperature {
-        obj.insert("temperature".into(), json!(t));
-    }
-    if let Some(p) = req.top_p {
-        obj.insert("top_p".into(), json!(p));
-    }
-    if !req.stop_sequences.is_empty() {
-        obj.insert("stop".into(), json!(req.stop_sequences));
-    }
-    if !req.tools.is_empty() {
+) -> WireRequest<'a> {
+    let (tools, tool_choice) = if req.tools.is_empty() {
+        (Vec::new(), None)
+    } else {
         let tools = req
             .tools
             .iter()
-            .map(|t| {
-                json!({"type": "function", "function": {
-                    "name": t.name, "description": t.description, "parameters": t.input_schema,
-                }})
+            .map(|t| WireTool {
+                r#type: "function",
+                function: WireFunction {
+                    name: &t.name,
+                    description: &t.description,
+                    parameters: &t.input_schema,
+                },
             })
             .collect();
-        obj.insert("tools".into(), Value::Array(tools));
         let choice = match &req.tool_choice {
-            ToolChoice::Auto => json!("auto"),
-            ToolChoice::Any => json!("required"),
-            ToolChoice::None => json!("none"),
-            ToolChoice::Tool(name) => json!({"type": "function", "function": {"name": name}}),
+            ToolChoice::Auto => WireToolChoice::Mode("auto"),
+            ToolChoice::Any => WireToolChoice::Mode("required"),
+            ToolChoice::None => WireToolChoice::Mode("none"),
+            ToolChoice::Tool(name) => WireToolChoice::Function {
+                r#type: "function",
+                function: WireFunctionName { name },
+            },
         };
-        obj.insert("tool_choice".into(), choice);
+        (tools, Some(choice))
+    };
+    WireRequest {
+        model: send_model.then_some(model),
+        messages: messages(req),
+        max_tokens: req.max_tokens.or(default_max_tokens),
+        temperature: req.temperature.map(f64::from),
+        top_p: req.top_p.map(f64::from),
+        stop: &req.stop_sequences,
+        tools,
+        tool_choice,
+        stream,
+        stream_options: (stream && include_usage).then_some(StreamOptions {
+            include_usage: true,
+        }),
+        continue_final_message: None,
+        add_generation_prompt: None,
     }
-    if stream {
-        obj.insert("stream".into(), json!(true));
-        if include_usage {
-            obj.insert("stream_options".into(), json!({"include_usage": true}));
-        }
-    }
-    Value::Object(obj)
 }
 
 /// The gateway's messages in OpenAI's shape: the system prompt first, tool
 /// results as `tool` messages, tool calls as an assistant's `tool_calls`.
-fn messages(req: &ChatRequest) -> Vec<Value> {
-    let mut out = Vec::new();
+fn messages(req: &ChatRequest) -> Vec<WireMessage<'_>> {
+    let mut out = Vec::with_capacity(req.messages.len() + 1);
     if !req.system.is_empty() {
-        out.push(json!({"role": "system", "content": req.system}));
+        out.push(WireMessage::text("system", Cow::Borrowed(&req.system)));
     }
     for m in &req.messages {
-        let mut text = String::new();
+        // One text part (the common case) is borrowed; several are joined.
+        let mut text: Cow<'_, str> = Cow::Borrowed("");
         let mut calls = Vec::new();
         for c in &m.content {
             match c {
-                Content::Text(t) => text.push_str(t),
+                Content::Text(t) => {
+                    if text.is_empty() {
+                        text = Cow::Borrowed(t);
+                    } else {
+                        text.to_mut().push_str(t);
+                    }
+                }
                 Content::ToolUse {
                     id,
                     name,
                     input_json,
-                } => calls.push(json!({
-                    "id": id, "type": "function",
-                    "function": {"name": name, "arguments": input_json},
-                })),
+                } => calls.push(WireToolCall {
+                    id,
+                    r#type: "function",
+                    function: WireFunctionCall {
+                        name,
+                        arguments: input_json,
+                    },
+                }),
                 Content::ToolResult {
                     tool_use_id,
                     content,
                     ..
-                } => out.push(json!({
-                    "role": "tool", "tool_call_id": tool_use_id, "content": content,
-                })),
+                } => out.push(WireMessage {
+                    role: "tool",
+                    content: Some(Cow::Borrowed(content)),
+                    tool_call_id: Some(tool_use_id),
+                    tool_calls: Vec::new(),
+                }),
             }
         }
         match m.role {
-            Role::User if !text.is_empty() => out.push(json!({"role": "user", "content": text})),
+            Role::User if !text.is_empty() => out.push(WireMessage::text("user", text)),
             Role::User => {}
             Role::Assistant => {
-                let mut msg = json!({"role": "assistant", "content": text});
-                if !calls.is_empty() {
-                    msg["tool_calls"] = Value::Array(calls);
-                    if text.is_empty() {
-                        msg["content"] = Value::Null;
-                    }
-                }
-                out.push(msg);
+                let content = if !calls.is_empty() && text.is_empty() {
+                    None
+                } else {
+                    Some(text)
+                };
+                out.push(WireMessage {
+                    role: "assistant",
+                    content,
+                    tool_call_id: None,
+                    tool_calls: calls,
+                });
             }
         }
     }
@@ -504,6 +618,89 @@ impl Translator {
     }
 }
 
+/// The common chunk, a text delta and nothing else, read without building a
+/// `Value`: strings borrow from the event. Any field that changes what a
+/// chunk means (`error`, `usage`, a finish reason, tool calls, filter
+/// results, more than one choice) sends the chunk down the `Value` path.
+#[derive(Deserialize)]
+struct TextChunk<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    choices: Vec<TextChoice<'a>>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+    #[serde(default)]
+    usage: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct TextChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<TextDelta<'a>>,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+    #[serde(default)]
+    content_filter_results: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct TextDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+}
+
+impl Translator {
+    /// Handles `data` if it is a plain text chunk (see [`TextChunk`]);
+    /// `false` leaves it to the general path, untouched.
+    fn on_text_chunk(&mut self, data: &str, out: &mut Out) -> bool {
+        let Ok(chunk) = serde_json::from_str::<TextChunk<'_>>(data) else {
+            return false;
+        };
+        let [choice] = chunk.choices.as_slice() else {
+            return false;
+        };
+        let delta = choice.delta.as_ref();
+        if chunk.error.is_some()
+            || chunk.usage.is_some()
+            || choice.finish_reason.is_some()
+            || choice.content_filter_results.is_some()
+            || delta.is_some_and(|d| d.tool_calls.is_some())
+        {
+            return false;
+        }
+        if !self.started {
+            self.started = true;
+            out.push_back(Ok(StreamEvent::Start {
+                id: chunk.id.as_deref().unwrap_or_default().into(),
+                model: chunk.model.as_deref().unwrap_or_default().into(),
+            }));
+        }
+        if let Some(text) = delta
+            .and_then(|d| d.content.as_deref())
+            .filter(|t| !t.is_empty())
+        {
+            let index = match self.text_index {
+                Some(i) => i,
+                None => {
+                    let i = self.index();
+                    self.text_index = Some(i);
+                    i
+                }
+            };
+            out.push_back(Ok(StreamEvent::Text {
+                index,
+                text: text.into(),
+            }));
+        }
+        true
+    }
+}
+
 impl SseTranslator for Translator {
     fn on_event(&mut self, event: SseEvent, out: &mut Out) {
         let data = event.data.trim();
@@ -513,6 +710,21 @@ impl SseTranslator for Translator {
         if data.is_empty() {
             return;
         }
+        if !self.on_text_chunk(data, out) {
+            self.on_chunk(data, out);
+        }
+    }
+
+    fn on_end(&mut self, out: &mut Out) {
+        // Some servers close the body without `[DONE]`; a finish_reason seen
+        // before that is still a complete answer.
+        self.finish(out);
+    }
+}
+
+impl Translator {
+    /// Any chunk, read through a `Value`.
+    fn on_chunk(&mut self, data: &str, out: &mut Out) {
         let v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => return out.push_back(Err(http::bad_event("a stream chunk", &e))),
@@ -597,23 +809,49 @@ impl SseTranslator for Translator {
             self.stop = Some(StopReason::ContentFilter);
         }
     }
-
-    fn on_end(&mut self, out: &mut Out) {
-        // Some servers close the body without `[DONE]`; a finish_reason seen
-        // before that is still a complete answer.
-        self.finish(out);
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn quota_429_is_final() {
         let c = classify(429, br#"{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}"#);
         assert_eq!(c.class, Some(ErrorClass::RateLimited));
         assert_eq!(c.should_retry, Some(false));
+    }
+
+    #[test]
+    fn text_chunks_read_the_same_on_both_paths() {
+        let chunks = [
+            r#"{"id":"c1","model":"m","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"lo \u00e9\n"}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+        ];
+        let (mut fast, mut general) = (Translator::default(), Translator::default());
+        let (mut fast_out, mut general_out) = (Out::new(), Out::new());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let event = SseEvent {
+                event: String::new(),
+                data: (*chunk).to_string(),
+            };
+            fast.on_event(event, &mut fast_out);
+            general.on_chunk(chunk, &mut general_out);
+            // The first four take the typed path, the others the general one.
+            assert_eq!(
+                Translator::default().on_text_chunk(chunk, &mut Out::new()),
+                i < 4
+            );
+        }
+        fast.on_end(&mut fast_out);
+        general.on_end(&mut general_out);
+        assert_eq!(format!("{fast_out:?}"), format!("{general_out:?}"));
+        assert_eq!(fast_out.len(), 6, "{fast_out:?}");
     }
 
     #[test]
@@ -644,7 +882,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let m = messages(&req);
+        let m = serde_json::to_value(messages(&req)).unwrap();
         assert_eq!(m[0]["role"], "system");
         assert_eq!(m[2]["tool_calls"][0]["function"]["name"], "f");
         assert_eq!(m[2]["content"], Value::Null);
