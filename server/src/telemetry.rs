@@ -56,6 +56,10 @@ pub struct GatewayMetrics {
     pub budget_refusals: Counter<u64>,
     /// `gateway.breaker.transitions`: circuit-breaker state changes.
     pub breaker_transitions: Counter<u64>,
+    /// `gateway.pool.member.events`: per pool member (its host and key
+    /// variable, a configured and so bounded set), `served`, `cooled`
+    /// (429 or overload) and `dead` (its key refused).
+    pub pool_member_events: Counter<u64>,
     /// `gateway.overhead` (s): request time not spent waiting on an
     /// upstream or a backoff.
     pub overhead: Histogram<f64>,
@@ -106,6 +110,10 @@ impl GatewayMetrics {
             breaker_transitions: meter
                 .u64_counter("gateway.breaker.transitions")
                 .with_description("Circuit-breaker state changes")
+                .build(),
+            pool_member_events: meter
+                .u64_counter("gateway.pool.member.events")
+                .with_description("Pool members' answers served, cooldowns and dead keys")
                 .build(),
             overhead: meter
                 .f64_histogram("gateway.overhead")

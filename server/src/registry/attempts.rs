@@ -436,6 +436,16 @@ impl AttemptGate {
                 None => member.succeeded(attempt.started.elapsed()),
                 Some(error) => member.failed(error, now),
             }
+            if let Some(event) = MemberLease::event(outcome) {
+                self.metrics.pool_member_events.add(
+                    1,
+                    &[
+                        opentelemetry::KeyValue::new("gateway.provider", entry.name.clone()),
+                        opentelemetry::KeyValue::new("gateway.member", member.label().to_string()),
+                        opentelemetry::KeyValue::new("gateway.member.event", event),
+                    ],
+                );
+            }
             // A member's fault is the provider's only when no other member
             // can serve: the breaker opens only when the whole pool cannot.
             if outcome.is_some()

@@ -288,6 +288,16 @@ impl MemberLease {
         }
     }
 
+    /// What happened to a member on one outcome, for the metrics.
+    pub(crate) fn event(outcome: Option<&ProviderError>) -> Option<&'static str> {
+        match outcome.map(|e| e.class) {
+            None => Some("served"),
+            Some(ErrorClass::RateLimited | ErrorClass::Overloaded) => Some("cooled"),
+            Some(ErrorClass::Auth) => Some("dead"),
+            Some(_) => None,
+        }
+    }
+
     /// The attempt succeeded after `took`.
     pub(crate) fn succeeded(&self, took: Duration) {
         let mut s = lock(self.member());
