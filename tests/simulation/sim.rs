@@ -31,7 +31,11 @@
 //! 7. the faults a breaker counted are at most the upstream faults the
 //!    providers produced: no caller's own settings (a 1 ms per-try
 //!    timeout, a short deadline, a cancellation) count against the shared
-//!    breaker.
+//!    breaker;
+//! 8. pools: no request goes to a member while it cools down (after a 429
+//!    or an overload, for its Retry-After capped at 30 s, else at least
+//!    1 s), while its answer said its requests are spent, or after its
+//!    key was refused (dead keys stay dead).
 //!
 //! A failing scenario names its seed; `SIM_SEED=<seed>` replays it alone.
 
@@ -152,7 +156,40 @@ struct ProviderLog {
     violations: Vec<String>,
 }
 
+/// What a pool must know of one member: when the sim made it cool down
+/// (a 429 or an overload: for its Retry-After, capped at 30 s, else at
+/// least 1 s) or killed its key (a 401). Only for members of a pool.
+#[derive(Debug, Default)]
+struct Watch {
+    pooled: bool,
+    dead: bool,
+    cooling_until: Option<Instant>,
+    /// Its answer said its requests are spent until then.
+    paced_until: Option<Instant>,
+}
+
+impl Watch {
+    fn failed(&mut self, error: &ProviderError) {
+        if !self.pooled {
+            return;
+        }
+        match error.class {
+            ErrorClass::RateLimited | ErrorClass::Overloaded => {
+                let wait = error
+                    .retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(30));
+                self.cooling_until = Instant::now().checked_add(wait);
+            }
+            ErrorClass::Auth => self.dead = true,
+            _ => {}
+        }
+    }
+}
+
 struct SimProvider {
+    /// Pool invariants: no call to a cooling or dead member.
+    watch: Arc<Mutex<Watch>>,
     rng: Mutex<Rng>,
     /// The operator's limits, to know which behaviours are faults.
     per_try: Duration,
@@ -209,6 +246,32 @@ fn prefill(request: &ChatRequest) -> Option<String> {
 }
 
 impl SimProvider {
+    /// Sometimes an answer says its requests are spent for a while (the
+    /// pool must then leave the member alone until then).
+    fn maybe_spent(&self) {
+        let reset = {
+            let mut rng = match self.rng.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !rng.chance(8) {
+                return;
+            }
+            rng.ms(1, 400)
+        };
+        provider_gateway_server::providers::report_rate_limits(
+            provider_gateway_server::providers::RateLimits {
+                requests: Some((0, reset)),
+                tokens: None,
+            },
+        );
+        if let Ok(mut w) = self.watch.lock()
+            && w.pooled
+        {
+            w.paced_until = Instant::now().checked_add(reset);
+        }
+    }
+
     fn draw(&self, streaming: bool) -> Script {
         let mut rng = match self.rng.lock() {
             Ok(g) => g,
@@ -285,6 +348,23 @@ impl SimProvider {
             call,
             at: Instant::now(),
         });
+        if let Ok(w) = self.watch.lock() {
+            if w.dead {
+                log.violations.push(format!(
+                    "call {call}: a pool member whose key was refused was called again"
+                ));
+            }
+            if w.cooling_until.is_some_and(|t| Instant::now() < t) {
+                log.violations.push(format!(
+                    "call {call}: a pool member was called while it cooled down"
+                ));
+            }
+            if w.paced_until.is_some_and(|t| Instant::now() < t) {
+                log.violations.push(format!(
+                    "call {call}: a pool member was called while its requests were spent"
+                ));
+            }
+        }
         let rest = match prefill(request) {
             None => full,
             Some(p) => {
@@ -378,6 +458,7 @@ impl Provider for SimProvider {
                 Script::Ok { latency, .. } => {
                     tokio::time::sleep(latency).await;
                     provider_gateway_server::providers::mark_responded();
+                    self.maybe_spent();
                     Ok(ChatResponse {
                         id: "sim".into(),
                         model: "sim-1".into(),
@@ -392,6 +473,9 @@ impl Provider for SimProvider {
                 Script::Fail { latency, error } => {
                     tokio::time::sleep(latency).await;
                     provider_gateway_server::providers::mark_responded();
+                    if let Ok(mut w) = self.watch.lock() {
+                        w.failed(&error);
+                    }
                     Err(error)
                 }
                 // A route that sends nothing: a timeout here is silent.
@@ -419,6 +503,9 @@ impl Provider for SimProvider {
                 } => (latency, gap, pings, None),
                 Script::Fail { latency, error } => {
                     tokio::time::sleep(latency).await;
+                    if let Ok(mut w) = self.watch.lock() {
+                        w.failed(&error);
+                    }
                     return Err(error);
                 }
                 Script::Stall => std::future::pending().await,
@@ -427,6 +514,9 @@ impl Provider for SimProvider {
                 }
             };
             tokio::time::sleep(latency).await;
+            // The answer's headers arrive now, with its rate limits.
+            provider_gateway_server::providers::mark_responded();
+            self.maybe_spent();
             let mut events: Vec<(Duration, Option<Result<StreamEvent, ProviderError>>)> = vec![(
                 Duration::ZERO,
                 Some(Ok(StreamEvent::Start {
@@ -473,14 +563,23 @@ impl Provider for SimProvider {
                 Some((_, Break::Truncate)) => {}
                 Some((_, Break::Stall)) => events.push((gap, None)),
             }
-            let s = stream::unfold(events.into_iter(), |mut events| async move {
-                let (wait, item) = events.next()?;
-                tokio::time::sleep(wait).await;
-                match item {
-                    Some(item) => Some((item, events)),
-                    None => std::future::pending().await,
-                }
-            });
+            let watch = self.watch.clone();
+            let s = stream::unfold(
+                (events.into_iter(), watch),
+                |(mut events, watch)| async move {
+                    let (wait, item) = events.next()?;
+                    tokio::time::sleep(wait).await;
+                    match item {
+                        Some(item) => {
+                            if let (Err(error), Ok(mut w)) = (&item, watch.lock()) {
+                                w.failed(error);
+                            }
+                            Some((item, (events, watch)))
+                        }
+                        None => std::future::pending().await,
+                    }
+                },
+            );
             Ok(Box::pin(s) as EventStream)
         })
     }
@@ -593,6 +692,10 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
     let provider = (0..members)
         .map(|_| {
             Arc::new(SimProvider {
+                watch: Arc::new(Mutex::new(Watch {
+                    pooled: members > 1,
+                    ..Watch::default()
+                })),
                 rng: Mutex::new(Rng::new(rng.next_u64())),
                 per_try: policy.per_try_timeout,
                 idle: policy.stream_idle_timeout,

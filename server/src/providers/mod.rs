@@ -37,13 +37,17 @@ pub struct RateLimits {
     pub tokens: Option<(u64, std::time::Duration)>,
 }
 
+/// Where an attempt's reported rate limits go (its pool member).
+pub(crate) type Pacer = Box<dyn Fn(RateLimits) + Send + Sync>;
+
 /// What one attempt's upstream call tells the gate besides its result.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct AttemptSignals {
     /// The upstream answered (response headers arrived).
     pub(crate) responded: std::sync::atomic::AtomicBool,
-    /// The rate limits its answer reported.
-    pub(crate) limits: std::sync::Mutex<Option<RateLimits>>,
+    /// Paces the attempt's pool member as soon as its answer reports its
+    /// rate limits.
+    pub(crate) pacer: Option<Pacer>,
 }
 
 tokio::task_local! {
@@ -65,8 +69,8 @@ pub fn mark_responded() {
 /// pace a pool's members. Outside an attempt it does nothing.
 pub fn report_rate_limits(limits: RateLimits) {
     let _ = SIGNALS.try_with(|s| {
-        if let Ok(mut slot) = s.limits.lock() {
-            *slot = Some(limits);
+        if let Some(pace) = &s.pacer {
+            pace(limits);
         }
     });
 }

@@ -409,7 +409,10 @@ impl AttemptGate {
             number: self.attempts,
             span,
             limit,
-            signals: Arc::default(),
+            signals: Arc::new(AttemptSignals {
+                pacer: member.as_ref().map(|m| m.pacer(self.clock.clone())),
+                ..AttemptSignals::default()
+            }),
             member,
             bound,
             permit,
@@ -428,10 +431,6 @@ impl AttemptGate {
     ) {
         let now = self.clock.now();
         if let Some(member) = attempt.member.take() {
-            let limits = attempt.signals.limits.lock().ok().and_then(|l| *l);
-            if let Some(limits) = limits {
-                member.paced(limits, now);
-            }
             match outcome {
                 None => member.succeeded(attempt.started.elapsed()),
                 Some(error) => member.failed(error, now),

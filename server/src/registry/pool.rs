@@ -33,7 +33,8 @@ use tokio::time::Instant;
 
 use crate::config::{Balance, MemberConfig};
 use crate::error::{ErrorClass, ProviderError};
-use crate::providers::{Provider, RateLimits};
+use crate::providers::{Pacer, Provider, RateLimits};
+use crate::retry::Clock;
 use crate::retry::Jitter;
 
 const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
@@ -276,9 +277,17 @@ impl MemberLease {
         &self.member().label
     }
 
-    /// The upstream's answer reported `limits`: they pace this member.
-    pub(crate) fn paced(&self, limits: RateLimits, now: Instant) {
-        let mut s = lock(self.member());
+    /// What paces this member when its answer reports its rate limits.
+    pub(crate) fn pacer(&self, clock: Arc<dyn Clock>) -> Pacer {
+        let (pool, index) = (self.pool.clone(), self.index);
+        Box::new(move |limits| pool.pace(index, limits, clock.now()))
+    }
+}
+
+impl Pool {
+    /// Member `index`'s answer reported `limits`: they pace it.
+    fn pace(&self, index: usize, limits: RateLimits, now: Instant) {
+        let mut s = lock(&self.members[index]);
         let at = |d: Duration| now.checked_add(d.min(MAX_PACE)).unwrap_or(now);
         if let Some((left, reset)) = limits.requests {
             s.requests = Some((left, at(reset)));
@@ -287,7 +296,9 @@ impl MemberLease {
             s.tokens = Some((left, at(reset)));
         }
     }
+}
 
+impl MemberLease {
     /// What happened to a member on one outcome, for the metrics.
     pub(crate) fn event(outcome: Option<&ProviderError>) -> Option<&'static str> {
         match outcome.map(|e| e.class) {
