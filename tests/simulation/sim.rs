@@ -246,10 +246,10 @@ fn prefill(request: &ChatRequest) -> Option<String> {
 }
 
 impl SimProvider {
-    /// Sometimes an answer says its requests are spent for a while (the
-    /// pool must then leave the member alone until then).
+    /// Sometimes an answer says its requests, or its tokens, are spent for
+    /// a while (the pool must then leave the member alone until then).
     fn maybe_spent(&self) {
-        let reset = {
+        let (reset, tokens) = {
             let mut rng = match self.rng.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
@@ -257,12 +257,13 @@ impl SimProvider {
             if !rng.chance(8) {
                 return;
             }
-            rng.ms(1, 400)
+            (rng.ms(1, 400), rng.chance(50))
         };
+        let spent = Some((0, reset));
         provider_gateway_server::providers::report_rate_limits(
             provider_gateway_server::providers::RateLimits {
-                requests: Some((0, reset)),
-                tokens: None,
+                requests: if tokens { None } else { spent },
+                tokens: if tokens { spent } else { None },
             },
         );
         if let Ok(mut w) = self.watch.lock()

@@ -17,8 +17,7 @@ use provider_gateway::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Body, Dialect, HttpError, Ingress};
-use crate::admission::CallKind;
+use super::{Body, Dialect, HttpError, Ingress, Served};
 use crate::chat::{ChatResponse, Content, StopReason, StreamEvent, Usage};
 
 #[derive(Deserialize)]
@@ -231,46 +230,32 @@ pub(crate) async fn messages(
     ingress.authenticate(&parts.headers)?;
     let json = super::read_json(body, ingress.max_body).await?;
     let (pb_request, target, stream) = translate(ingress, super::parse(json)?)?;
-    let kind = if stream {
-        CallKind::Stream
-    } else {
-        CallKind::Request
+    let (open, admission, model) = match ingress
+        .serve(&parts.headers, pb_request, &target, stream, arrival)
+        .await?
+    {
+        Served::Whole(done) => {
+            return Ok(super::json_response(
+                StatusCode::OK,
+                &message_body(&done.response),
+                &done.provider,
+                done.attempts,
+            ));
+        }
+        Served::Stream {
+            open,
+            admission,
+            model,
+        } => (open, admission, model),
     };
-    // Answers before any upstream call name the provider the model chose.
-    let named = |e: HttpError| e.for_provider(&target.provider);
-    let accepted = ingress
-        .accept(&parts.headers, kind, arrival, &target)
-        .map_err(named)?;
-    let chat = crate::service::validate_request(pb_request)
-        .map_err(|s| named(super::invalid_status(&s)))?;
-    if !stream {
-        let done = ingress
-            .registry
-            .complete(&chat, &accepted.options)
-            .await
-            .map_err(|e| HttpError::from_gateway(&e, accepted.deferred, accepted.time_left()))?;
-        drop(accepted);
-        return Ok(super::json_response(
-            StatusCode::OK,
-            &message_body(&done.response),
-            &done.provider,
-            done.attempts,
-        ));
-    }
-    let open = ingress
-        .registry
-        .stream(&chat, &accepted.options)
-        .await
-        .map_err(|e| HttpError::from_gateway(&e, accepted.deferred, accepted.time_left()))?;
     let mut events = Events {
-        model: chat.model_or("").to_string(),
+        model,
         usage: Usage::default(),
         blocks: HashMap::new(),
         open: None,
         next: 0,
         finished: false,
     };
-    let admission = accepted.admission;
     let body = open.events.map(move |item| {
         let _held = &admission;
         events.render(item)

@@ -298,6 +298,64 @@ enum Route {
 }
 
 /// An admitted call, ready for the registry.
+/// What the registry made of one ingress call.
+pub(crate) enum Served {
+    /// A whole answer.
+    Whole(crate::registry::Completion),
+    /// A committed stream, which holds its admission until it ends.
+    Stream {
+        open: crate::registry::OpenStream,
+        admission: Admission,
+        /// The model the request asked for (empty: the provider's).
+        model: String,
+    },
+}
+
+impl Ingress {
+    /// One call through the registry, the same for both dialects: admit
+    /// (errors before any upstream call name the provider the model
+    /// chose), validate, then a whole answer or a committed stream.
+    pub(crate) async fn serve(
+        &self,
+        headers: &HeaderMap,
+        pb_request: provider_gateway::v1::CompleteRequest,
+        target: &Target,
+        stream: bool,
+        arrival: Instant,
+    ) -> Result<Served, HttpError> {
+        let kind = if stream {
+            CallKind::Stream
+        } else {
+            CallKind::Request
+        };
+        let named = |e: HttpError| e.for_provider(&target.provider);
+        let accepted = self.accept(headers, kind, arrival, target).map_err(named)?;
+        let chat =
+            crate::service::validate_request(pb_request).map_err(|s| named(invalid_status(&s)))?;
+        let failed = |e: crate::error::GatewayError| {
+            HttpError::from_gateway(&e, accepted.deferred, accepted.time_left())
+        };
+        if !stream {
+            let done = self
+                .registry
+                .complete(&chat, &accepted.options)
+                .await
+                .map_err(failed)?;
+            return Ok(Served::Whole(done));
+        }
+        let open = self
+            .registry
+            .stream(&chat, &accepted.options)
+            .await
+            .map_err(failed)?;
+        Ok(Served::Stream {
+            open,
+            admission: accepted.admission,
+            model: chat.model_or("").to_string(),
+        })
+    }
+}
+
 pub(crate) struct Accepted {
     pub(crate) admission: Admission,
     pub(crate) options: CallOptions,

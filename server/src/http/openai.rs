@@ -19,8 +19,7 @@ use provider_gateway::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Body, Dialect, HttpError, Ingress};
-use crate::admission::CallKind;
+use super::{Body, Dialect, HttpError, Ingress, Served};
 use crate::chat::{ChatResponse, Content, StopReason, StreamEvent, Usage};
 
 #[derive(Deserialize)]
@@ -304,47 +303,33 @@ pub(crate) async fn chat_completions(
     ingress.authenticate(&parts.headers)?;
     let json = super::read_json(body, ingress.max_body).await?;
     let (pb_request, target, stream, include_usage) = translate(ingress, super::parse(json)?)?;
-    let kind = if stream {
-        CallKind::Stream
-    } else {
-        CallKind::Request
+    let (open, admission, model) = match ingress
+        .serve(&parts.headers, pb_request, &target, stream, arrival)
+        .await?
+    {
+        Served::Whole(done) => {
+            return Ok(super::json_response(
+                StatusCode::OK,
+                &completion_body(&done.response),
+                &done.provider,
+                done.attempts,
+            ));
+        }
+        Served::Stream {
+            open,
+            admission,
+            model,
+        } => (open, admission, model),
     };
-    // Answers before any upstream call name the provider the model chose.
-    let named = |e: HttpError| e.for_provider(&target.provider);
-    let accepted = ingress
-        .accept(&parts.headers, kind, arrival, &target)
-        .map_err(named)?;
-    let chat = crate::service::validate_request(pb_request)
-        .map_err(|s| named(super::invalid_status(&s)))?;
-    if !stream {
-        let done = ingress
-            .registry
-            .complete(&chat, &accepted.options)
-            .await
-            .map_err(|e| HttpError::from_gateway(&e, accepted.deferred, accepted.time_left()))?;
-        drop(accepted);
-        return Ok(super::json_response(
-            StatusCode::OK,
-            &completion_body(&done.response),
-            &done.provider,
-            done.attempts,
-        ));
-    }
-    let open = ingress
-        .registry
-        .stream(&chat, &accepted.options)
-        .await
-        .map_err(|e| HttpError::from_gateway(&e, accepted.deferred, accepted.time_left()))?;
     let mut chunks = Chunks {
         id: String::new(),
-        model: chat.model_or("").to_string(),
+        model,
         created: super::unix_now(),
         include_usage,
         usage: Usage::default(),
         tool_calls: HashMap::new(),
         finished: false,
     };
-    let admission = accepted.admission;
     let events = open.events.map(move |item| {
         // The stream holds its admission until it ends or is dropped.
         let _held = &admission;

@@ -880,78 +880,47 @@ async fn race<T: Send + 'static>(
     );
     let hedge = second.run(call(hop, second.provider(hop)));
     tokio::pin!(hedge);
-    let mut attempts = [Some(first), Some(second)];
     // The hedge is polled first, so an admitted hedge always reaches its
     // upstream, even when the first attempt answers at that moment.
-    let (decided, outcome) = tokio::select! {
+    let (hedge_decided, outcome) = tokio::select! {
         biased;
-        outcome = &mut hedge => (1, outcome),
-        outcome = &mut running => (0, outcome),
+        outcome = &mut hedge => (true, outcome),
+        outcome = &mut running => (false, outcome),
     };
-    let other = 1 - decided;
+    let (mut decider, mut other) = if hedge_decided {
+        (second, first)
+    } else {
+        (first, second)
+    };
     let final_outcome = match &outcome {
         Outcome::Done(_) => true,
         Outcome::Failed(error) => !retry::is_retryable(&hop.policy, error),
-        Outcome::TimedOut => attempts[decided]
-            .as_ref()
-            .is_some_and(|a| a.bound == Bound::Deadline),
+        Outcome::TimedOut => decider.bound == Bound::Deadline,
     };
     if final_outcome {
-        if let Some(mut loser) = attempts[other].take() {
-            AttemptGate::abandon(&mut loser);
-            loser.span.record("gateway.retry.decision", "abandoned");
-        }
-        let attempt = attempts[decided].take();
-        return match attempt {
-            Some(attempt) => (outcome, attempt),
-            None => unreachable_attempt(),
-        };
+        AttemptGate::abandon(&mut other);
+        other.span.record("gateway.retry.decision", "abandoned");
+        return (outcome, decider);
     }
     // The deciding attempt failed and may be retried: its verdict is
     // recorded, and the other attempt decides.
-    if let Some(mut failed) = attempts[decided].take() {
-        let error = match outcome {
-            Outcome::Failed(error) => {
-                gate.settle(&hop.entry, &mut failed, Some(&error));
-                error
-            }
-            Outcome::Done(_) | Outcome::TimedOut => gate.timed_out(&hop.entry, &mut failed),
-        };
-        obs.attempt_done(&failed.span, failed.took(), None);
-        failed.span.record("otel.status_code", "ERROR");
-        failed.span.record("error.type", error.class.as_str());
-        failed.span.record("gateway.retry.decision", "hedged");
-    }
-    let outcome = if decided == 0 {
-        hedge.await
-    } else {
-        running.await
+    let error = match outcome {
+        Outcome::Failed(error) => {
+            gate.settle(&hop.entry, &mut decider, Some(&error));
+            error
+        }
+        Outcome::Done(_) | Outcome::TimedOut => gate.timed_out(&hop.entry, &mut decider),
     };
-    match attempts[other].take() {
-        Some(attempt) => (outcome, attempt),
-        None => unreachable_attempt(),
-    }
-}
-
-/// Both attempts of a race are held until one is returned; this is never
-/// reached, and would only mean a lost attempt, not a panic.
-fn unreachable_attempt<T>() -> (Outcome<T>, Attempt) {
-    (
-        Outcome::Failed(ProviderError::new(
-            ErrorClass::ServerError,
-            "internal: a raced attempt went missing",
-        )),
-        Attempt {
-            number: 0,
-            span: Span::none(),
-            limit: Duration::ZERO,
-            bound: Bound::Deadline,
-            signals: Arc::default(),
-            permit: None,
-            member: None,
-            started: std::time::Instant::now(),
-        },
-    )
+    obs.attempt_done(&decider.span, decider.took(), None);
+    decider.span.record("otel.status_code", "ERROR");
+    decider.span.record("error.type", error.class.as_str());
+    decider.span.record("gateway.retry.decision", "hedged");
+    let outcome = if hedge_decided {
+        running.await
+    } else {
+        hedge.await
+    };
+    (outcome, other)
 }
 
 /// What a caller sees when no member of a pool can take an attempt: the
