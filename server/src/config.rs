@@ -955,9 +955,8 @@ pub struct EmbeddedConfig {
     /// the model's own, at most 4096); more than the model supports fails
     /// start-up.
     pub context_length: Option<u32>,
-    /// Threads of the provider's inference pool (default: the machine's
-    /// cores); candle's quantized kernels size their own pool from
-    /// `CANDLE_NUM_THREADS`.
+    /// Threads each session's forward passes run on (llama.cpp's
+    /// `n_threads`; default: the machine's cores).
     pub threads: Option<usize>,
     /// Generations that run at once (default 1).
     pub max_sessions: Option<u32>,
@@ -974,6 +973,14 @@ pub struct EmbeddedConfig {
     /// Sampling seed: the same request gives the same answer (default: a
     /// new seed per request).
     pub seed: Option<u64>,
+    /// Whether a session keeps the KV cache of the prompt it last ran, so
+    /// a prompt that starts with the same tokens (the next turn of a
+    /// conversation) prefills only the rest (default true). It takes no
+    /// memory beyond the sessions' own caches. The logits of a prompt run
+    /// in parts are equal to those of a prompt run whole only up to float
+    /// rounding, so with sampling (temperature above 0) a `seed` repeats an
+    /// answer exactly only with the cache off.
+    pub prefix_cache: Option<bool>,
     /// The model name reported (default: the file's stem).
     pub model: Option<String>,
     /// The provider's retry policy over `[retry]`.

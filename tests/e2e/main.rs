@@ -15,6 +15,8 @@ mod config;
 mod deploy;
 #[cfg(feature = "embedded")]
 mod embedded;
+#[cfg(feature = "embedded")]
+mod embedded_real;
 mod fuzz_props;
 mod gate;
 mod gemini;

@@ -1,15 +1,12 @@
-//! One generation, run on a blocking thread: the prompt in one forward
-//! pass, then one token per pass, each sent as soon as it is text. It ends
-//! at an end-of-generation token (EndTurn), a stop sequence (StopSequence),
+//! One generation, run on its session's thread: the prompt (past what the
+//! session's prefix cache already holds) in batched forward passes, then
+//! one token per pass, each sent as soon as it is text. It ends at an
+//! end-of-generation token (EndTurn), a stop sequence (StopSequence),
 //! `max_tokens` or a full context (MaxTokens), and stops within one token
 //! once the receiver is gone (the caller cancelled).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::LogitsProcessor;
-
-use super::tokenizer::{Tokenizer, Utf8Stream};
 use crate::chat::{StopReason, Usage};
 use crate::error::{ErrorClass, ProviderError};
 
@@ -27,10 +24,35 @@ pub(crate) enum Generated {
 /// behind pauses generation rather than piling text up in memory.
 pub(crate) type Sender = tokio::sync::mpsc::Sender<Result<Generated, ProviderError>>;
 
-/// A model that gives the next token's logits.
+/// A model that samples the next token.
 pub(crate) trait NextToken {
-    /// Runs `tokens` at positions `pos..` (0 starts a new sequence).
-    fn logits(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String>;
+    /// Prepares for `job` (its sampler, its cache); returns how many of the
+    /// prompt's first tokens the cache already holds, always fewer than
+    /// the whole prompt.
+    fn begin(&mut self, job: &Job) -> Result<usize, String>;
+    /// Runs `tokens` after those the cache holds, and samples the next.
+    fn next(&mut self, tokens: &[u32]) -> Result<u32, String>;
+}
+
+/// What a token is, as text.
+pub(crate) trait TokenText {
+    /// Whether `id` ends the turn (end of sequence, end of turn).
+    fn is_end_of_generation(&self, id: u32) -> bool;
+    /// Appends the bytes of `id` (a byte token is one byte of a character).
+    fn token_bytes(&self, id: u32, out: &mut Vec<u8>);
+    /// Whether the answer's first space is the vocabulary's word marker
+    /// rather than text.
+    fn strips_leading_space(&self) -> bool;
+}
+
+/// What the sessions count, over all requests.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Tokens sampled.
+    pub generated: AtomicU64,
+    /// Prompt tokens run through the model (those the prefix cache did
+    /// not already hold).
+    pub prefilled: AtomicU64,
 }
 
 /// One request's generation parameters.
@@ -52,24 +74,21 @@ fn model_error(e: impl std::fmt::Display) -> ProviderError {
     )
 }
 
-/// Runs `job` on `model`, sending its text on `tx`; `generated` counts
-/// every token sampled. Returns the last item, [`Generated::Finished`] or
+/// Runs `job` on `model`, sending its text on `tx`; `counters` count
+/// every token sampled and every prompt token run. Returns the last item, [`Generated::Finished`] or
 /// an error, for the caller to send once it has freed the session (so a
 /// caller that saw the end finds the session free); `None` when the
 /// receiver went away.
 #[must_use]
 pub(crate) fn generate(
     model: &mut dyn NextToken,
-    tokenizer: &Tokenizer,
-    job: Job,
+    tokenizer: &dyn TokenText,
+    mut job: Job,
     tx: &Sender,
-    generated: &AtomicU64,
+    counters: &Counters,
 ) -> Option<Result<Generated, ProviderError>> {
-    let temperature = (job.temperature > 1e-7).then_some(job.temperature);
-    let top_p = (job.top_p < 1.0).then_some(job.top_p);
-    let mut sampler = LogitsProcessor::new(job.seed, temperature, top_p);
     let mut utf8 = Utf8Stream::default();
-    let mut stops = StopMatcher::new(job.stop_sequences);
+    let mut stops = StopMatcher::new(std::mem::take(&mut job.stop_sequences));
     let mut strip_space = tokenizer.strips_leading_space();
     let mut output_tokens = 0u32;
     let mut pos = job.prompt.len();
@@ -79,8 +98,15 @@ pub(crate) fn generate(
     if tx.is_closed() {
         return None;
     }
-    let mut logits = match model.logits(&job.prompt, 0) {
-        Ok(l) => l,
+    let mut bytes = Vec::new();
+    let mut next = match model.begin(&job).and_then(|cached| {
+        let rest = &job.prompt[cached.min(job.prompt.len())..];
+        counters
+            .prefilled
+            .fetch_add(rest.len() as u64, Ordering::Relaxed);
+        model.next(rest)
+    }) {
+        Ok(t) => t,
         Err(e) => return Some(Err(model_error(e))),
     };
     let stop = loop {
@@ -88,17 +114,14 @@ pub(crate) fn generate(
         if tx.is_closed() {
             return None;
         }
-        let next =
-            match Tensor::new(logits.as_slice(), &Device::Cpu).and_then(|t| sampler.sample(&t)) {
-                Ok(t) => t,
-                Err(e) => return Some(Err(model_error(e))),
-            };
         if tokenizer.is_end_of_generation(next) {
             break StopReason::EndTurn;
         }
         output_tokens += 1;
-        generated.fetch_add(1, Ordering::Relaxed);
-        let mut text = utf8.push(&tokenizer.token_bytes(next));
+        counters.generated.fetch_add(1, Ordering::Relaxed);
+        bytes.clear();
+        tokenizer.token_bytes(next, &mut bytes);
+        let mut text = utf8.push(&bytes);
         if strip_space && !text.is_empty() {
             strip_space = false;
             if let Some(rest) = text.strip_prefix(' ') {
@@ -115,8 +138,8 @@ pub(crate) fn generate(
         if output_tokens >= job.max_tokens || pos >= job.context_length {
             break StopReason::MaxTokens;
         }
-        logits = match model.logits(&[next], pos) {
-            Ok(l) => l,
+        next = match model.next(&[next]) {
+            Ok(t) => t,
             Err(e) => return Some(Err(model_error(e))),
         };
         pos += 1;
@@ -133,6 +156,52 @@ pub(crate) fn generate(
         output_tokens,
     };
     Some(Ok(Generated::Finished { stop, usage }))
+}
+
+/// Turns a stream of token bytes into text without splitting a UTF-8
+/// character: an incomplete sequence at the end waits for the next token.
+#[derive(Debug, Default)]
+pub(crate) struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Adds `bytes`; returns the text that is complete so far.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut text = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    text.push_str(s);
+                    self.pending.clear();
+                    return text;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    text.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+                    match e.error_len() {
+                        // Incomplete at the end: keep it for the next token.
+                        None => {
+                            self.pending.drain(..valid);
+                            return text;
+                        }
+                        Some(bad) => {
+                            text.push('\u{FFFD}');
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rest, at the end of generation.
+    pub(crate) fn finish(&mut self) -> String {
+        let rest = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        rest
+    }
 }
 
 /// Finds stop sequences in streamed text. Text that could be the start of
@@ -193,58 +262,52 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::gguf_file::Value;
-    use std::collections::HashMap;
 
-    /// A model that always puts its mass on the next token of a script.
+    /// A model that samples the next token of a script.
     struct Scripted {
         script: Vec<u32>,
-        vocab: usize,
         calls: usize,
     }
 
     impl NextToken for Scripted {
-        fn logits(&mut self, _tokens: &[u32], _pos: usize) -> Result<Vec<f32>, String> {
-            let mut l = vec![0.0; self.vocab];
+        fn begin(&mut self, _job: &Job) -> Result<usize, String> {
+            Ok(0)
+        }
+
+        fn next(&mut self, _tokens: &[u32]) -> Result<u32, String> {
             let next = self.script.get(self.calls).copied().unwrap_or(0);
-            l[next as usize] = 100.0;
             self.calls += 1;
-            Ok(l)
+            Ok(next)
         }
     }
 
     /// tokens: 0 `<s>`, 1 `</s>`, 2 `▁hello`, 3 `▁world`, 4 `<0xC3>`, 5 `<0xA9>`.
-    fn tokenizer() -> Tokenizer {
-        let tokens = ["<s>", "</s>", "▁hello", "▁world", "<0xC3>", "<0xA9>"];
-        let md: HashMap<String, Value> = [
-            ("tokenizer.ggml.model", Value::String("llama".into())),
-            (
-                "tokenizer.ggml.tokens",
-                Value::Array(
-                    tokens
-                        .iter()
-                        .map(|t| Value::String(t.to_string()))
-                        .collect(),
-                ),
-            ),
-            (
-                "tokenizer.ggml.token_type",
-                Value::Array([3, 3, 1, 1, 6, 6].into_iter().map(Value::I32).collect()),
-            ),
-            ("tokenizer.ggml.bos_token_id", Value::U32(0)),
-            ("tokenizer.ggml.eos_token_id", Value::U32(1)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        Tokenizer::from_gguf(&md).unwrap()
+    struct Vocab;
+
+    impl TokenText for Vocab {
+        fn is_end_of_generation(&self, id: u32) -> bool {
+            id == 1
+        }
+
+        fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
+            match id {
+                2 => out.extend_from_slice(b" hello"),
+                3 => out.extend_from_slice(b" world"),
+                4 => out.push(0xC3),
+                5 => out.push(0xA9),
+                _ => {}
+            }
+        }
+
+        fn strips_leading_space(&self) -> bool {
+            true
+        }
     }
 
     fn run(script: &[u32], max_tokens: u32, stops: &[&str]) -> Vec<Generated> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let mut model = Scripted {
             script: script.to_vec(),
-            vocab: 6,
             calls: 0,
         };
         let job = Job {
@@ -256,7 +319,7 @@ mod tests {
             seed: 1,
             stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
         };
-        let last = generate(&mut model, &tokenizer(), job, &tx, &AtomicU64::new(0));
+        let last = generate(&mut model, &Vocab, job, &tx, &Counters::default());
         tx.blocking_send(last.unwrap()).unwrap();
         drop(tx);
         let mut out = Vec::new();
@@ -324,10 +387,9 @@ mod tests {
         drop(rx);
         let mut model = Scripted {
             script: vec![2; 100],
-            vocab: 6,
             calls: 0,
         };
-        let count = AtomicU64::new(0);
+        let count = Counters::default();
         let job = Job {
             prompt: vec![0],
             max_tokens: 100,
@@ -337,9 +399,9 @@ mod tests {
             seed: 1,
             stop_sequences: Vec::new(),
         };
-        assert_eq!(generate(&mut model, &tokenizer(), job, &tx, &count), None);
+        assert_eq!(generate(&mut model, &Vocab, job, &tx, &count), None);
         assert_eq!(model.calls, 0);
-        assert_eq!(count.load(Ordering::Relaxed), 0);
+        assert_eq!(count.generated.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -1,23 +1,29 @@
-//! The `embedded` provider: a local GGUF model run inside the gateway with
-//! candle (pure Rust, CPU), behind the same [`Provider`] trait as the HTTP
+//! The `embedded` provider: a local GGUF model run inside the gateway by
+//! llama.cpp (CPU), behind the same [`Provider`] trait as the HTTP
 //! providers.
 //!
 //! What it owns:
-//! - **Sessions.** `max_sessions` generations run at once, each with its own
-//!   KV cache. A request waits for a free session up to `queue_wait_ms` in a
-//!   fair (FIFO) queue, then fails with class `busy`. The provider never
-//!   loops or sleeps on a busy model: whether and when to try again is the
-//!   registry's retry policy (`busy` is in the default `retry_on`), like any
-//!   other transient failure.
-//! - **Generation off the runtime.** Each generation runs on a blocking
-//!   thread; its forward passes run on the provider's own rayon pool of
-//!   `threads` threads (candle's quantized matrix kernels use candle's one
-//!   process-wide pool, sized by `CANDLE_NUM_THREADS`, else the physical
-//!   cores), so inference never blocks the async runtime. Text streams
-//!   through a bounded channel token by token; when the caller goes away the
-//!   channel closes and generation stops before the next token.
+//! - **Sessions.** `max_sessions` generations run at once, each on its own
+//!   thread with its own llama.cpp context and KV cache. A request waits
+//!   for a free session up to `queue_wait_ms` in a fair (FIFO) queue, then
+//!   fails with class `busy`. The provider never loops or sleeps on a busy
+//!   model: whether and when to try again is the registry's retry policy
+//!   (`busy` is in the default `retry_on`), like any other transient
+//!   failure.
+//! - **Generation off the runtime.** Each session's thread runs its
+//!   forward passes on `threads` threads of llama.cpp's own, so inference
+//!   never blocks the async runtime. Text streams through a bounded channel
+//!   token by token; when the caller goes away the channel closes and
+//!   generation stops before the next token.
 //! - **The prompt** comes from the file's own chat template
-//!   ([`template`]), tokenized by the file's own vocabulary (`tokenizer`).
+//!   ([`template`]), tokenized by llama.cpp with the file's own vocabulary
+//!   and pre-tokenizer.
+//! - **A prefix cache.** A free session is chosen by the longest common
+//!   prefix of the tokens its KV cache holds with the new prompt, and only
+//!   the rest of the prompt is prefilled: the next turn of a conversation
+//!   runs only its new tokens. It takes no memory beyond the sessions' own
+//!   KV caches (`max_sessions` x `context_length` tokens, logged at start-up);
+//!   `prefix_cache = false` turns it off.
 //!
 //! Tools are not supported: a request that forces a tool call, or carries
 //! tool calls or results, is refused as `invalid-request`; tools offered
@@ -27,7 +33,6 @@ mod generate;
 mod model;
 pub mod template;
 pub mod tiny;
-mod tokenizer;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,10 +43,9 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, stream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use self::generate::{Generated, Job, NextToken};
-use self::model::Weights;
+use self::generate::{Counters, Generated, Job};
+use self::model::{Model, Session};
 use self::template::{ChatTemplate, Turn};
-use self::tokenizer::Tokenizer;
 use super::{EventStream, LocalModelInfo, Provider};
 use crate::chat::{ChatRequest, ChatResponse, Content, Role, StreamEvent, ToolChoice};
 use crate::config::{ConfigError, EmbeddedConfig};
@@ -63,15 +67,77 @@ pub const DEFAULT_QUEUE_WAIT_MS: u64 = 5_000;
 /// Text pieces a generation may run ahead of its reader.
 pub const CHANNEL_CAPACITY: usize = 16;
 
-/// What the sessions share: the vocabulary, the template, the idle
-/// sessions' models and the inference threads.
+/// What the sessions share: the model, the template and the idle
+/// sessions.
 struct Engine {
-    tokenizer: Tokenizer,
+    model: Arc<Model>,
     template: ChatTemplate,
-    idle: Mutex<Vec<Weights>>,
-    threads: rayon::ThreadPool,
+    idle: Arc<Mutex<Vec<Worker>>>,
     context_length: usize,
-    generated: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+/// A session's thread, as the provider holds it while it is idle: where
+/// to send its next job, and the tokens its cache holds. Dropping the last
+/// handle ends the thread.
+struct Worker {
+    jobs: std::sync::mpsc::Sender<Work>,
+    cached: Vec<u32>,
+}
+
+/// One generation handed to a session's thread, with the session's permit
+/// and handle, both given back when it ends.
+struct Work {
+    job: Job,
+    tx: generate::Sender,
+    permit: OwnedSemaphorePermit,
+    worker: Worker,
+}
+
+/// A session's thread: makes its context, says whether that worked, then
+/// runs the jobs it is sent until the provider is gone.
+fn run_worker(
+    model: &Model,
+    threads: usize,
+    prefix_cache: bool,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    jobs: std::sync::mpsc::Receiver<Work>,
+    idle: std::sync::Weak<Mutex<Vec<Worker>>>,
+    counters: &Counters,
+) {
+    let mut session = match Session::new(model, threads, prefix_cache) {
+        Ok(s) => {
+            let _ = ready.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    drop(ready);
+    while let Ok(work) = jobs.recv() {
+        let Work {
+            job,
+            tx,
+            permit,
+            mut worker,
+        } = work;
+        let last = generate::generate(&mut session, model, job, &tx, counters);
+        worker.cached.clear();
+        worker.cached.extend_from_slice(session.cached());
+        // Free the session before the caller can see the end, so that a
+        // caller's next request never finds its own session still busy.
+        if let Some(idle) = idle.upgrade() {
+            idle.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(worker);
+        }
+        drop(permit);
+        if let Some(last) = last {
+            let _ = tx.blocking_send(last);
+        }
+    }
 }
 
 /// A model running inside the gateway.
@@ -111,42 +177,85 @@ impl EmbeddedProvider {
             ))
         };
         let max_sessions = c.max_sessions.unwrap_or(1).max(1) as usize;
-        let loaded = model::load(path, c.context_length, max_sessions).map_err(fail)?;
+        let loaded = model::load(path, c.context_length).map_err(fail)?;
+        let template = ChatTemplate::new(
+            loaded.chat_template.clone(),
+            &loaded.bos_text,
+            &loaded.eos_text,
+        )
+        .map_err(fail)?;
         let threads = c.threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         });
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("embedded-{i}"))
-            .build()
-            .map_err(|e| ConfigError(format!("provider `{name}`: cannot start threads: {e}")))?;
-        let model = c.model.clone().unwrap_or_else(|| {
+        let prefix_cache = c.prefix_cache.unwrap_or(true);
+        let model_name = c.model.clone().unwrap_or_else(|| {
             path.file_stem()
                 .map_or_else(|| "embedded".into(), |s| s.to_string_lossy().into_owned())
         });
+        let info = loaded.info.clone();
+        let kv_cache_mib = model::kv_cache_bytes(&loaded) / (1 << 20);
+        let vocabulary = loaded.vocab_size();
+        let from_file = template.is_from_file();
+        let loaded = Arc::new(loaded);
+        let idle = Arc::new(Mutex::new(Vec::with_capacity(max_sessions)));
+        let counters = Arc::new(Counters::default());
+        for i in 0..max_sessions {
+            let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (model, weak, count) = (loaded.clone(), Arc::downgrade(&idle), counters.clone());
+            std::thread::Builder::new()
+                .name(format!("embedded-{i}"))
+                .spawn(move || {
+                    run_worker(
+                        &model,
+                        threads,
+                        prefix_cache,
+                        ready_tx,
+                        jobs_rx,
+                        weak,
+                        &count,
+                    );
+                })
+                .map_err(|e| {
+                    ConfigError(format!(
+                        "provider `{name}`: cannot start a session thread: {e}"
+                    ))
+                })?;
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(fail(e)),
+                Err(_) => return Err(fail("its session thread ended while starting".into())),
+            }
+            idle.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(Worker {
+                    jobs: jobs_tx,
+                    cached: Vec::new(),
+                });
+        }
         tracing::info!(
             provider = name,
-            model = %model,
-            parameters = loaded.info.parameter_count,
-            context_length = loaded.info.context_length,
-            vocabulary = loaded.tokenizer.vocab_size(),
-            chat_template = if loaded.template.is_from_file() { "file" } else { "fallback" },
+            model = %model_name,
+            parameters = info.parameter_count,
+            context_length = info.context_length,
+            vocabulary,
+            chat_template = if from_file { "file" } else { "fallback" },
             max_sessions,
             threads,
-            kernel_threads = candle_core::utils::get_num_threads(),
+            kv_cache_mib_per_session = kv_cache_mib,
+            prefix_cache,
             "loaded the embedded model"
         );
         Ok(Self {
-            model,
+            model: model_name,
             engine: Arc::new(Engine {
-                tokenizer: loaded.tokenizer,
-                template: loaded.template,
-                idle: Mutex::new(loaded.sessions),
-                threads: pool,
-                context_length: loaded.info.context_length as usize,
-                generated: AtomicU64::new(0),
+                model: loaded,
+                template,
+                idle,
+                context_length: info.context_length as usize,
+                counters,
             }),
-            info: loaded.info,
+            info,
             sessions: Arc::new(Semaphore::new(max_sessions)),
             max_sessions,
             queue_wait: Duration::from_millis(c.queue_wait_ms.unwrap_or(DEFAULT_QUEUE_WAIT_MS)),
@@ -160,7 +269,13 @@ impl EmbeddedProvider {
 
     /// Tokens generated since start-up, over all requests.
     pub fn generated_tokens(&self) -> u64 {
-        self.engine.generated.load(Ordering::Relaxed)
+        self.engine.counters.generated.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens run through the model since start-up: those the
+    /// prefix cache did not already hold.
+    pub fn prefilled_tokens(&self) -> u64 {
+        self.engine.counters.prefilled.load(Ordering::Relaxed)
     }
 
     /// Sessions generating right now.
@@ -207,7 +322,7 @@ impl EmbeddedProvider {
             .template
             .render(&turns)
             .map_err(|e| invalid(&e))?;
-        let prompt = self.engine.tokenizer.encode(&prompt_text);
+        let prompt = self.engine.model.encode(&prompt_text);
         let context = self.engine.context_length;
         if prompt.len() >= context {
             return Err(ProviderError::new(
@@ -235,8 +350,10 @@ impl EmbeddedProvider {
         })
     }
 
-    /// Waits for a free session, in arrival order, up to `queue_wait`.
-    async fn session(&self) -> Result<Session, ProviderError> {
+    /// Waits for a free session, in arrival order, up to `queue_wait`;
+    /// of the free sessions, takes the one whose cache holds the longest
+    /// start of `prompt`.
+    async fn session(&self, prompt: &[u32]) -> Result<Reserved, ProviderError> {
         let busy = || {
             ProviderError::new(
                 ErrorClass::Busy,
@@ -259,46 +376,51 @@ impl EmbeddedProvider {
                 }
             }
         };
-        let weights = self
-            .engine
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop()
-            .ok_or_else(|| {
-                ProviderError::new(ErrorClass::ServerError, "no idle model for a free session")
-            })?;
-        Ok(Session {
-            weights: Some(weights),
+        let worker = {
+            let mut idle = self
+                .engine
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let best = idle
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, w)| model::common_prefix(&w.cached, prompt))
+                .map(|(i, _)| i);
+            best.map(|i| idle.swap_remove(i))
+        }
+        .ok_or_else(|| {
+            ProviderError::new(ErrorClass::ServerError, "no idle session for a free permit")
+        })?;
+        Ok(Reserved {
+            worker: Some(worker),
             engine: self.engine.clone(),
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 
-    /// Starts `job` on a blocking thread; its output arrives on the
-    /// returned channel.
+    /// Starts `job` on the reserved session's thread; its output arrives
+    /// on the returned channel.
     fn start(
         &self,
-        mut session: Session,
+        mut reserved: Reserved,
         job: Job,
     ) -> mpsc::Receiver<Result<Generated, ProviderError>> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        tokio::task::spawn_blocking(move || {
-            let engine = session.engine.clone();
-            let last = session.weights.as_mut().and_then(|weights| {
-                let mut model = OnThreads {
-                    weights,
-                    threads: &engine.threads,
-                };
-                generate::generate(&mut model, &engine.tokenizer, job, &tx, &engine.generated)
-            });
-            // Free the session before the caller can see the end, so that a
-            // caller's next request never finds its own session still busy.
-            drop(session);
-            if let Some(last) = last {
-                let _ = tx.blocking_send(last);
+        if let (Some(worker), Some(permit)) = (reserved.worker.take(), reserved.permit.take()) {
+            let jobs = worker.jobs.clone();
+            let work = Work {
+                job,
+                tx,
+                permit,
+                worker,
+            };
+            if let Err(std::sync::mpsc::SendError(work)) = jobs.send(work) {
+                // The thread is gone (it cannot be, while its handle lives):
+                // the receiver sees the channel close, an error.
+                let _ = work.tx.try_send(Err(ended_early()));
             }
-        });
+        }
         rx
     }
 
@@ -307,38 +429,24 @@ impl EmbeddedProvider {
     }
 }
 
-/// A session's model while it generates; back to the idle pool on drop,
-/// then its permit frees the session.
-struct Session {
-    weights: Option<Weights>,
+/// A free session taken for one request, before its job starts; back to
+/// the idle sessions on drop (a request that never started), then its
+/// permit frees the session.
+struct Reserved {
+    worker: Option<Worker>,
     engine: Arc<Engine>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Drop for Session {
+impl Drop for Reserved {
     fn drop(&mut self) {
-        if let Some(w) = self.weights.take() {
+        if let Some(w) = self.worker.take() {
             self.engine
                 .idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(w);
         }
-    }
-}
-
-/// Forward passes on the provider's inference threads.
-struct OnThreads<'a> {
-    weights: &'a mut Weights,
-    threads: &'a rayon::ThreadPool,
-}
-
-impl NextToken for OnThreads<'_> {
-    fn logits(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
-        let weights = &mut *self.weights;
-        self.threads
-            .install(|| weights.forward(tokens, pos))
-            .map_err(|e| e.to_string())
     }
 }
 
@@ -372,7 +480,7 @@ impl Provider for EmbeddedProvider {
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
         async move {
             let job = self.job(req)?;
-            let session = self.session().await?;
+            let session = self.session(&job.prompt).await?;
             let id = self.next_id();
             let mut rx = self.start(session, job);
             let mut text = String::new();
@@ -405,7 +513,7 @@ impl Provider for EmbeddedProvider {
     ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
         async move {
             let job = self.job(req)?;
-            let session = self.session().await?;
+            let session = self.session(&job.prompt).await?;
             let id = self.next_id();
             let rx = self.start(session, job);
             let start = StreamEvent::Start {

@@ -1,143 +1,258 @@
-//! The model file: checks that it is GGUF, reads its metadata, tokenizer
-//! and chat template, and loads its weights with candle (`llama` and
-//! `qwen2` architectures, any quantization candle reads).
+//! The model file, run by llama.cpp (through the `llama-cpp-2` bindings):
+//! checks that it is GGUF, loads it, and reads its vocabulary and chat
+//! template. Any architecture llama.cpp runs is accepted (llama, qwen2,
+//! gemma, phi, ...); the tokenizer is llama.cpp's own for the file, so its
+//! pre-tokenizer (`smollm`, `llama3`, `qwen2`, ...) is the one the model was
+//! trained with.
 //!
-//! Each session owns one [`Weights`] (its KV cache lives inside). A llama
-//! model's copies share their weights (candle tensors are reference
-//! counted); candle's qwen2 model cannot be cloned, so each of its sessions
-//! loads the file again: memory grows with `max_sessions` for qwen2.
+//! Each session is a [`Session`]: one llama.cpp context, with its own KV
+//! cache, that lives on one thread for its whole life (llama.cpp contexts
+//! must not move between threads). All sessions share the one model in
+//! memory.
+//!
+//! **Prefix cache.** A session keeps the tokens whose keys and values its
+//! cache holds. A new prompt that starts with some of them (the next turn
+//! of a conversation resends the earlier turns) keeps that part of the cache
+//! and prefills only the rest. Memory is bounded because nothing is ever
+//! allocated for it: it is each session's own KV cache, allocated once at
+//! start-up, `context_length` tokens long (see [`kv_cache_bytes`]).
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{LogOptions, send_logs_to_tracing};
 
-use super::template::ChatTemplate;
-use super::tokenizer::Tokenizer;
+use super::generate::{Job, NextToken, TokenText};
 use crate::providers::LocalModelInfo;
 
 /// The context length used when the configuration sets none, below the
-/// model's own when that is longer: the KV cache of every session grows to
-/// it.
+/// model's own when that is longer: the KV cache of every session is this
+/// long.
 pub const DEFAULT_CONTEXT_LENGTH: u32 = 4096;
 
-/// One session's model: weights plus its own KV cache.
-pub(crate) enum Weights {
-    Llama(quantized_llama::ModelWeights),
-    Qwen2(quantized_qwen2::ModelWeights),
+/// Prompt tokens per forward pass while prefilling.
+const PREFILL_BATCH: usize = 512;
+
+/// llama.cpp's process-wide state, started once. Its log goes to
+/// `tracing` (target `llama-cpp-2`), so a file llama.cpp refuses says why
+/// in the gateway's log.
+fn backend() -> Result<&'static LlamaBackend, String> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            send_logs_to_tracing(LogOptions::default());
+            LlamaBackend::init().map_err(|e| format!("cannot start llama.cpp: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
-impl Weights {
-    /// Runs `tokens` at positions `pos..`; returns the next token's logits.
-    /// Position 0 starts a new sequence (the cache is replaced).
-    pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = match self {
-            Self::Llama(m) => m.forward(&input, pos)?,
-            Self::Qwen2(m) => m.forward(&input, pos)?,
-        };
-        logits
-            .squeeze(0)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()
+/// A loaded model file: weights, vocabulary and metadata, shared by every
+/// session.
+pub(crate) struct Model {
+    model: LlamaModel,
+    /// What `ListProviders` shows.
+    pub info: LocalModelInfo,
+    /// The file's chat template, if it has one.
+    pub chat_template: Option<String>,
+    /// The text of the beginning-of-sequence token ("" when none).
+    pub bos_text: String,
+    /// The text of the end-of-sequence token ("" when none).
+    pub eos_text: String,
+    /// Keys and values per token of one session's cache, in bytes.
+    kv_bytes_per_token: u64,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("info", &self.info).finish()
     }
 }
 
-/// Everything read from the file.
-pub(crate) struct LoadedModel {
-    pub info: LocalModelInfo,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
-    /// One per session.
-    pub sessions: Vec<Weights>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Architecture {
-    Llama,
-    Qwen2,
-}
-
-fn open(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), String> {
-    let file = File::open(path).map_err(|e| format!("cannot open the model file: {e}"))?;
-    let mut reader = BufReader::new(file);
-    let mut magic = [0u8; 4];
-    reader
-        .read_exact(&mut magic)
+/// Reads the file's header and metadata before llama.cpp does, for what
+/// llama.cpp would abort the process on rather than refuse: a vocabulary
+/// with the same token text twice. Every length is checked against the
+/// file's size, so a damaged file cannot make it allocate much.
+fn check_gguf(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open the model file: {e}"))?;
+    let size = file
+        .metadata()
+        .map_err(|e| format!("cannot read the model file: {e}"))?
+        .len();
+    let mut r = std::io::BufReader::new(file);
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head)
         .map_err(|_| "not a GGUF file (too short)".to_string())?;
-    if &magic != b"GGUF" {
+    if &head[..4] != b"GGUF" {
         return Err("not a GGUF file (no GGUF magic at its start)".into());
     }
-    use std::io::Seek;
-    reader
-        .rewind()
-        .map_err(|e| format!("cannot read the model file: {e}"))?;
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| format!("not a readable GGUF file: {e}"))?;
-    Ok((content, reader))
-}
-
-fn load_weights(
-    arch: Architecture,
-    content: gguf_file::Content,
-    reader: &mut BufReader<File>,
-) -> Result<Weights, String> {
-    let device = Device::Cpu;
-    match arch {
-        Architecture::Llama => {
-            quantized_llama::ModelWeights::from_gguf(content, reader, &device).map(Weights::Llama)
-        }
-        Architecture::Qwen2 => {
-            quantized_qwen2::ModelWeights::from_gguf(content, reader, &device).map(Weights::Qwen2)
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if !(2..=3).contains(&version) {
+        return Err(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        ));
+    }
+    let mut meta = Meta { r, size };
+    let _tensors = meta.u64()?;
+    let entries = meta.u64()?;
+    for _ in 0..entries {
+        let key = meta.string()?;
+        let kind = meta.u32()?;
+        if key == "tokenizer.ggml.tokens" && kind == GGUF_ARRAY {
+            let (elem, count) = (meta.u32()?, meta.u64()?);
+            if elem != GGUF_STRING {
+                return Err("its `tokenizer.ggml.tokens` is not an array of strings".into());
+            }
+            let mut seen = std::collections::HashMap::new();
+            for id in 0..count {
+                let text = meta.string()?;
+                if let Some(first) = seen.insert(text.clone(), id) {
+                    return Err(format!(
+                        "its vocabulary has token {text:?} twice (ids {first} and {id})"
+                    ));
+                }
+            }
+        } else {
+            meta.skip_value(kind, 0)?;
         }
     }
-    .map_err(|e| format!("cannot load its weights: {e}"))
+    Ok(())
 }
 
-fn md_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
-    match md.get(key)? {
-        Value::U32(v) => Some(*v),
-        Value::I32(v) => u32::try_from(*v).ok(),
-        Value::U64(v) => u32::try_from(*v).ok(),
-        Value::I64(v) => u32::try_from(*v).ok(),
-        _ => None,
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+
+/// A reader of GGUF metadata that never trusts a length past the file.
+struct Meta {
+    r: std::io::BufReader<std::fs::File>,
+    size: u64,
+}
+
+impl Meta {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        use std::io::Read;
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| "its metadata is cut short".to_string())?;
+        Ok(b)
     }
-}
 
-/// Loads the model at `path` for `sessions` sessions. The error says what
-/// is wrong with the file; the caller names the path and the key.
-pub(crate) fn load(
-    path: &Path,
-    context_length: Option<u32>,
-    sessions: usize,
-) -> Result<LoadedModel, String> {
-    let (content, mut reader) = open(path)?;
-    let md = &content.metadata;
-    let arch_name = match md.get("general.architecture") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err("its metadata has no `general.architecture`".into()),
-    };
-    let arch = match arch_name.as_str() {
-        "llama" => Architecture::Llama,
-        "qwen2" => Architecture::Qwen2,
-        other => {
+    fn u32(&mut self) -> Result<u32, String> {
+        self.bytes::<4>().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        self.bytes::<8>().map(u64::from_le_bytes)
+    }
+
+    fn len(&mut self) -> Result<u64, String> {
+        let n = self.u64()?;
+        if n > self.size {
             return Err(format!(
-                "architecture `{other}` is not supported (llama, qwen2)"
+                "its metadata gives a length of {n}, more than the file's {} bytes",
+                self.size
             ));
         }
-    };
-    // candle's llama precomputes rotary tables for 4096 positions; qwen2's
-    // for the file's own context length.
-    let trained = md_u32(md, &format!("{arch_name}.context_length"));
-    let supported = match arch {
-        Architecture::Llama => trained
-            .unwrap_or(4096)
-            .min(quantized_llama::MAX_SEQ_LEN as u32),
-        Architecture::Qwen2 => trained.unwrap_or(DEFAULT_CONTEXT_LENGTH),
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        use std::io::Read;
+        let n = self.len()?;
+        let mut b = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        (&mut self.r)
+            .take(n)
+            .read_to_end(&mut b)
+            .map_err(|_| "its metadata is cut short".to_string())?;
+        if b.len() as u64 != n {
+            return Err("its metadata is cut short".into());
+        }
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), String> {
+        use std::io::Read;
+        let copied = std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())
+            .map_err(|_| "its metadata is cut short".to_string())?;
+        if copied != n {
+            return Err("its metadata is cut short".into());
+        }
+        Ok(())
+    }
+
+    fn skip_value(&mut self, kind: u32, depth: u32) -> Result<(), String> {
+        if depth > 4 {
+            return Err("its metadata nests arrays more than 4 deep".into());
+        }
+        match kind {
+            // u8, i8, bool
+            0 | 1 | 7 => self.skip(1),
+            // u16, i16
+            2 | 3 => self.skip(2),
+            // u32, i32, f32
+            4..=6 => self.skip(4),
+            // u64, i64, f64
+            10..=12 => self.skip(8),
+            GGUF_STRING => {
+                let n = self.len()?;
+                self.skip(n)
+            }
+            GGUF_ARRAY => {
+                let (elem, count) = (self.u32()?, self.len()?);
+                match elem {
+                    GGUF_STRING | GGUF_ARRAY => {
+                        for _ in 0..count {
+                            self.skip_value(elem, depth + 1)?;
+                        }
+                        Ok(())
+                    }
+                    0 | 1 | 7 => self.skip(count),
+                    2 | 3 => self.skip(count.saturating_mul(2)),
+                    4..=6 => self.skip(count.saturating_mul(4)),
+                    10..=12 => self.skip(count.saturating_mul(8)),
+                    other => Err(format!("its metadata has an array of unknown type {other}")),
+                }
+            }
+            other => Err(format!("its metadata has a value of unknown type {other}")),
+        }
+    }
+}
+
+fn token_text(model: &LlamaModel, token: LlamaToken) -> String {
+    if token.0 < 0 {
+        return String::new();
+    }
+    model
+        .vocab()
+        .text(token)
+        .map_or_else(String::new, |t| t.to_string_lossy().into_owned())
+}
+
+/// Loads the model at `path`. The error says what is wrong with the file;
+/// the caller names the path and the key.
+pub(crate) fn load(path: &Path, context_length: Option<u32>) -> Result<Model, String> {
+    check_gguf(path)?;
+    let backend = backend()?;
+    let model =
+        LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).map_err(|e| {
+            format!("llama.cpp cannot load it ({e}; its reason is in the log, target llama-cpp-2)")
+        })?;
+    let trained = model.n_ctx_train();
+    let supported = if trained == 0 {
+        DEFAULT_CONTEXT_LENGTH
+    } else {
+        trained
     };
     let context_length = match context_length {
         Some(n) if n > supported => {
@@ -145,49 +260,301 @@ pub(crate) fn load(
                 "context_length {n} is more than this model supports ({supported})"
             ));
         }
+        Some(0) => return Err("context_length must be at least 1".into()),
         Some(n) => n,
         None => supported.min(DEFAULT_CONTEXT_LENGTH),
     };
-    let tokenizer =
-        Tokenizer::from_gguf(md).map_err(|e| format!("its tokenizer cannot be used: {e}"))?;
-    let template_source = match md.get("tokenizer.chat_template") {
-        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
-        _ => None,
-    };
-    let template = ChatTemplate::new(template_source, tokenizer.bos_text(), tokenizer.eos_text())?;
-    let parameter_count: u64 = content
-        .tensor_infos
-        .values()
-        .map(|t| t.shape.elem_count() as u64)
-        .sum();
+    let chat_template = model
+        .meta_val_str("tokenizer.chat_template")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let vocab = model.vocab();
+    let bos_text = token_text(&model, vocab.bos());
+    let eos_text = token_text(&model, vocab.eos());
+    let layers = u64::from(model.n_layer());
+    let heads = u64::from(model.n_head().max(1));
+    let kv_heads = u64::from(model.n_head_kv());
+    let width = u64::try_from(model.n_embd()).unwrap_or(0);
+    // K and V, f16, for every layer: width / heads * kv_heads values each.
+    let kv_bytes_per_token = 2 * 2 * layers * (width / heads * kv_heads);
     let info = LocalModelInfo {
         file_name: path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-        parameter_count,
+        parameter_count: model.n_params(),
         context_length,
     };
-    let first = load_weights(arch, content, &mut reader)?;
-    let mut weights = Vec::with_capacity(sessions);
-    match first {
-        Weights::Llama(m) => {
-            for _ in 1..sessions {
-                weights.push(Weights::Llama(m.clone()));
-            }
-            weights.push(Weights::Llama(m));
-        }
-        Weights::Qwen2(m) => {
-            weights.push(Weights::Qwen2(m));
-            for _ in 1..sessions {
-                let (content, mut reader) = open(path)?;
-                weights.push(load_weights(arch, content, &mut reader)?);
-            }
-        }
-    }
-    Ok(LoadedModel {
+    Ok(Model {
+        model,
         info,
-        tokenizer,
-        template,
-        sessions: weights,
+        chat_template,
+        bos_text,
+        eos_text,
+        kv_bytes_per_token,
     })
+}
+
+/// The memory one session's KV cache takes: `context_length` tokens times
+/// 2 (K and V) times 2 bytes (f16) times layers times the key/value width.
+pub(crate) fn kv_cache_bytes(model: &Model) -> u64 {
+    model.kv_bytes_per_token * u64::from(model.info.context_length)
+}
+
+impl Model {
+    /// The number of tokens in the vocabulary.
+    pub(crate) fn vocab_size(&self) -> usize {
+        usize::try_from(self.model.vocab().n_tokens()).unwrap_or(0)
+    }
+
+    /// Tokenizes a rendered prompt. Special tokens written in it
+    /// (`<|im_start|>`, `<s>`, ...) are those tokens; a beginning-of-
+    /// sequence token is added when the vocabulary asks for one and the
+    /// template did not write it.
+    pub(crate) fn encode(&self, text: &str) -> Vec<u32> {
+        let vocab = self.model.vocab();
+        let add_bos = vocab.should_add_bos()
+            && (self.bos_text.is_empty() || !text.starts_with(&self.bos_text));
+        vocab
+            .tokenize(text.as_bytes(), add_bos, true)
+            .into_iter()
+            .filter_map(|t| u32::try_from(t.0).ok())
+            .collect()
+    }
+}
+
+fn token(id: u32) -> LlamaToken {
+    LlamaToken(i32::try_from(id).unwrap_or(i32::MAX))
+}
+
+impl TokenText for Model {
+    fn is_end_of_generation(&self, id: u32) -> bool {
+        self.model.vocab().is_eog(token(id))
+    }
+
+    fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
+        self.model
+            .vocab()
+            .token_to_piece_into(token(id), out, false, None);
+    }
+
+    fn strips_leading_space(&self) -> bool {
+        // SentencePiece vocabularies write a word's space before it
+        // ("▁Hello"); the first word of an answer has none.
+        matches!(
+            self.model.vocab().vocab_type(),
+            llama_cpp_2::vocab::VocabType::SPM
+        )
+    }
+}
+
+/// One session: a llama.cpp context over the shared model, with its KV
+/// cache and the tokens that cache holds. It stays on the thread that made
+/// it.
+pub(crate) struct Session<'m> {
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    /// The tokens whose keys and values the cache holds, in order.
+    cached: Vec<u32>,
+    sampler: LlamaSampler,
+    prefix_cache: bool,
+    vocab_size: usize,
+}
+
+impl<'m> Session<'m> {
+    /// A new context of `model.info.context_length` tokens running its
+    /// forward passes on `threads` threads.
+    pub(crate) fn new(
+        model: &'m Model,
+        threads: usize,
+        prefix_cache: bool,
+    ) -> Result<Self, String> {
+        let backend = backend()?;
+        let threads = i32::try_from(threads.max(1)).unwrap_or(i32::MAX);
+        let n_ctx = model.info.context_length;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(PREFILL_BATCH as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let ctx = model
+            .model
+            .new_context(backend, params)
+            .map_err(|e| format!("llama.cpp cannot make a context of {n_ctx} tokens: {e}"))?;
+        Ok(Self {
+            ctx,
+            batch: LlamaBatch::new(PREFILL_BATCH, 1),
+            cached: Vec::new(),
+            sampler: LlamaSampler::greedy(),
+            prefix_cache,
+            vocab_size: model.vocab_size(),
+        })
+    }
+
+    /// The tokens the cache holds.
+    pub(crate) fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+}
+
+/// How many leading tokens `a` and `b` share.
+pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl NextToken for Session<'_> {
+    fn begin(&mut self, job: &Job) -> Result<usize, String> {
+        // At least the prompt's last token is run again: its logits give
+        // the first answer token.
+        let keep = if self.prefix_cache {
+            common_prefix(&self.cached, &job.prompt).min(job.prompt.len().saturating_sub(1))
+        } else {
+            0
+        };
+        if keep < self.cached.len() {
+            let from = u32::try_from(keep).map_err(|e| e.to_string())?;
+            let removed = self
+                .ctx
+                .clear_kv_cache_seq(Some(0), Some(from), None)
+                .map_err(|e| e.to_string())?;
+            if !removed {
+                self.ctx.clear_kv_cache();
+                self.cached.clear();
+            } else {
+                self.cached.truncate(keep);
+            }
+        }
+        let keep = self.cached.len();
+        self.sampler = if job.temperature <= 1e-7 {
+            LlamaSampler::greedy()
+        } else {
+            let mut chain = Vec::with_capacity(3);
+            if job.top_p < 1.0 {
+                chain.push(LlamaSampler::top_p(job.top_p as f32, 1));
+            }
+            chain.push(LlamaSampler::temp(job.temperature as f32));
+            // llama.cpp's seeds are 32 bits; fold the 64.
+            chain.push(LlamaSampler::dist((job.seed ^ (job.seed >> 32)) as u32));
+            LlamaSampler::chain_simple(chain)
+        };
+        Ok(keep)
+    }
+
+    fn next(&mut self, tokens: &[u32]) -> Result<u32, String> {
+        let next = self.run(tokens);
+        if next.is_err() {
+            // A failed pass leaves the cache in an unknown state.
+            self.ctx.clear_kv_cache();
+            self.cached.clear();
+        }
+        next
+    }
+}
+
+impl Session<'_> {
+    fn run(&mut self, tokens: &[u32]) -> Result<u32, String> {
+        if tokens.is_empty() {
+            return Err("nothing to run".into());
+        }
+        let chunks = tokens.chunks(PREFILL_BATCH);
+        let last_chunk = chunks.len() - 1;
+        for (c, chunk) in chunks.enumerate() {
+            self.batch.clear();
+            for (i, &t) in chunk.iter().enumerate() {
+                let pos = i32::try_from(self.cached.len() + i).map_err(|e| e.to_string())?;
+                let logits = c == last_chunk && i + 1 == chunk.len();
+                self.batch
+                    .add(token(t), pos, &[0], logits)
+                    .map_err(|e| e.to_string())?;
+            }
+            self.ctx
+                .decode(&mut self.batch)
+                .map_err(|e| format!("llama.cpp could not run the model: {e}"))?;
+            self.cached.extend_from_slice(chunk);
+        }
+        let next = self.sampler.sample(&self.ctx, self.batch.n_tokens() - 1);
+        u32::try_from(next.0)
+            .ok()
+            .filter(|&t| (t as usize) < self.vocab_size)
+            .ok_or_else(|| format!("llama.cpp sampled token {} outside the vocabulary", next.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_counts_the_shared_start() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[5], &[1]), 0);
+    }
+
+    /// SmolLM2's tokens for sentences with digits, spaces and punctuation,
+    /// as llama.cpp gives them (llama-cpp-python 0.3.36 on the same file,
+    /// `Llama.tokenize(text, add_bos=False, special=False)`; printed by
+    /// `server/benches/llama_cpp_reference.py tokens <file>`). The `smollm`
+    /// pre-tokenizer splits every digit on its own and keeps a space before
+    /// a digit as its own token.
+    const REFERENCE: &[(&str, &[u32])] = &[
+        (
+            "Hello world! 123 4567 numbers, and  spaces.",
+            &[
+                19556, 905, 17, 216, 33, 34, 35, 216, 36, 37, 38, 39, 2966, 28, 284, 216, 5600, 30,
+            ],
+        ),
+        (
+            "The year 2024 had 366 days; \u{3c0}\u{2248}3.14159!",
+            &[
+                504, 713, 216, 34, 32, 34, 36, 761, 216, 35, 38, 38, 2009, 43, 25143, 40533, 226,
+                35, 30, 33, 36, 33, 37, 41, 17,
+            ],
+        ),
+        (
+            "  leading spaces\ttabs\nnewlines",
+            &[216, 2899, 5600, 197, 100, 7366, 198, 2241, 5110],
+        ),
+        (
+            "Don't split contractions: we'll, they're, I'm.",
+            &[
+                8084, 982, 7074, 28342, 42, 392, 3060, 28, 502, 2316, 28, 339, 5248, 30,
+            ],
+        ),
+        (
+            "Numbers 1234567890 and 12,345.67 $99",
+            &[
+                39006, 216, 33, 34, 35, 36, 37, 38, 39, 40, 41, 32, 284, 216, 33, 34, 28, 35, 36,
+                37, 30, 38, 39, 1885, 41, 41,
+            ],
+        ),
+        (
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n",
+            &[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198],
+        ),
+    ];
+
+    #[test]
+    fn smollm2_tokens_match_llama_cpp() {
+        let Some(path) = std::env::var_os("PG_SMOLLM2_GGUF") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set PG_SMOLLM2_GGUF (bash .ci/fetch-smollm2 prints the path)"
+            );
+            eprintln!("skipped: PG_SMOLLM2_GGUF is not set");
+            return;
+        };
+        let model = load(Path::new(&path), None).unwrap();
+        assert_eq!(model.vocab_size(), 49152);
+        for (text, ids) in REFERENCE {
+            assert_eq!(model.encode(text), *ids, "{text:?}");
+        }
+        // Special tokens decode to nothing (they are not text), words to
+        // their bytes.
+        let mut out = Vec::new();
+        model.token_bytes(7042, &mut out);
+        assert_eq!(out, b" Paris");
+        assert!(model.is_end_of_generation(2));
+        assert!(!model.strips_leading_space());
+    }
 }
