@@ -74,8 +74,13 @@ pub struct MemberSummary {
     pub host: String,
     /// The key's environment variable (never the key).
     pub key_env: String,
-    /// `ready`, `cooling` or `dead`.
+    /// `ready`, `cooling` (after a 429 or an overload), `paced` (its
+    /// answers said its requests or tokens are spent) or `dead` (its key
+    /// was refused).
     pub state: &'static str,
+    /// For a cooling or paced member: how long until it may take a
+    /// request again (measured on the registry's clock when listed).
+    pub ready_in: Option<Duration>,
     /// Its latency estimate.
     pub ewma_latency_ms: f64,
 }
@@ -232,24 +237,26 @@ impl Pool {
         (s.ewma_ms + 1.0) * f64::from(s.in_flight + 1) * (1.0 + s.failures)
     }
 
-    /// Every member, for `ListProviders`.
+    /// Every member, for `ListProviders`. A member is `paced` when its
+    /// requests, or its tokens, are spent (whatever a request's size);
+    /// `ready_in` is when it is allowed again (for a member both cooling
+    /// and paced, the later of the two).
     pub(crate) fn summaries(&self, now: Instant) -> Vec<MemberSummary> {
-        self.members
-            .iter()
-            .map(|m| {
+        (0..self.members.len())
+            .map(|i| {
+                let ready_at = self.ready_at(i, now, 0);
+                let m = &self.members[i];
                 let s = lock(m);
                 MemberSummary {
                     host: m.host.clone(),
                     key_env: m.key_env.clone().unwrap_or_default(),
-                    state: if s.dead {
-                        "dead"
-                    } else if s.cooling_until.is_some_and(|t| now < t) {
-                        "cooling"
-                    } else if matches!(s.requests, Some((0, reset)) if now < reset) {
-                        "paced"
-                    } else {
-                        "ready"
+                    state: match ready_at {
+                        None => "dead",
+                        Some(None) => "ready",
+                        Some(Some(_)) if s.cooling_until.is_some_and(|t| now < t) => "cooling",
+                        Some(Some(_)) => "paced",
                     },
+                    ready_in: ready_at.flatten().map(|t| t.saturating_duration_since(now)),
                     ewma_latency_ms: s.ewma_ms,
                 }
             })
