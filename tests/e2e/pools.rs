@@ -354,3 +354,121 @@ async fn a_paced_or_cooling_member_is_listed_with_when_it_is_ready_again() {
     );
     assert_eq!(members[2].until_unix_ms, 0, "a ready member has no until");
 }
+
+fn server_error() -> Reply {
+    Reply::json(
+        500,
+        json!({"type": "error", "error": {"type": "api_error", "message": "scripted 500"}}),
+    )
+}
+
+/// Two endpoints of one provider, with a breaker that opens on the
+/// second fault it counts (or the first, `consecutive`).
+fn breaker_pool(a: &Upstream, b: &Upstream, consecutive: u32, balance: &str) -> String {
+    format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"{balance}\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n\
+         [providers.p.retry]\nmax_attempts = 2\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n\
+         [providers.p.breaker]\nconsecutive_failures = {consecutive}\ncooldown_ms = 60000\n",
+        a.url(),
+        b.url()
+    )
+}
+
+/// The breaker opens only when no member can serve: while one member
+/// serves, the other's faults never open it.
+#[tokio::test]
+async fn a_serving_member_keeps_the_breaker_closed() {
+    let failing = Upstream::start(vec![server_error(); 10]).await;
+    let serving = Upstream::start(vec![anthropic_ok("served"); 10]).await;
+    // `ordered`: every call tries the failing endpoint first; a breaker
+    // that counted one of its faults would open.
+    let gw = Gateway::start(&breaker_pool(&failing, &serving, 1, "ordered"), ENV).await;
+    for _ in 0..10 {
+        let answer = complete(&gw, &[], None).await.unwrap();
+        assert_eq!((answer.text.as_str(), answer.attempts), ("served", 2));
+    }
+    assert_eq!((failing.request_count(), serving.request_count()), (10, 10));
+}
+
+/// When every member fails, the pool's breaker opens (a fault counts once
+/// every other member is failing too), and calls are then refused at once
+/// without an upstream request.
+#[tokio::test]
+async fn a_pool_whose_every_member_fails_opens_its_breaker() {
+    let a = Upstream::start(vec![server_error(); 4]).await;
+    let b = Upstream::start(vec![server_error(); 4]).await;
+    let gw = Gateway::start(&breaker_pool(&a, &b, 2, "p2c"), ENV).await;
+    // The first fault is excused (the other member may serve), the
+    // second counts (both are failing), and so does the third: open.
+    for _ in 0..2 {
+        let status = complete(&gw, &[], None).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    let sent = a.request_count() + b.request_count();
+    assert_eq!(
+        sent, 3,
+        "the breaker should have refused the fourth attempt"
+    );
+    let status = complete(&gw, &[], None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("circuit breaker is open"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        a.request_count() + b.request_count(),
+        sent,
+        "a request went upstream past an open breaker"
+    );
+}
+
+/// A hop's retries go to members it has not tried yet: with three
+/// endpoints of which two fail, the third serves the third attempt (it
+/// does not bounce between the two failing ones).
+#[tokio::test]
+async fn retries_go_to_members_not_yet_tried() {
+    let a = Upstream::start(vec![server_error(); 2]).await;
+    let b = Upstream::start(vec![server_error(); 2]).await;
+    let c = Upstream::start(vec![anthropic_ok("c serves")]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n\
+         [providers.p.retry]\nmax_attempts = 3\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n",
+        a.url(),
+        b.url(),
+        c.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert_eq!((answer.text.as_str(), answer.attempts), ("c serves", 3));
+    assert_eq!(
+        (a.request_count(), b.request_count(), c.request_count()),
+        (1, 1, 1)
+    );
+}
+
+/// A member's long Retry-After (here on a 500) is its own: the retry goes
+/// to another member after the usual backoff, instead of the hop giving
+/// up on a wait it may not make.
+#[tokio::test]
+async fn a_members_long_retry_after_does_not_stop_the_pool() {
+    let a = Upstream::start(vec![server_error().header("retry-after", "86400")]).await;
+    let b = Upstream::start(vec![anthropic_ok("b serves")]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n\
+         [providers.p.retry]\nmax_attempts = 2\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let started = Instant::now();
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "it waited");
+    assert_eq!((answer.text.as_str(), answer.attempts), ("b serves", 2));
+}
