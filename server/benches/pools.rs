@@ -2,10 +2,24 @@
 //!
 //! The upstream (Anthropic-shaped, on 127.0.0.1) answers every second
 //! request made with key `k0` with a 429 and `retry-after-ms: 20`; the
-//! other keys are never throttled. 1,000 sequential Complete calls go
-//! through a gateway whose provider is a pool of four keys (`k0`..`k3`),
-//! then through one whose provider has the throttled key alone. Printed:
-//! the 429s the upstream sent and each call's latency (p50, p99, mean).
+//! other keys are never throttled. 1,000 Complete calls go through a
+//! gateway whose provider is a pool of four keys (`k0`..`k3`), then
+//! through one whose provider has the throttled key alone: first one call
+//! at a time, then 16 in flight (a fresh pair of gateways for each). One
+//! row per run: the 429s the upstream sent, the calls that failed, and
+//! the latency of the calls that were served (p50, p99, mean: a failed
+//! call is counted, not timed, as the key alone fails fast once its retry
+//! budget is spent). Then one `pools:` line per
+//! concurrency, `key=value` pairs in this order:
+//!
+//! `pools: in_flight=N calls=N pool_429s=N single_429s=N pool_failed=N
+//! single_failed=N p50_ms_pool=X p99_ms_pool=X p50_ms_single=X
+//! p99_ms_single=X added_p50_ms_single_over_pool=X
+//! added_p99_ms_single_over_pool=X mean_ms_pool=X mean_ms_single=X
+//! added_ms_single_over_pool=X`
+//!
+//! where `added_*` is the latency the throttled key alone adds over the
+//! pool, at that percentile (or mean).
 //!
 //! cargo bench -p provider-gateway-server --bench pools
 
@@ -18,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use provider_gateway_client::{CallOptions, GatewayClient, request};
@@ -106,41 +120,101 @@ async fn gateway(toml: String) -> String {
     format!("http://{addr}")
 }
 
-/// `CALLS` calls; their latencies, sorted, and how many failed.
-async fn run(url: &str) -> (Vec<Duration>, usize) {
-    let mut client = loop {
+/// `CALLS` calls, `in_flight` at a time; the latencies of those served,
+/// sorted, and how many failed.
+async fn run(url: &str, in_flight: usize) -> (Vec<Duration>, usize) {
+    let client = loop {
         match GatewayClient::connect(url.to_string()).await {
             Ok(c) => break c,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let options = CallOptions::new();
-    let mut took = Vec::with_capacity(CALLS);
-    let mut failed = 0;
-    for _ in 0..CALLS {
-        let started = Instant::now();
-        if client
-            .complete(request::user("hi"), &options)
-            .await
-            .is_err()
-        {
-            failed += 1;
-        }
-        took.push(started.elapsed());
+    let left = Arc::new(AtomicUsize::new(CALLS));
+    let workers: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (mut client, left) = (client.clone(), left.clone());
+            tokio::spawn(async move {
+                let options = CallOptions::new();
+                let (mut took, mut failed) = (Vec::new(), 0);
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let started = Instant::now();
+                    match client.complete(request::user("hi"), &options).await {
+                        Ok(_) => took.push(started.elapsed()),
+                        Err(_) => failed += 1,
+                    }
+                }
+                (took, failed)
+            })
+        })
+        .collect();
+    let (mut took, mut failed) = (Vec::with_capacity(CALLS), 0);
+    for worker in workers {
+        let (t, f) = worker.await.unwrap();
+        took.extend(t);
+        failed += f;
     }
     took.sort();
     (took, failed)
 }
 
-fn row(label: &str, took: &[Duration], failed: usize, limited: u64) {
-    let at = |p: f64| took[((took.len() as f64 * p) as usize).min(took.len() - 1)];
-    let mean = took.iter().sum::<Duration>() / took.len() as u32;
-    println!(
-        "{label:<26} 429s seen {limited:>5}  failed {failed:>4}  p50 {:>7.3} ms  p99 {:>7.3} ms  mean {:>7.3} ms",
-        at(0.50).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
-        mean.as_secs_f64() * 1e3
-    );
+/// One run's figures.
+struct Run {
+    took: Vec<Duration>,
+    failed: usize,
+    limited: u64,
+}
+
+impl Run {
+    /// The latency at `p` (0..1), in milliseconds.
+    fn at(&self, p: f64) -> f64 {
+        let t = &self.took;
+        t[((t.len() as f64 * p) as usize).min(t.len() - 1)].as_secs_f64() * 1e3
+    }
+
+    fn mean(&self) -> f64 {
+        self.took.iter().sum::<Duration>().as_secs_f64() / self.took.len() as f64 * 1e3
+    }
+
+    fn row(&self, label: &str, in_flight: usize) {
+        println!(
+            "{label:<26} in flight {in_flight:>2}  429s seen {:>5}  failed {:>4}  p50 {:>7.3} ms  p99 {:>7.3} ms  mean {:>7.3} ms",
+            self.limited,
+            self.failed,
+            self.at(0.50),
+            self.at(0.99),
+            self.mean()
+        );
+    }
+}
+
+/// The pool, then the throttled key alone, `in_flight` calls at a time,
+/// each on a fresh gateway.
+async fn compare(base: &str, limited: &AtomicU64, in_flight: usize) -> (Run, Run) {
+    let provider = |keys: &str| {
+        format!(
+            "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\nbase_url = \"{base}\"\napi_key_env = {keys}\n\
+             [providers.p.retry]\nmax_attempts = 4\ninitial_backoff_ms = 1\nmax_backoff_ms = 5\n"
+        )
+    };
+    let mut runs = Vec::new();
+    for keys in ["[\"K0\", \"K1\", \"K2\", \"K3\"]", "\"K0\""] {
+        let url = gateway(provider(keys)).await;
+        limited.store(0, Ordering::Relaxed);
+        let (took, failed) = run(&url, in_flight).await;
+        runs.push(Run {
+            took,
+            failed,
+            limited: limited.load(Ordering::Relaxed),
+        });
+    }
+    let single = runs.pop().unwrap();
+    let pool = runs.pop().unwrap();
+    pool.row("pool of 4 keys (p2c)", in_flight);
+    single.row("the throttled key alone", in_flight);
+    (pool, single)
 }
 
 fn main() {
@@ -150,28 +224,35 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let provider = |keys: &str, base: &str| {
-            format!(
-                "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\nbase_url = \"{base}\"\napi_key_env = {keys}\n\
-                 [providers.p.retry]\nmax_attempts = 4\ninitial_backoff_ms = 1\nmax_backoff_ms = 5\n"
-            )
-        };
-        println!("provider-gateway pools: {CALLS} sequential calls, key k0 answers every second request 429 (retry-after-ms: 20)");
-        let (base, limited) = upstream().await;
-        let pooled = gateway(provider("[\"K0\", \"K1\", \"K2\", \"K3\"]", &base)).await;
-        let (took, failed) = run(&pooled).await;
-        let pool_429 = limited.swap(0, Ordering::Relaxed);
-        row("pool of 4 keys (p2c)", &took, failed, pool_429);
-        let single = gateway(provider("\"K0\"", &base)).await;
-        let (took_single, failed_single) = run(&single).await;
-        let single_429 = limited.load(Ordering::Relaxed);
-        row("the throttled key alone", &took_single, failed_single, single_429);
-        let mean = |t: &[Duration]| t.iter().sum::<Duration>().as_secs_f64() / t.len() as f64 * 1e3;
         println!(
-            "pools: calls={CALLS} pool_429s={pool_429} single_429s={single_429} mean_ms_pool={:.3} mean_ms_single={:.3} added_ms_single_over_pool={:.3}",
-            mean(&took),
-            mean(&took_single),
-            mean(&took_single) - mean(&took)
+            "provider-gateway pools: {CALLS} calls, 1 then 16 in flight, key k0 answers every second request 429 (retry-after-ms: 20)"
         );
+        let (base, limited) = upstream().await;
+        let mut lines = Vec::new();
+        for in_flight in [1, 16] {
+            let (pool, single) = compare(&base, &limited, in_flight).await;
+            lines.push(format!(
+                "pools: in_flight={in_flight} calls={CALLS} pool_429s={} single_429s={} pool_failed={} single_failed={} \
+                 p50_ms_pool={:.3} p99_ms_pool={:.3} p50_ms_single={:.3} p99_ms_single={:.3} \
+                 added_p50_ms_single_over_pool={:.3} added_p99_ms_single_over_pool={:.3} \
+                 mean_ms_pool={:.3} mean_ms_single={:.3} added_ms_single_over_pool={:.3}",
+                pool.limited,
+                single.limited,
+                pool.failed,
+                single.failed,
+                pool.at(0.50),
+                pool.at(0.99),
+                single.at(0.50),
+                single.at(0.99),
+                single.at(0.50) - pool.at(0.50),
+                single.at(0.99) - pool.at(0.99),
+                pool.mean(),
+                single.mean(),
+                single.mean() - pool.mean()
+            ));
+        }
+        for line in lines {
+            println!("{line}");
+        }
     });
 }

@@ -288,6 +288,14 @@ impl GatewayService {
         _request: Request<pb::ListProvidersRequest>,
     ) -> Result<Response<pb::ListProvidersResponse>, Status> {
         let _admission = self.gate.admit(CallKind::Request)?;
+        let wall = std::time::SystemTime::now();
+        // A member's wait, as the wall-clock time it ends.
+        let until_unix_ms = |ready_in: Option<Duration>| {
+            ready_in
+                .and_then(|d| wall.checked_add(d))
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        };
         let providers = self
             .registry
             .summaries()
@@ -309,6 +317,7 @@ impl GatewayService {
                         key_env: m.key_env,
                         state: m.state.to_string(),
                         ewma_latency_ms: m.ewma_latency_ms,
+                        until_unix_ms: until_unix_ms(m.ready_in),
                     })
                     .collect(),
             })

@@ -2,9 +2,9 @@
 //! provider name. A 429 cools only its member and the retry goes to
 //! another at once; a refused key dies and is never called again; P2C
 //! prefers the faster endpoint; `ListProviders` shows the members without
-//! a secret.
+//! a secret, and when a cooling or paced member is ready again.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use provider_gateway_client::{RawClient, v1};
 use serde_json::json;
@@ -15,7 +15,8 @@ use crate::support::{Gateway, Reply, Upstream};
 
 const KEY_A: &str = "sk-pool-key-aaaaaaaa";
 const KEY_B: &str = "sk-pool-key-bbbbbbbb";
-const ENV: &[(&str, &str)] = &[("KEY_A", KEY_A), ("KEY_B", KEY_B)];
+const KEY_C: &str = "sk-pool-key-cccccccc";
+const ENV: &[(&str, &str)] = &[("KEY_A", KEY_A), ("KEY_B", KEY_B), ("KEY_C", KEY_C)];
 
 fn keys_seen(upstream: &Upstream) -> Vec<String> {
     upstream
@@ -210,6 +211,15 @@ async fn rate_limit_headers_pace_the_members() {
         .map(|m| m.state.as_str())
         .collect();
     assert_eq!(states, ["paced", "paced"]);
+    // A reset in 2099 paces a member for at most 10 minutes.
+    let (now, ten_minutes) = (unix_ms_now(), 600_000);
+    for m in &listed.providers[0].members {
+        assert!(
+            (now + ten_minutes - 60_000..=now + ten_minutes).contains(&m.until_unix_ms),
+            "paced until {} ({now} now)",
+            m.until_unix_ms
+        );
+    }
 }
 
 /// `hedge_after_ms = "p95"`: no hedge until 50 answers were seen; then an
@@ -252,4 +262,213 @@ async fn p95_hedging_starts_once_the_provider_has_been_observed() {
     assert!(took < Duration::from_millis(1_500), "not hedged: {took:?}");
     assert_eq!((answer.text.as_str(), answer.attempts), ("the hedge", 2));
     assert_eq!(b.request_count(), 1, "the hedge went to the other member");
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `secs` since the Unix epoch as an RFC 3339 UTC time (days to a civil
+/// date as in Howard Hinnant's `civil_from_days`).
+fn rfc3339(secs: u64) -> String {
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3_600,
+        rest % 3_600 / 60,
+        rest % 60
+    )
+}
+
+/// `ListProviders` tells when a member is ready again: a paced member
+/// (its answer said its requests are spent) until its limit's reset, a
+/// cooling one (a 429) until its Retry-After ends; a ready member shows 0.
+#[tokio::test]
+async fn a_paced_or_cooling_member_is_listed_with_when_it_is_ready_again() {
+    let before = unix_ms_now();
+    // Whole seconds: the reset is sent without a fraction.
+    let reset_ms = (before / 1_000 + 120) * 1_000;
+    let upstream = Upstream::start(vec![
+        anthropic_ok("a, now spent")
+            .header("anthropic-ratelimit-requests-remaining", "0")
+            .header(
+                "anthropic-ratelimit-requests-reset",
+                &rfc3339(reset_ms / 1_000),
+            ),
+        Reply::json(
+            429,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}),
+        )
+        .header("retry-after", "30"),
+        anthropic_ok("c"),
+    ])
+    .await;
+    // `ordered`: a, then b (a is paced), then c (b cools).
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
+         api_key_env = [\"KEY_A\", \"KEY_B\", \"KEY_C\"]\nbalance = \"ordered\"\n",
+        upstream.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    assert_eq!(complete(&gw, &[], None).await.unwrap().text, "a, now spent");
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert_eq!((answer.text.as_str(), answer.attempts), ("c", 2));
+    assert_eq!(keys_seen(&upstream), [KEY_A, KEY_B, KEY_C]);
+    let mut raw = RawClient::connect(gw.url()).await.unwrap();
+    let listed = raw
+        .list_providers(v1::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let after = unix_ms_now();
+    let members = &listed.providers[0].members;
+    let states: Vec<(&str, &str)> = members
+        .iter()
+        .map(|m| (m.key_env.as_str(), m.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [("KEY_A", "paced"), ("KEY_B", "cooling"), ("KEY_C", "ready")]
+    );
+    let paced_until = members[0].until_unix_ms;
+    assert!(
+        paced_until.abs_diff(reset_ms) < 2_000,
+        "paced until {paced_until}, the reset is {reset_ms}"
+    );
+    let cooling_until = members[1].until_unix_ms;
+    assert!(
+        (before + 30_000..=after + 30_000).contains(&cooling_until),
+        "cooling until {cooling_until}, want 30 s after {before}..{after}"
+    );
+    assert_eq!(members[2].until_unix_ms, 0, "a ready member has no until");
+}
+
+fn server_error() -> Reply {
+    Reply::json(
+        500,
+        json!({"type": "error", "error": {"type": "api_error", "message": "scripted 500"}}),
+    )
+}
+
+/// Two endpoints of one provider, with a breaker that opens on the
+/// second fault it counts (or the first, `consecutive`).
+fn breaker_pool(a: &Upstream, b: &Upstream, consecutive: u32, balance: &str) -> String {
+    format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"{balance}\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n\
+         [providers.p.retry]\nmax_attempts = 2\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n\
+         [providers.p.breaker]\nconsecutive_failures = {consecutive}\ncooldown_ms = 60000\n",
+        a.url(),
+        b.url()
+    )
+}
+
+/// The breaker opens only when no member can serve: while one member
+/// serves, the other's faults never open it.
+#[tokio::test]
+async fn a_serving_member_keeps_the_breaker_closed() {
+    let failing = Upstream::start(vec![server_error(); 10]).await;
+    let serving = Upstream::start(vec![anthropic_ok("served"); 10]).await;
+    // `ordered`: every call tries the failing endpoint first; a breaker
+    // that counted one of its faults would open.
+    let gw = Gateway::start(&breaker_pool(&failing, &serving, 1, "ordered"), ENV).await;
+    for _ in 0..10 {
+        let answer = complete(&gw, &[], None).await.unwrap();
+        assert_eq!((answer.text.as_str(), answer.attempts), ("served", 2));
+    }
+    assert_eq!((failing.request_count(), serving.request_count()), (10, 10));
+}
+
+/// When every member fails, the pool's breaker opens (a fault counts once
+/// every other member is failing too), and calls are then refused at once
+/// without an upstream request.
+#[tokio::test]
+async fn a_pool_whose_every_member_fails_opens_its_breaker() {
+    let a = Upstream::start(vec![server_error(); 4]).await;
+    let b = Upstream::start(vec![server_error(); 4]).await;
+    let gw = Gateway::start(&breaker_pool(&a, &b, 2, "p2c"), ENV).await;
+    // The first fault is excused (the other member may serve), the
+    // second counts (both are failing), and so does the third: open.
+    for _ in 0..2 {
+        let status = complete(&gw, &[], None).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    let sent = a.request_count() + b.request_count();
+    assert_eq!(
+        sent, 3,
+        "the breaker should have refused the fourth attempt"
+    );
+    let status = complete(&gw, &[], None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("circuit breaker is open"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        a.request_count() + b.request_count(),
+        sent,
+        "a request went upstream past an open breaker"
+    );
+}
+
+/// A hop's retries go to members it has not tried yet: with three
+/// endpoints of which two fail, the third serves the third attempt (it
+/// does not bounce between the two failing ones).
+#[tokio::test]
+async fn retries_go_to_members_not_yet_tried() {
+    let a = Upstream::start(vec![server_error(); 2]).await;
+    let b = Upstream::start(vec![server_error(); 2]).await;
+    let c = Upstream::start(vec![anthropic_ok("c serves")]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n\
+         [providers.p.retry]\nmax_attempts = 3\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n",
+        a.url(),
+        b.url(),
+        c.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert_eq!((answer.text.as_str(), answer.attempts), ("c serves", 3));
+    assert_eq!(
+        (a.request_count(), b.request_count(), c.request_count()),
+        (1, 1, 1)
+    );
+}
+
+/// A member's long Retry-After (here on a 500) is its own: the retry goes
+/// to another member after the usual backoff, instead of the hop giving
+/// up on a wait it may not make.
+#[tokio::test]
+async fn a_members_long_retry_after_does_not_stop_the_pool() {
+    let a = Upstream::start(vec![server_error().header("retry-after", "86400")]).await;
+    let b = Upstream::start(vec![anthropic_ok("b serves")]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\napi_key_env = \"KEY_A\"\n\
+         balance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\" }}, {{ base_url = \"{}\" }}]\n\
+         [providers.p.retry]\nmax_attempts = 2\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let started = Instant::now();
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "it waited");
+    assert_eq!((answer.text.as_str(), answer.attempts), ("b serves", 2));
 }

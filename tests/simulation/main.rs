@@ -25,8 +25,15 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
     };
     let (mut calls, mut upstream, mut failed) = (0, 0, Vec::new());
     let (mut resumes, mut cross, mut restarts) = (0, 0, 0);
+    let (mut pools, mut healthy_pools, mut healthy_calls, mut served, mut openings) =
+        (0, 0, 0, 0, 0);
     for &seed in &seeds {
         let report = sim::run_scenario(seed);
+        pools += report.pools;
+        healthy_pools += report.healthy_pools;
+        healthy_calls += report.healthy_calls;
+        served += report.healthy_served;
+        openings += report.pool_openings;
         calls += report.calls;
         upstream += report.upstream_calls;
         resumes += report.resumes;
@@ -48,6 +55,9 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
     eprintln!(
         "rescued streams: continued={resumes} (by another provider: {cross}) restarted={restarts}"
     );
+    eprintln!(
+        "pools: {pools} (with a healthy member: {healthy_pools}; their calls that fit the deadline: {healthy_calls}, served: {served}); breaker openings checked: {openings}"
+    );
     assert!(
         calls > seeds.len() as u64 && upstream > calls / 2,
         "the scenarios made too few calls to mean anything"
@@ -56,6 +66,11 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         assert!(
             resumes > 0 && cross > 0 && restarts > 0,
             "the scenarios rescued no stream of some kind: continued={resumes} cross-hop={cross} restarted={restarts}"
+        );
+        // Invariants 9 and 10 must have something to check.
+        assert!(
+            healthy_pools * 10 >= pools && healthy_calls > 0 && openings > 0,
+            "too few pool scenarios to check: pools={pools} healthy={healthy_pools} calls={healthy_calls} openings={openings}"
         );
     }
     assert!(

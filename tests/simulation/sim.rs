@@ -35,7 +35,60 @@
 //! 8. pools: no request goes to a member while it cools down (after a 429
 //!    or an overload, for its Retry-After capped at 30 s, else at least
 //!    1 s), while its answer said its requests are spent, or after its
-//!    key was refused (dead keys stay dead).
+//!    key was refused (dead keys stay dead);
+//! 9. pools: a pool with one healthy member serves every call that fits
+//!    the deadline. A member is *healthy* when the scenario scripts it
+//!    never to fail: every answer whole, its first content within 35 ms
+//!    (at most 20 ms of latency, chunks at most 10 ms apart: inside every
+//!    limit an operator draws, per-try at least 50 ms, idle at least
+//!    20 ms), the whole answer within 150 ms, and never a spent rate
+//!    limit, so it is always allowed. Of the pools drawn, 40 % have one.
+//!    A call *fits the deadline* when all of these hold:
+//!    - it names the pool's provider and its chain has no fallback hop (a
+//!      fallback may legitimately take over from the pool: a silent
+//!      member fails over to the next hop at once);
+//!    - its caller did not cancel it;
+//!    - its own limits let the healthy member answer and be reached: a
+//!      per-try timeout and a first-token timeout (the call's or the
+//!      provider's) of at least 50 ms, and at least as many attempts as
+//!      the pool has members (the gate sends a hop's attempts to members
+//!      it has not tried while one is allowed, so the healthy one is
+//!      reached by then; a caller that retries itself gets one attempt);
+//!    - its deadline, if it has one, is at least
+//!      `(members - 1) * (per_try + max(max_backoff, max_retry_after) +
+//!      300 ms) + 250 ms`: each other member may take a whole attempt (a
+//!      stall runs to the per-try timeout; a stream it committed may run
+//!      up to 300 ms more, its chunks then an idle timeout, before it
+//!      breaks) and then the longest wait the
+//!      gate takes (a backoff, or a Retry-After it agrees to wait for),
+//!      and the healthy member its whole answer. Nothing else may take
+//!      time: the pool never waits for a member (the healthy one is
+//!      always allowed) and the breaker never refuses (10).
+//!
+//!    Such a call must end OK. The only excused failures: (a) the call
+//!    ended with an upstream error its policy does not retry (a class
+//!    never retried, the upstream's `x-should-retry: false`, a class
+//!    outside the operator's `retry_on` or the caller's `x-retry-on`):
+//!    the upstream's verdict on the request, which the gateway does not
+//!    put to another member; (b) the healthy member was never tried and
+//!    the retry budget refused a retry: a limit the operator set, not the
+//!    pool's doing; (c) a stream another member committed (it delivered
+//!    content first, maybe while the healthy member's hedge still ran)
+//!    broke after that content: past its commit point a stream belongs
+//!    to the resume settings (`x-stream-resume`, `max_resumes`, the
+//!    budget), whose continuations may go to any member that is allowed,
+//!    and invariant 5 checks what it delivered. Neither a deadline, nor
+//!    the breaker, nor spent attempts, nor another member's long
+//!    Retry-After excuses one;
+//! 10. pools: the breaker opens only when all members are unavailable.
+//!     Each time a pool's breaker opens (from closed or half-open), every
+//!     member is, at that instant, *unavailable*: cooling, paced or dead,
+//!     as `ListProviders` lists it, or *failing*: its latest settled
+//!     attempt (the one whose fault opened the breaker included) ended in
+//!     an upstream fault and it has not served since (see
+//!     `server/src/registry/pool.rs`). Independently of the pool's own
+//!     account, a pool with a healthy member (9) never opens its breaker:
+//!     that member can always serve, as the scenario's script knows.
 //!
 //! A failing scenario names its seed; `SIM_SEED=<seed>` replays it alone.
 
@@ -55,8 +108,10 @@ use provider_gateway_server::config::{
 };
 use provider_gateway_server::error::{ErrorClass, GatewayError, ProviderError};
 use provider_gateway_server::providers::{EventStream, Provider};
-use provider_gateway_server::registry::{CallOptions, RegisteredProvider};
-use provider_gateway_server::retry::{Clock, RetryLimits, RetryOverride, RetryPolicy};
+use provider_gateway_server::registry::{CallOptions, MemberSummary, RegisteredProvider};
+use provider_gateway_server::retry::{
+    BreakerState, Clock, RetryLimits, RetryOverride, RetryPolicy, Transition, is_retryable,
+};
 use tokio::time::Instant;
 
 /// splitmix64: small, seedable, good enough to draw scenarios.
@@ -99,6 +154,15 @@ impl Rng {
 pub struct Report {
     pub calls: u64,
     pub upstream_calls: u64,
+    /// Providers with a pool, and of them those with a healthy member (9).
+    pub pools: u64,
+    pub healthy_pools: u64,
+    /// Calls that fit the deadline on a pool with a healthy member (9),
+    /// and of them those that ended OK.
+    pub healthy_calls: u64,
+    pub healthy_served: u64,
+    /// Times a pool's breaker opened, each checked (10).
+    pub pool_openings: u64,
     /// Streams continued by another provider than the one that broke.
     pub cross_hop_resumes: u64,
     /// Streams continued (any provider) and started over.
@@ -145,6 +209,8 @@ enum Break {
 #[derive(Debug, Clone)]
 struct Seen {
     call: u64,
+    /// The pool member called (0 for a provider of one).
+    member: usize,
     at: Instant,
 }
 
@@ -190,6 +256,10 @@ impl Watch {
 struct SimProvider {
     /// Pool invariants: no call to a cooling or dead member.
     watch: Arc<Mutex<Watch>>,
+    /// Its index in its pool.
+    member: usize,
+    /// Scripted never to fail nor to report a spent limit (invariant 9).
+    healthy: bool,
     rng: Mutex<Rng>,
     /// The operator's limits, to know which behaviours are faults.
     per_try: Duration,
@@ -249,6 +319,9 @@ impl SimProvider {
     /// Sometimes an answer says its requests, or its tokens, are spent for
     /// a while (the pool must then leave the member alone until then).
     fn maybe_spent(&self) {
+        if self.healthy {
+            return;
+        }
         let (reset, tokens) = {
             let mut rng = match self.rng.lock() {
                 Ok(g) => g,
@@ -278,6 +351,14 @@ impl SimProvider {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
+        if self.healthy {
+            // First content within 35 ms, the whole answer within 150 ms.
+            return Script::Ok {
+                latency: rng.ms(0, HEALTHY_LATENCY_MS),
+                gap: rng.ms(0, HEALTHY_GAP_MS),
+                pings: rng.chance(30),
+            };
+        }
         let latency = if rng.chance(85) {
             rng.ms(0, 40)
         } else {
@@ -347,6 +428,7 @@ impl SimProvider {
         };
         log.seen.push(Seen {
             call,
+            member: self.member,
             at: Instant::now(),
         });
         if let Ok(w) = self.watch.lock() {
@@ -642,7 +724,25 @@ struct SimSetup {
     policy: RetryPolicy,
     resilience: ResilienceConfig,
     log: Arc<Mutex<ProviderLog>>,
+    /// Its pool's size (1: no pool).
+    members: usize,
+    /// The pool's healthy member, when it has one (invariant 9).
+    healthy: Option<usize>,
 }
+
+/// A healthy member's longest latency and gap between chunks: its first
+/// content comes within 35 ms (latency, half a gap to a keep-alive, a
+/// gap), below the least per-try timeout drawn (50 ms), and its gaps stay
+/// below the least idle timeout drawn (20 ms).
+const HEALTHY_LATENCY_MS: u64 = 20;
+const HEALTHY_GAP_MS: u64 = 10;
+/// The least per-try and first-token timeouts of a call that fits (9).
+const HEALTHY_LIMIT: Duration = Duration::from_millis(50);
+/// More than a healthy member's whole answer (at most 150 ms).
+const HEALTHY_ANSWER: Duration = Duration::from_millis(250);
+/// More than a stream another member committed may run before it breaks
+/// (four chunks at most 15 ms apart, then at most a 200 ms idle timeout).
+const COMMITTED_TAIL: Duration = Duration::from_millis(300);
 
 fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Arc<SimProvider>>) {
     let name = format!("p{index}");
@@ -690,13 +790,17 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
     // A pool of one to three members (endpoint and key pairs), each with
     // its own faults, all counted in the provider's log.
     let members = if rng.chance(30) { rng.range(2, 3) } else { 1 };
+    // Invariant 9: often enough, one member of a pool never fails.
+    let healthy = (members > 1 && rng.chance(40)).then(|| rng.range(0, members - 1) as usize);
     let provider = (0..members)
-        .map(|_| {
+        .map(|m| {
             Arc::new(SimProvider {
                 watch: Arc::new(Mutex::new(Watch {
                     pooled: members > 1,
                     ..Watch::default()
                 })),
+                member: m as usize,
+                healthy: healthy == Some(m as usize),
                 rng: Mutex::new(Rng::new(rng.next_u64())),
                 per_try: policy.per_try_timeout,
                 idle: policy.stream_idle_timeout,
@@ -711,6 +815,8 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
             policy,
             resilience,
             log,
+            members: members as usize,
+            healthy,
         },
         provider,
     )
@@ -900,6 +1006,8 @@ pub fn run_scenario(seed: u64) -> Report {
 async fn scenario(seed: u64) -> Report {
     let mut rng = Rng::new(seed);
     let count = rng.range(1, 3) as usize;
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let openings = Arc::new(AtomicU64::new(0));
     let mut setups = Vec::new();
     let mut registered = Vec::new();
     for i in 0..count {
@@ -921,11 +1029,18 @@ async fn scenario(seed: u64) -> Report {
                 (member, provider.clone() as Arc<dyn Provider>)
             })
             .collect();
-        registered.push(
+        let mut entry =
             RegisteredProvider::new(&setup.name, members[0].clone(), setup.policy.clone())
                 .with_resilience(setup.resilience.clone())
-                .with_members(pool, balance),
-        );
+                .with_members(pool, balance);
+        if setup.members > 1 {
+            entry = entry.with_breaker_watch(watch_openings(
+                &setup,
+                violations.clone(),
+                openings.clone(),
+            ));
+        }
+        registered.push(entry);
         setups.push(setup);
     }
     let limits = RetryLimits {
@@ -937,7 +1052,6 @@ async fn scenario(seed: u64) -> Report {
             .with_clock(Arc::new(SimClock))
             .with_jitter_seed(rng.next_u64()),
     );
-    let violations = Arc::new(Mutex::new(Vec::new()));
     let calls = rng.range(1, 8);
     let plans: Vec<CallPlan> = (0..calls)
         .map(|id| draw_call(&mut rng, id, count))
@@ -990,6 +1104,9 @@ async fn scenario(seed: u64) -> Report {
     }
     let mut report = Report {
         calls,
+        pools: setups.iter().filter(|s| s.members > 1).count() as u64,
+        healthy_pools: setups.iter().filter(|s| s.healthy.is_some()).count() as u64,
+        pool_openings: openings.load(Ordering::Relaxed),
         ..Report::default()
     };
     check(&mut report, &registry, &setups, &limits, &ended).await;
@@ -1002,6 +1119,91 @@ async fn scenario(seed: u64) -> Report {
         }
     }
     report
+}
+
+/// Invariant 10: what a pool's breaker watch checks each time it opens.
+fn watch_openings(
+    setup: &SimSetup,
+    violations: Arc<Mutex<Vec<String>>>,
+    openings: Arc<AtomicU64>,
+) -> provider_gateway_server::registry::BreakerWatch {
+    let (name, healthy, size) = (setup.name.clone(), setup.healthy, setup.members);
+    Arc::new(move |t: Transition, members: &[MemberSummary]| {
+        if t.to != BreakerState::Open {
+            return;
+        }
+        openings.fetch_add(1, Ordering::Relaxed);
+        let from = t.from.as_str();
+        if let Some(h) = healthy {
+            push(
+                &violations,
+                format!(
+                    "{name}: the breaker opened ({from} -> open) though member {h} is healthy: {members:?}"
+                ),
+            );
+        }
+        if members.len() != size {
+            push(
+                &violations,
+                format!(
+                    "{name}: the breaker watch saw {} members, the pool has {size}",
+                    members.len()
+                ),
+            );
+        }
+        let serving: Vec<&str> = members
+            .iter()
+            .filter(|m| m.state == "ready" && !m.failing)
+            .map(|m| m.host.as_str())
+            .collect();
+        if !serving.is_empty() {
+            push(
+                &violations,
+                format!(
+                    "{name}: the breaker opened ({from} -> open) while {serving:?} could serve: {members:?}"
+                ),
+            );
+        }
+    })
+}
+
+/// The policy the registry gives `plan` on `setup`'s provider.
+fn call_policy(plan: &CallPlan, setup: &SimSetup, limits: &RetryLimits) -> RetryPolicy {
+    let mut policy = plan.overrides.apply(&setup.policy, limits);
+    if let Some(t) = plan.first_token_timeout {
+        policy.first_token_timeout = Some(t.min(limits.per_try_timeout));
+    }
+    if plan.previous_attempts > 0 && policy.single_attempt_when_client_retries {
+        policy.max_attempts = 1;
+    }
+    policy
+}
+
+/// Invariant 9: whether a call on `setup`'s pool, which has a healthy
+/// member, fits the deadline (see the module doc); its policy if so.
+fn fits_the_deadline(
+    plan: &CallPlan,
+    setup: &SimSetup,
+    limits: &RetryLimits,
+) -> Option<RetryPolicy> {
+    let has_fallback = match &plan.fallback {
+        Some(names) => names.iter().any(|n| *n != plan.provider),
+        None => !setup.resilience.fallback.is_empty(),
+    };
+    let policy = call_policy(plan, setup, limits);
+    let others = setup.members.saturating_sub(1) as u32;
+    let per_other =
+        policy.per_try_timeout + policy.max_backoff.max(policy.max_retry_after) + COMMITTED_TAIL;
+    let least_deadline = per_other * others + HEALTHY_ANSWER;
+    let fits = plan.provider == setup.name
+        && !has_fallback
+        && policy.max_attempts as usize >= setup.members
+        && policy.per_try_timeout >= HEALTHY_LIMIT
+        && policy
+            .first_token_timeout
+            .is_none_or(|t| t >= HEALTHY_LIMIT)
+        && plan.timeout.is_none_or(|t| t >= least_deadline);
+    fits.then_some(policy)
 }
 
 async fn check(
@@ -1186,6 +1388,57 @@ async fn check(
             }
             Ended::Failed(_) => {}
         }
+    }
+    // 9: a pool with a healthy member serves every call that fits.
+    for (plan, outcome, _) in ended {
+        let Some(setup) = setups.iter().find(|s| s.name == plan.provider) else {
+            continue;
+        };
+        // A call its caller cancelled has no outcome.
+        let (Some(healthy), Some(outcome)) = (setup.healthy, outcome) else {
+            continue;
+        };
+        let Some(policy) = fits_the_deadline(plan, setup, limits) else {
+            continue;
+        };
+        report.healthy_calls += 1;
+        let (error, committed) = match outcome {
+            Ended::Completed { .. } | Ended::Streamed { .. } => {
+                report.healthy_served += 1;
+                continue;
+            }
+            Ended::StreamFailed { error, .. } => (error, true),
+            Ended::Failed(error) => (error, false),
+        };
+        let tried_healthy = match setup.log.lock() {
+            Ok(log) => log
+                .seen
+                .iter()
+                .any(|s| s.call == plan.id && s.member == healthy),
+            Err(_) => true,
+        };
+        let (not_retried, budget, committed) = match error {
+            GatewayError::Upstream {
+                error,
+                budget_exhausted,
+                delivered,
+                ..
+            } => (
+                !is_retryable(&policy, error),
+                *budget_exhausted,
+                committed || delivered.is_some(),
+            ),
+            _ => (false, false, committed),
+        };
+        if not_retried || (budget && !tried_healthy) || committed {
+            continue;
+        }
+        v.push(format!(
+            "call {}: {} has a healthy member ({healthy}, {}tried) and the call fits the deadline, yet it failed: {outcome:?}",
+            plan.id,
+            setup.name,
+            if tried_healthy { "" } else { "never " }
+        ));
     }
     report.violations.append(&mut v);
 }

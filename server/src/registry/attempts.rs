@@ -34,7 +34,10 @@
 //!    caller's per-try override or deadline, a lost hedge, a cancelled
 //!    call, a panic are *abandoned*, which is neither a success nor a
 //!    fault. So no caller's settings change the breaker state other
-//!    callers see, and no permit outlives its attempt.
+//!    callers see, and no permit outlives its attempt. In a pool, a
+//!    member's fault counts only when every other member is unavailable
+//!    (cooling, paced, dead, or failing: see `pool.rs`), so the breaker
+//!    opens only when no member can serve.
 //! 6. **Spans.** Each admitted attempt has exactly one `attempt N` span,
 //!    opened when it is admitted (never for a hedge that is not sent).
 
@@ -95,8 +98,12 @@ pub(crate) struct HopCount {
     pub(crate) tries: u32,
     /// Continuations of a committed stream.
     pub(crate) resumes: u32,
-    /// The pool member of the last attempt, which a retry avoids.
+    /// The pool member of the last attempt (of the one that decided a
+    /// hedge race), which a retry avoids.
     pub(crate) last_member: Option<usize>,
+    /// The pool members this hop has tried (a bit per member): a retry
+    /// goes to one it has not tried when one is allowed.
+    pub(crate) tried: u64,
 }
 
 /// What an upstream call is, for the gate's accounting.
@@ -156,6 +163,10 @@ pub(crate) struct Attempt {
     /// The pool member it goes to, when the provider has a pool.
     member: Option<MemberLease>,
     started: std::time::Instant,
+    /// When it was admitted, on the registry's clock: what the pool's
+    /// latency estimate and the p95 hedge delay are measured on, so a
+    /// simulation on paused time replays them exactly.
+    begun: Instant,
 }
 
 /// How an attempt's future ended.
@@ -187,6 +198,11 @@ impl Attempt {
         self.member
             .as_ref()
             .map_or(&hop.entry.provider, MemberLease::provider)
+    }
+
+    /// The index of its pool member, until it is settled or abandoned.
+    fn member_index(&self) -> Option<usize> {
+        self.member.as_ref().map(MemberLease::index)
     }
 
     /// How long it has run.
@@ -283,17 +299,37 @@ impl AttemptGate {
         }
     }
 
-    /// Decides what follows a failed attempt of `hop` (after `tries` of
-    /// its attempts); a granted retry draws from the budget when admitted.
-    pub(crate) fn decide(&self, hop: &Hop, tries: u32, error: &ProviderError) -> Decision {
+    /// Decides what follows a failed attempt of `hop`; a granted retry
+    /// draws from the budget when admitted. In a pool, an upstream's
+    /// Retry-After is its member's own: while another member is allowed
+    /// (where the retry goes), it neither stops the hop nor sets the wait.
+    pub(crate) fn decide(&self, hop: &Hop, count: &HopCount, error: &ProviderError) -> Decision {
+        let now = self.clock.now();
+        let elsewhere = error.retry_after.is_some()
+            && hop
+                .entry
+                .pool
+                .as_ref()
+                .zip(count.last_member)
+                .is_some_and(|(pool, last)| pool.others_allowed(last, now));
+        let members_own;
+        let error = if elsewhere {
+            members_own = ProviderError {
+                retry_after: None,
+                ..error.clone()
+            };
+            &members_own
+        } else {
+            error
+        };
         retry::decide(
             &hop.policy,
-            tries,
+            count.tries,
             error,
             self.remaining(),
             &hop.entry.budget,
             &self.jitter,
-            self.clock.now(),
+            now,
         )
     }
 
@@ -357,14 +393,15 @@ impl AttemptGate {
         let member = match &hop.entry.pool {
             None => None,
             Some(pool) => Some(
-                pool.pick(now, count.last_member, &self.jitter, hop.token_estimate)
-                    .map_err(Refusal::Pool)?,
+                pool.pick(
+                    now,
+                    (count.last_member, count.tried),
+                    &self.jitter,
+                    hop.token_estimate,
+                )
+                .map_err(Refusal::Pool)?,
             ),
         };
-        if let Some(m) = &member {
-            count.last_member = Some(m.index());
-            tracing::debug!(provider = %hop.entry.name, member = m.label(), "attempt to a pool member");
-        }
         let permit = match &hop.entry.breaker {
             None => None,
             Some(breaker) => {
@@ -382,6 +419,13 @@ impl AttemptGate {
                     return Err(Refusal::Budget);
                 }
             }
+        }
+        // Admitted: only now is the member the hop's last (a hedge the
+        // breaker or the budget refused was never sent to it).
+        if let Some(m) = &member {
+            count.last_member = Some(m.index());
+            count.tried = super::pool::mark_tried(count.tried, m.index());
+            tracing::debug!(provider = %hop.entry.name, member = m.label(), "attempt to a pool member");
         }
         match kind {
             AttemptKind::Continuation => count.resumes += 1,
@@ -417,6 +461,7 @@ impl AttemptGate {
             bound,
             permit,
             started: std::time::Instant::now(),
+            begun: now,
         })
     }
 
@@ -432,7 +477,7 @@ impl AttemptGate {
         let now = self.clock.now();
         if let Some(member) = attempt.member.take() {
             match outcome {
-                None => member.succeeded(attempt.started.elapsed()),
+                None => member.succeeded(now.saturating_duration_since(attempt.begun)),
                 Some(error) => member.failed(error, now),
             }
             if let Some(event) = MemberLease::event(outcome) {
@@ -446,12 +491,13 @@ impl AttemptGate {
                 );
             }
             // A member's fault is the provider's only when no other member
-            // can serve: the breaker opens only when the whole pool cannot.
+            // can serve (every other one is cooling, paced, dead or
+            // failing): the breaker opens only when the whole pool cannot.
             if outcome.is_some()
                 && entry
                     .pool
                     .as_ref()
-                    .is_some_and(|pool| pool.others_allowed(member.index(), now))
+                    .is_some_and(|pool| pool.others_can_serve(member.index(), now))
             {
                 attempt.permit.take();
                 return;
@@ -461,6 +507,11 @@ impl AttemptGate {
             let transition = permit.record(outcome, self.clock.now());
             self.breaker_changed(entry, transition);
         }
+    }
+
+    /// How long `attempt` has run, on the registry's clock.
+    pub(crate) fn took(&self, attempt: &Attempt) -> Duration {
+        self.clock.now().saturating_duration_since(attempt.begun)
     }
 
     /// Ends an attempt without a verdict: its permit and pool member are
@@ -498,6 +549,7 @@ impl AttemptGate {
     /// Records a breaker's change of state.
     fn breaker_changed(&self, entry: &RegisteredProvider, transition: Option<Transition>) {
         let Some(t) = transition else { return };
+        entry.breaker_changed(t, self.clock.now());
         tracing::info!(
             provider = %entry.name,
             from = t.from.as_str(),
@@ -608,7 +660,7 @@ impl<'l> CallChain<'l> {
         let (mut obs, result) = run(&mut gate, first, rest, metrics, labels, &call).await;
         match result {
             Ok((hop, mut won, _)) => {
-                hop.entry.first_content_took(won.attempt.took());
+                hop.entry.first_content_took(gate.took(&won.attempt));
                 gate.settle(&hop.entry, &mut won.attempt, None);
                 obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
                 let attempts = gate.attempts();
@@ -664,7 +716,7 @@ impl<'l> CallChain<'l> {
                 return Err(error);
             }
         };
-        hop.entry.first_content_took(won.attempt.took());
+        hop.entry.first_content_took(gate.took(&won.attempt));
         gate.commit(&hop.entry, &mut won.attempt);
         obs.attempt_done(&won.attempt.span, won.attempt.took(), None);
         let (events, head) = won.value;
@@ -774,6 +826,11 @@ async fn run_hop<T: Send + 'static>(
             None => (attempt.run(call(hop, attempt.provider(hop))).await, attempt),
         };
         let took = attempt.took();
+        // After a hedge race, the attempt that decided may be the first:
+        // its member is the one a retry avoids.
+        if let Some(index) = attempt.member_index() {
+            count.last_member = Some(index);
+        }
         let error = match outcome {
             Outcome::Done(value) => {
                 return Ok(Won {
@@ -814,7 +871,7 @@ async fn run_hop<T: Send + 'static>(
                 wait: Duration::ZERO,
             }
         } else {
-            gate.decide(hop, count.tries, &error)
+            gate.decide(hop, &count, &error)
         };
         obs.attempt_done(&attempt.span, took, Some((&error, decision)));
         let attempts = gate.attempts();

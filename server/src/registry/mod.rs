@@ -33,7 +33,7 @@ use crate::observe::ModelLabels;
 use crate::providers::{self, Provider};
 use crate::retry::{
     BreakerState, CircuitBreaker, Clock, Jitter, RetryBudget, RetryLimits, RetryOverride,
-    RetryPolicy, TokioClock,
+    RetryPolicy, TokioClock, Transition,
 };
 use crate::telemetry::GatewayMetrics;
 
@@ -57,7 +57,16 @@ pub struct RegisteredProvider {
     pool: Option<Arc<pool::Pool>>,
     /// Its recent times to first content (for `hedge_after_ms = "p95"`).
     first_content: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+    /// Told of every change of its breaker's state (the simulation's).
+    breaker_watch: Option<BreakerWatch>,
 }
+
+/// Told of every change of a provider's breaker state, with its pool's
+/// members (empty for a provider of one) as they are at that moment: how
+/// the registry's simulation checks that a breaker opens only when no
+/// member can serve. Not an API.
+#[doc(hidden)]
+pub type BreakerWatch = Arc<dyn Fn(Transition, &[MemberSummary]) + Send + Sync>;
 
 impl RegisteredProvider {
     /// A provider with `policy` and a budget built from it.
@@ -79,6 +88,30 @@ impl RegisteredProvider {
             },
             pool: None,
             first_content: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            breaker_watch: None,
+        }
+    }
+
+    /// Calls `watch` on every change of the breaker's state (see
+    /// [`BreakerWatch`]). For the simulation; not an API.
+    #[doc(hidden)]
+    pub fn with_breaker_watch(mut self, watch: BreakerWatch) -> Self {
+        self.breaker_watch = Some(watch);
+        self
+    }
+
+    /// Its pool's members now (empty for a provider of one).
+    pub(crate) fn members(&self, now: tokio::time::Instant) -> Vec<MemberSummary> {
+        self.pool
+            .as_ref()
+            .map(|pool| pool.summaries(now))
+            .unwrap_or_default()
+    }
+
+    /// Tells the watch, if any, of a change of the breaker's state.
+    pub(crate) fn breaker_changed(&self, transition: Transition, now: tokio::time::Instant) {
+        if let Some(watch) = &self.breaker_watch {
+            watch(transition, &self.members(now));
         }
     }
 
@@ -324,11 +357,7 @@ impl Registry {
                 kind: p.provider.kind(),
                 default_model: p.provider.default_model().to_string(),
                 local_model: p.provider.local_model(),
-                members: p
-                    .pool
-                    .as_ref()
-                    .map(|pool| pool.summaries(self.clock.now()))
-                    .unwrap_or_default(),
+                members: p.members(self.clock.now()),
             })
             .collect()
     }

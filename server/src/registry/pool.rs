@@ -14,15 +14,34 @@
 //! - `weighted`: one member drawn by weight alone.
 //! - `ordered`: the first member allowed now.
 //!
-//! A member is not allowed while it cools down or once its key is dead.
-//! A 429 or an overload cools only that member, for the upstream's
-//! Retry-After, else a default that doubles from 1 s up to 30 s (reset by
-//! a success). A 401/403 marks the member's key dead until the gateway
-//! restarts, with one warning naming the key's variable (never the key).
-//! A retry after a member's fault goes to another member when one is
-//! allowed.
+//! A member is not allowed while it cools down, while it is paced, or
+//! once its key is dead. A 429 or an overload cools only that member, for
+//! the upstream's Retry-After, else a default that doubles from 1 s up to
+//! 30 s (reset by a success). A 401/403 marks the member's key dead until
+//! the gateway restarts, with one warning naming the key's variable (never
+//! the key). An answer whose rate-limit headers say its requests, or the
+//! tokens a request needs, are spent paces the member until their reset.
+//! A retry (or a hedge, or a continuation) goes to a member the hop has
+//! not tried yet when one is allowed, else to another than the last one
+//! when one is allowed: a hop with as many attempts as the pool has
+//! members reaches every allowed member.
 //!
-//! Invariants: no attempt goes to a member that is cooling or dead; a
+//! ## When a member can serve (for the breaker)
+//!
+//! A member is *unavailable* when it is not allowed now (cooling, paced,
+//! dead) or when it is *failing*: its latest settled attempt ended in an
+//! upstream fault (a 5xx, a timeout under the operator's limit, a broken
+//! stream, a 429 or an overload) and it has not served since. The
+//! provider's breaker counts a member's fault only when every other member
+//! is unavailable (`Pool::others_can_serve`), so the breaker opens only
+//! when no member can serve. Failing members count as unable to serve
+//! because otherwise a pool whose every member answers 500 would never
+//! open its breaker (each fault would be excused by the others, which are
+//! allowed but just as broken); a member that keeps serving keeps the
+//! breaker closed whatever the others do.
+//!
+//! Invariants: no attempt goes to a member that is cooling, paced or
+//! dead; the breaker opens only when every member is unavailable; a
 //! member's in-flight count is an RAII lease, given back however the
 //! attempt ends.
 
@@ -65,6 +84,8 @@ struct MemberState {
     cooling_until: Option<Instant>,
     next_cooldown: Duration,
     dead: bool,
+    /// Its latest settled attempt was an upstream fault (no success since).
+    failing: bool,
 }
 
 /// What `ListProviders` shows of a member.
@@ -74,8 +95,17 @@ pub struct MemberSummary {
     pub host: String,
     /// The key's environment variable (never the key).
     pub key_env: String,
-    /// `ready`, `cooling` or `dead`.
+    /// `ready`, `cooling` (after a 429 or an overload), `paced` (its
+    /// answers said its requests or tokens are spent) or `dead` (its key
+    /// was refused).
     pub state: &'static str,
+    /// For a cooling or paced member: how long until it may take a
+    /// request again (measured on the registry's clock when listed).
+    pub ready_in: Option<Duration>,
+    /// Its latest settled attempt ended in an upstream fault and it has
+    /// not served since (for the breaker it cannot serve; see the module
+    /// doc). Not shown by `ListProviders`.
+    pub failing: bool,
     /// Its latency estimate.
     pub ewma_latency_ms: f64,
 }
@@ -164,12 +194,22 @@ impl Pool {
         (0..self.members.len()).any(|i| i != except && self.allowed(i, now, 0))
     }
 
-    /// Takes a member for an attempt, avoiding `avoid` (the member that
-    /// just failed) when another is allowed.
+    /// Whether a member other than `except` can serve now: it is allowed
+    /// and not failing (see the module doc). While one can, a fault of
+    /// `except` is not the provider's and the breaker does not count it.
+    pub(crate) fn others_can_serve(&self, except: usize, now: Instant) -> bool {
+        (0..self.members.len())
+            .any(|i| i != except && self.allowed(i, now, 0) && !lock(&self.members[i]).failing)
+    }
+
+    /// Takes a member for an attempt: one not in `tried` (a bit per member
+    /// index, the members the hop already tried) when one is allowed, else
+    /// one other than `avoid` (the member of the hop's last attempt) when
+    /// one is allowed.
     pub(crate) fn pick(
         self: &Arc<Self>,
         now: Instant,
-        avoid: Option<usize>,
+        (avoid, tried): (Option<usize>, u64),
         jitter: &Jitter,
         tokens: u64,
     ) -> Result<MemberLease, Unavailable> {
@@ -183,7 +223,14 @@ impl Pool {
                 .min();
             return Err(wait.map_or(Unavailable::Dead, Unavailable::Cooling));
         }
-        if allowed.len() > 1
+        let untried: Vec<usize> = allowed
+            .iter()
+            .copied()
+            .filter(|&i| !was_tried(tried, i))
+            .collect();
+        if !untried.is_empty() {
+            allowed = untried;
+        } else if allowed.len() > 1
             && let Some(a) = avoid
         {
             allowed.retain(|&i| i != a);
@@ -232,28 +279,46 @@ impl Pool {
         (s.ewma_ms + 1.0) * f64::from(s.in_flight + 1) * (1.0 + s.failures)
     }
 
-    /// Every member, for `ListProviders`.
+    /// Every member, for `ListProviders`. A member is `paced` when its
+    /// requests, or its tokens, are spent (whatever a request's size);
+    /// `ready_in` is when it is allowed again (for a member both cooling
+    /// and paced, the later of the two).
     pub(crate) fn summaries(&self, now: Instant) -> Vec<MemberSummary> {
-        self.members
-            .iter()
-            .map(|m| {
+        (0..self.members.len())
+            .map(|i| {
+                let ready_at = self.ready_at(i, now, 0);
+                let m = &self.members[i];
                 let s = lock(m);
                 MemberSummary {
                     host: m.host.clone(),
                     key_env: m.key_env.clone().unwrap_or_default(),
-                    state: if s.dead {
-                        "dead"
-                    } else if s.cooling_until.is_some_and(|t| now < t) {
-                        "cooling"
-                    } else if matches!(s.requests, Some((0, reset)) if now < reset) {
-                        "paced"
-                    } else {
-                        "ready"
+                    state: match ready_at {
+                        None => "dead",
+                        Some(None) => "ready",
+                        Some(Some(_)) if s.cooling_until.is_some_and(|t| now < t) => "cooling",
+                        Some(Some(_)) => "paced",
                     },
+                    ready_in: ready_at.flatten().map(|t| t.saturating_duration_since(now)),
+                    failing: s.failing,
                     ewma_latency_ms: s.ewma_ms,
                 }
             })
             .collect()
+    }
+}
+
+/// Whether member `index` is in the `tried` set (members past the 64th are
+/// never marked: a retry may go to one again).
+fn was_tried(tried: u64, index: usize) -> bool {
+    index < 64 && tried & (1 << index) != 0
+}
+
+/// `tried` with member `index` added.
+pub(crate) fn mark_tried(tried: u64, index: usize) -> u64 {
+    if index < 64 {
+        tried | (1 << index)
+    } else {
+        tried
     }
 }
 
@@ -320,13 +385,18 @@ impl MemberLease {
         };
         s.failures /= 2.0;
         s.next_cooldown = FIRST_COOLDOWN;
+        s.failing = false;
     }
 
     /// The attempt failed with `error`: a 429 or an overload cools this
-    /// member, a refused key kills it, other upstream faults count.
+    /// member, a refused key kills it, other upstream faults count; every
+    /// upstream fault leaves it failing until it serves again.
     pub(crate) fn failed(&self, error: &ProviderError, now: Instant) {
         let member = self.member();
         let mut s = lock(member);
+        if crate::retry::is_upstream_fault(error.class) {
+            s.failing = true;
+        }
         match error.class {
             ErrorClass::RateLimited | ErrorClass::Overloaded => {
                 let wait = error

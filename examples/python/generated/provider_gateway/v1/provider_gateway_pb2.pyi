@@ -274,16 +274,18 @@ class ProviderInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_model: _Optional[str] = ..., local_model: _Optional[_Union[LocalModel, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PoolMember, _Mapping]]] = ...) -> None: ...
 
 class PoolMember(_message.Message):
-    __slots__ = ("endpoint_host", "key_env", "state", "ewma_latency_ms")
+    __slots__ = ("endpoint_host", "key_env", "state", "ewma_latency_ms", "until_unix_ms")
     ENDPOINT_HOST_FIELD_NUMBER: _ClassVar[int]
     KEY_ENV_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EWMA_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     endpoint_host: str
     key_env: str
     state: str
     ewma_latency_ms: float
-    def __init__(self, endpoint_host: _Optional[str] = ..., key_env: _Optional[str] = ..., state: _Optional[str] = ..., ewma_latency_ms: _Optional[float] = ...) -> None: ...
+    until_unix_ms: int
+    def __init__(self, endpoint_host: _Optional[str] = ..., key_env: _Optional[str] = ..., state: _Optional[str] = ..., ewma_latency_ms: _Optional[float] = ..., until_unix_ms: _Optional[int] = ...) -> None: ...
 
 class LocalModel(_message.Message):
     __slots__ = ("file_name", "parameter_count", "context_length")
