@@ -57,7 +57,9 @@ fn smollm2() -> Option<PathBuf> {
 }
 
 /// The real binary, serving the model as provider `local` with `extra`
-/// keys; returns the process and a client.
+/// keys; returns the process and a client. One inference thread: tests run
+/// side by side, and llama.cpp's threads wait for each other at every
+/// layer, which on a shared 2-core box costs more than it gains.
 async fn start(path: &std::path::Path, test: &str, extra: &str) -> (Child, GatewayClient) {
     let dir = std::env::temp_dir().join(format!("pg-smollm2-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -65,7 +67,7 @@ async fn start(path: &std::path::Path, test: &str, extra: &str) -> (Child, Gatew
     std::fs::write(
         &config,
         format!(
-            "default_provider = \"local\"\n[providers.local]\nkind = \"embedded\"\nmodel_path = \"{}\"\ntemperature = 0.0\nthreads = 2\n{extra}\n",
+            "default_provider = \"local\"\n[providers.local]\nkind = \"embedded\"\nmodel_path = \"{}\"\ntemperature = 0.0\nthreads = 1\n{extra}\n",
             path.display()
         ),
     )
@@ -255,7 +257,7 @@ fn chat(turns: &[(Role, &str)], max_tokens: u32) -> ChatRequest {
 fn provider(path: &std::path::Path, c: EmbeddedConfig) -> Arc<EmbeddedProvider> {
     let c = EmbeddedConfig {
         model_path: path.display().to_string(),
-        threads: Some(2),
+        threads: Some(1),
         ..c
     };
     Arc::new(EmbeddedProvider::new("local", &c).unwrap())
