@@ -78,10 +78,12 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// Reads the file's header and metadata before llama.cpp does, for what
-/// llama.cpp would abort the process on rather than refuse: a vocabulary
-/// with the same token text twice. Every length is checked against the
-/// file's size, so a damaged file cannot make it allocate much.
+/// Reads the file's header, metadata and tensor table before llama.cpp
+/// does: for what llama.cpp would abort the process on rather than refuse
+/// (a vocabulary with the same token text twice), and to name what is
+/// wrong with a damaged file (a length past its end, a tensor past its
+/// end). Every length is checked against the file's size, so a damaged
+/// file cannot make it allocate much.
 fn check_gguf(path: &Path) -> Result<(), String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open the model file: {e}"))?;
@@ -102,12 +104,17 @@ fn check_gguf(path: &Path) -> Result<(), String> {
             "GGUF version {version} is not supported (2 and 3 are)"
         ));
     }
-    let mut meta = Meta { r, size };
-    let _tensors = meta.u64()?;
+    let mut meta = Meta { r, size, read: 8 };
+    let tensors = meta.u64()?;
     let entries = meta.u64()?;
+    let mut alignment = 32u64;
     for _ in 0..entries {
         let key = meta.string()?;
         let kind = meta.u32()?;
+        if key == "general.alignment" && kind == 4 {
+            alignment = u64::from(meta.u32()?).max(1);
+            continue;
+        }
         if key == "tokenizer.ggml.tokens" && kind == GGUF_ARRAY {
             let (elem, count) = (meta.u32()?, meta.u64()?);
             if elem != GGUF_STRING {
@@ -126,7 +133,58 @@ fn check_gguf(path: &Path) -> Result<(), String> {
             meta.skip_value(kind, 0)?;
         }
     }
+    // The tensors: each one's data must lie inside the file (a download
+    // cut short fails here, naming the first tensor past its end).
+    let mut extents = Vec::new();
+    for _ in 0..tensors {
+        let name = meta.string()?;
+        let dims = meta.u32()?;
+        if dims > 8 {
+            return Err(format!("tensor `{name}` has {dims} dimensions"));
+        }
+        let mut elements = 1u64;
+        for _ in 0..dims {
+            elements = elements.saturating_mul(meta.u64()?);
+        }
+        let ggml_type = meta.u32()?;
+        let offset = meta.u64()?;
+        extents.push((name, offset, tensor_bytes(ggml_type, elements)));
+    }
+    let data_start = meta.read.div_ceil(alignment).saturating_mul(alignment);
+    for (name, offset, bytes) in extents {
+        let end = data_start
+            .saturating_add(offset)
+            .saturating_add(bytes.unwrap_or(0));
+        if end > size {
+            return Err(format!(
+                "tensor `{name}` ends at byte {end}, past the file's end ({size} bytes): the file is cut short"
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The bytes of `elements` values of ggml type `ggml_type`, for the types
+/// whose block size is known here (`None` for the others).
+fn tensor_bytes(ggml_type: u32, elements: u64) -> Option<u64> {
+    // (block bytes, values per block)
+    let (bytes, per) = match ggml_type {
+        0 => (4, 1),   // F32
+        1 => (2, 1),   // F16
+        2 => (18, 32), // Q4_0
+        3 => (20, 32), // Q4_1
+        6 => (22, 32), // Q5_0
+        7 => (24, 32), // Q5_1
+        8 => (34, 32), // Q8_0
+        10 => (84, 256),
+        11 => (110, 256),
+        12 => (144, 256), // Q4_K
+        13 => (176, 256),
+        14 => (210, 256), // Q6_K
+        30 => (2, 1),     // BF16
+        _ => return None,
+    };
+    Some(elements.div_ceil(per).saturating_mul(bytes))
 }
 
 const GGUF_STRING: u32 = 8;
@@ -136,6 +194,8 @@ const GGUF_ARRAY: u32 = 9;
 struct Meta {
     r: std::io::BufReader<std::fs::File>,
     size: u64,
+    /// Bytes read so far.
+    read: u64,
 }
 
 impl Meta {
@@ -145,6 +205,7 @@ impl Meta {
         self.r
             .read_exact(&mut b)
             .map_err(|_| "its metadata is cut short".to_string())?;
+        self.read += N as u64;
         Ok(b)
     }
 
@@ -178,6 +239,7 @@ impl Meta {
         if b.len() as u64 != n {
             return Err("its metadata is cut short".into());
         }
+        self.read += n;
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
 
@@ -188,6 +250,7 @@ impl Meta {
         if copied != n {
             return Err("its metadata is cut short".into());
         }
+        self.read += n;
         Ok(())
     }
 
@@ -482,6 +545,70 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gguf_with_tokens(tokens: &[&str]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // tensors
+        b.extend(1u64.to_le_bytes()); // entries
+        let key = b"tokenizer.ggml.tokens";
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key);
+        b.extend(GGUF_ARRAY.to_le_bytes());
+        b.extend(GGUF_STRING.to_le_bytes());
+        b.extend((tokens.len() as u64).to_le_bytes());
+        for t in tokens {
+            b.extend((t.len() as u64).to_le_bytes());
+            b.extend(t.as_bytes());
+        }
+        b
+    }
+
+    fn check_bytes(name: &str, bytes: &[u8]) -> Result<(), String> {
+        let path = std::env::temp_dir().join(format!("pg-gguf-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let r = check_gguf(&path);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    #[test]
+    fn a_vocabulary_with_a_token_twice_is_refused_naming_it() {
+        assert_eq!(
+            check_bytes("unique", &gguf_with_tokens(&["a", "b", "c"])),
+            Ok(())
+        );
+        let err = check_bytes("twice", &gguf_with_tokens(&["a", "b", "a"])).unwrap_err();
+        assert_eq!(err, "its vocabulary has token \"a\" twice (ids 0 and 2)");
+    }
+
+    #[test]
+    fn damaged_files_are_refused_without_allocating_their_lengths() {
+        // A string length of 2^60: refused before any allocation.
+        let mut b = gguf_with_tokens(&["a"]);
+        let at = b.len() - 1 - 8;
+        b[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        let err = check_bytes("huge", &b).unwrap_err();
+        assert!(err.contains("more than the file's"), "{err}");
+        // Cut inside the metadata.
+        let b = gguf_with_tokens(&["abc", "def"]);
+        let err = check_bytes("cut", &b[..b.len() - 2]).unwrap_err();
+        assert_eq!(err, "its metadata is cut short");
+        // A model cut inside its tensor data names the first tensor past
+        // the end.
+        let path = std::env::temp_dir().join(format!("pg-gguf-{}-tiny", std::process::id()));
+        super::super::tiny::TinyModel::default()
+            .write(&path)
+            .unwrap();
+        assert_eq!(check_gguf(&path), Ok(()));
+        let whole = std::fs::read(&path).unwrap();
+        let err = check_bytes("tiny-cut", &whole[..whole.len() / 2]).unwrap_err();
+        assert!(
+            err.starts_with("tensor `") && err.contains("the file is cut short"),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn common_prefix_counts_the_shared_start() {
