@@ -43,8 +43,7 @@ pub const DEFAULT_CONTEXT_LENGTH: u32 = 4096;
 const PREFILL_BATCH: usize = 512;
 
 /// llama.cpp's process-wide state, started once. Its log goes to
-/// `tracing` (target `llama-cpp-2`), so a file llama.cpp refuses says why
-/// in the gateway's log.
+/// `tracing` (target `llama-cpp-2`) rather than straight to stderr.
 fn backend() -> Result<&'static LlamaBackend, String> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
@@ -307,10 +306,8 @@ fn token_text(model: &LlamaModel, token: LlamaToken) -> String {
 pub(crate) fn load(path: &Path, context_length: Option<u32>) -> Result<Model, String> {
     check_gguf(path)?;
     let backend = backend()?;
-    let model =
-        LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).map_err(|e| {
-            format!("llama.cpp cannot load it ({e}; its reason is in the log, target llama-cpp-2)")
-        })?;
+    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        .map_err(|e| format!("llama.cpp cannot load it ({e})"))?;
     let trained = model.n_ctx_train();
     let supported = if trained == 0 {
         DEFAULT_CONTEXT_LENGTH
