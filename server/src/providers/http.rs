@@ -554,9 +554,20 @@ pub(crate) fn bad_json(what: &str, e: &serde_json::Error) -> ProviderError {
 /// larger body fails the attempt as a `server-error` (an upstream protocol
 /// error) without being buffered.
 pub(crate) async fn json_body(
-    mut response: reqwest::Response,
+    response: reqwest::Response,
     max_bytes: usize,
 ) -> Result<serde_json::Value, ProviderError> {
+    let body = body_bytes(response, max_bytes).await?;
+    serde_json::from_slice(&body).map_err(|e| bad_json("a response", &e))
+}
+
+/// Reads a successful response's body, at most `max_bytes` of it, as
+/// [`json_body`] does, without decoding it. A body that arrives in one
+/// chunk (the common case) is not copied.
+pub(crate) async fn body_bytes(
+    mut response: reqwest::Response,
+    max_bytes: usize,
+) -> Result<bytes::Bytes, ProviderError> {
     let too_big = || {
         ProviderError::new(
             ErrorClass::ServerError,
@@ -571,14 +582,103 @@ pub(crate) async fn json_body(
     {
         return Err(too_big());
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| body_error(&e))? {
+    let Some(first) = response.chunk().await.map_err(|e| body_error(&e))? else {
+        return Ok(bytes::Bytes::new());
+    };
+    if first.len() > max_bytes {
+        return Err(too_big());
+    }
+    let Some(second) = response.chunk().await.map_err(|e| body_error(&e))? else {
+        return Ok(first);
+    };
+    let mut body = Vec::with_capacity(first.len() + second.len());
+    body.extend_from_slice(&first);
+    let mut next = Some(second);
+    while let Some(chunk) = next {
         if chunk.len() > max_bytes.saturating_sub(body.len()) {
             return Err(too_big());
         }
         body.extend_from_slice(&chunk);
+        next = response.chunk().await.map_err(|e| body_error(&e))?;
     }
-    serde_json::from_slice(&body).map_err(|e| bad_json("a response", &e))
+    Ok(body.into())
+}
+
+/// A JSON string that borrows from the input when it holds no escapes, and
+/// is copied only when it does. (serde's own `Cow<str>` is always copied
+/// unless it is the field's whole type.) Any other JSON type is an error,
+/// so a typed read falls back to the general path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct JsonStr<'a>(pub(crate) std::borrow::Cow<'a, str>);
+
+impl<'a> JsonStr<'a> {
+    /// The text.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for JsonStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = JsonStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(JsonStr(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(JsonStr(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(JsonStr(std::borrow::Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// `s`'s text, or `""` for `None`: what `value.as_str().unwrap_or_default()`
+/// reads from a `Value`.
+pub(crate) fn text_or_empty(s: Option<&JsonStr<'_>>) -> String {
+    s.map_or_else(String::new, |s| s.as_str().to_owned())
+}
+
+/// A JSON array read as "exactly one element": `One(Some(x))` for `[x]`,
+/// `One(None)` for `[]` or for two or more (the rest are skipped, not
+/// decoded), without allocating a `Vec`.
+#[derive(Debug)]
+pub(crate) struct One<T>(pub(crate) Option<T>);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for One<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = One<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let Some(first) = seq.next_element::<T>()? else {
+                    return Ok(One(None));
+                };
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                    return Ok(One(Some(first)));
+                }
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(One(None))
+            }
+        }
+        deserializer.deserialize_seq(Visitor(std::marker::PhantomData))
+    }
 }
 
 #[cfg(test)]
