@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use reqwest::Url;
-use reqwest::header::HeaderMap;
+use reqwest::header::{HeaderMap, HeaderName};
 
 use super::{ApiKey, RateLimits};
 use crate::config::{ConfigError, HttpProviderConfig};
@@ -351,36 +351,82 @@ pub(crate) fn retry_hints(
     (retry_after, should_retry)
 }
 
+/// The rate-limit headers [`rate_limits`] reads, parsed once.
+static X_RATELIMIT_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+static X_RATELIMIT_RESET_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-reset-requests");
+static ANTHROPIC_RATELIMIT_REQUESTS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+static ANTHROPIC_RATELIMIT_REQUESTS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-reset");
+static X_RATELIMIT_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+static X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static ANTHROPIC_RATELIMIT_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static ANTHROPIC_RATELIMIT_TOKENS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset");
+static ANTHROPIC_RATELIMIT_INPUT_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining");
+static ANTHROPIC_RATELIMIT_INPUT_TOKENS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-reset");
+static ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-output-tokens-remaining");
+static ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-output-tokens-reset");
+
 /// The rate limits an answer reports: OpenAI's
 /// `x-ratelimit-remaining-requests|tokens` with their Go-duration resets,
 /// or Anthropic's `anthropic-ratelimit-requests-*` and the tightest of its
 /// `…-tokens-*`, `…-input-tokens-*`, `…-output-tokens-*` with RFC 3339
 /// resets. `None` when the answer says nothing of them.
 pub(crate) fn rate_limits(headers: &HeaderMap, now: SystemTime) -> Option<RateLimits> {
-    let text = |name: &str| {
+    let text = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let count = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
-    let openai = |limit: &str| {
-        let left = count(&format!("x-ratelimit-remaining-{limit}"))?;
-        let reset = go_duration(text(&format!("x-ratelimit-reset-{limit}"))?)?;
+    let count = |name: &HeaderName| text(name).and_then(|v| v.parse::<u64>().ok());
+    // (remaining, reset) header names, spelled out: no name is formatted
+    // per answer.
+    let openai = |(remaining, reset): (&HeaderName, &HeaderName)| {
+        let left = count(remaining)?;
+        let reset = go_duration(text(reset)?)?;
         Some((left, reset))
     };
-    let anthropic = |limit: &str| {
-        let left = count(&format!("anthropic-ratelimit-{limit}-remaining"))?;
-        let reset = rfc3339(text(&format!("anthropic-ratelimit-{limit}-reset"))?)?;
+    let anthropic = |(remaining, reset): (&HeaderName, &HeaderName)| {
+        let left = count(remaining)?;
+        let reset = rfc3339(text(reset)?)?;
         let wait = reset.duration_since(now).unwrap_or(Duration::ZERO);
         Some((left, wait.min(MAX_RETRY_AFTER)))
     };
-    let requests = openai("requests").or_else(|| anthropic("requests"));
-    let tokens = openai("tokens").or_else(|| {
-        ["tokens", "input-tokens", "output-tokens"]
-            .into_iter()
-            .filter_map(anthropic)
-            .min_by_key(|(left, _)| *left)
+    let requests =
+        openai((&X_RATELIMIT_REMAINING_REQUESTS, &X_RATELIMIT_RESET_REQUESTS)).or_else(|| {
+            anthropic((
+                &ANTHROPIC_RATELIMIT_REQUESTS_REMAINING,
+                &ANTHROPIC_RATELIMIT_REQUESTS_RESET,
+            ))
+        });
+    let tokens = openai((&X_RATELIMIT_REMAINING_TOKENS, &X_RATELIMIT_RESET_TOKENS)).or_else(|| {
+        [
+            (
+                &ANTHROPIC_RATELIMIT_TOKENS_REMAINING,
+                &ANTHROPIC_RATELIMIT_TOKENS_RESET,
+            ),
+            (
+                &ANTHROPIC_RATELIMIT_INPUT_TOKENS_REMAINING,
+                &ANTHROPIC_RATELIMIT_INPUT_TOKENS_RESET,
+            ),
+            (
+                &ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_REMAINING,
+                &ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_RESET,
+            ),
+        ]
+        .into_iter()
+        .filter_map(anthropic)
+        .min_by_key(|(left, _)| *left)
     });
     (requests.is_some() || tokens.is_some()).then_some(RateLimits { requests, tokens })
 }
