@@ -211,7 +211,7 @@ impl GatewayService {
         let (admission, options, chat) = self.accept(request, CallKind::Request)?;
         let done = self
             .registry
-            .complete(&chat, &options)
+            .complete_shared(Arc::new(chat), &options)
             .await
             .map_err(|e| status_of(&e))?;
         drop(admission);
@@ -232,7 +232,7 @@ impl GatewayService {
         let (admission, options, chat) = self.accept(request, CallKind::Stream)?;
         let open = self
             .registry
-            .stream(&chat, &options)
+            .stream_shared(Arc::new(chat), &options)
             .await
             .map_err(|e| status_of(&e))?;
         let (provider, first_attempts) = (open.provider.clone(), open.attempt);

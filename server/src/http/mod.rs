@@ -338,20 +338,21 @@ impl Ingress {
         if !stream {
             let done = self
                 .registry
-                .complete(&chat, &accepted.options)
+                .complete_shared(Arc::new(chat), &accepted.options)
                 .await
                 .map_err(failed)?;
             return Ok(Served::Whole(done));
         }
+        let model = chat.model_or("").to_string();
         let open = self
             .registry
-            .stream(&chat, &accepted.options)
+            .stream_shared(Arc::new(chat), &accepted.options)
             .await
             .map_err(failed)?;
         Ok(Served::Stream {
             open,
             admission: accepted.admission,
-            model: chat.model_or("").to_string(),
+            model,
         })
     }
 }
