@@ -111,11 +111,22 @@ impl GatewayService {
 type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
 
 /// The server span of one RPC, a child of the caller's `traceparent`.
-fn server_span(method: &str, metadata: &MetadataMap) -> tracing::Span {
+/// Without an OpenTelemetry layer ([`crate::telemetry::spans_exported`])
+/// only what the log lines show is built: the span and its method.
+fn server_span(method: &'static str, metadata: &MetadataMap) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !crate::telemetry::spans_exported() {
+        return tracing::info_span!("rpc", rpc.method = method);
+    }
+    let otel_name = match method {
+        "Complete" => "provider_gateway.v1.ProviderGateway/Complete",
+        "Stream" => "provider_gateway.v1.ProviderGateway/Stream",
+        "ListProviders" => "provider_gateway.v1.ProviderGateway/ListProviders",
+        _ => method,
+    };
     let span = tracing::info_span!(
         "rpc",
-        otel.name = %format!("{}/{method}", crate::SERVICE_NAME),
+        otel.name = %otel_name,
         otel.kind = "server",
         otel.status_code = Empty,
         rpc.system = "grpc",
@@ -137,8 +148,12 @@ fn server_span(method: &str, metadata: &MetadataMap) -> tracing::Span {
     span
 }
 
-/// Records how an RPC ended on its server span.
+/// Records how an RPC ended on its server span (OpenTelemetry attributes:
+/// nothing to do when no layer exports them).
 fn record_status(span: &tracing::Span, code: tonic::Code, metadata: Option<&MetadataMap>) {
+    if !crate::telemetry::spans_exported() {
+        return;
+    }
     span.record("rpc.grpc.status_code", code as i64);
     if code != tonic::Code::Ok {
         span.record("otel.status_code", "ERROR");

@@ -115,13 +115,22 @@ impl Ingress {
                 );
             }
         };
-        let span = tracing::info_span!(
-            "http",
-            otel.name = %format!("{} {}", request.method(), path),
-            otel.kind = "server",
-            http.request.method = %request.method(),
-            http.route = path,
-        );
+        // The OpenTelemetry attributes only when a layer exports them.
+        let span = if crate::telemetry::spans_exported() {
+            tracing::info_span!(
+                "http",
+                otel.name = %format!("{} {}", request.method(), path),
+                otel.kind = "server",
+                http.request.method = %request.method(),
+                http.route = path,
+            )
+        } else {
+            tracing::info_span!(
+                "http",
+                http.request.method = %request.method(),
+                http.route = path,
+            )
+        };
         let result = async {
             match route {
                 Route::ChatCompletions => openai::chat_completions(&self, request, arrival).await,

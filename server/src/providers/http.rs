@@ -150,7 +150,11 @@ pub(crate) async fn send_with(
     key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
     // The attempt span is current: its trace context goes upstream.
-    let request = request.headers(crate::telemetry::trace_headers());
+    let request = if crate::telemetry::spans_exported() {
+        request.headers(crate::telemetry::trace_headers())
+    } else {
+        request
+    };
     let span = tracing::Span::current();
     let response = request
         .send()
