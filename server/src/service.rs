@@ -255,19 +255,20 @@ impl GatewayService {
         let mut attempts = first_attempts;
         let mut serving = provider.clone();
         let body = open.events.flat_map(move |item| {
-            let items = match item {
+            // At most two items; no Vec per event.
+            let items: [Option<Result<pb::StreamResponse, Status>>; 2] = match item {
                 // After the stop, an OK status carrying the attempt report
                 // becomes the stream's trailers.
                 Ok(event @ StreamEvent::Stop(_)) => {
                     let mut trailers = Status::ok("");
                     report(trailers.metadata_mut(), &serving, attempts);
                     record_status(&span, tonic::Code::Ok, Some(trailers.metadata()));
-                    vec![
-                        Ok(stream_response(event, &provider, first_attempts)),
-                        Err(trailers),
+                    [
+                        Some(Ok(stream_response(event, &provider, first_attempts))),
+                        Some(Err(trailers)),
                     ]
                 }
-                Ok(StreamEvent::KeepAlive) => Vec::new(),
+                Ok(StreamEvent::KeepAlive) => [None, None],
                 Ok(event) => {
                     // A continuation or restart adds attempts, and may
                     // come from the next provider of the chain.
@@ -279,17 +280,20 @@ impl GatewayService {
                         attempts = *attempt;
                         serving.clone_from(provider);
                     }
-                    vec![Ok(stream_response(event, &provider, first_attempts))]
+                    [
+                        Some(Ok(stream_response(event, &provider, first_attempts))),
+                        None,
+                    ]
                 }
                 Err(error) => {
                     let status = status_of(&error);
                     record_status(&span, status.code(), Some(status.metadata()));
-                    vec![Err(status)]
+                    [Some(Err(status)), None]
                 }
             };
             // The stream holds its admission until it ends or is dropped.
             let _held = &admission;
-            futures_util::stream::iter(items)
+            futures_util::stream::iter(items.into_iter().flatten())
         });
         let mut response = Response::new(Box::pin(body) as StreamBody);
         report(response.metadata_mut(), &open.provider, open.attempt);

@@ -103,6 +103,14 @@ impl SseParser {
                     limit: self.max_bytes,
                 });
             }
+            if let Some(at) = newline
+                && self.line.is_empty()
+            {
+                // A whole line inside the chunk is read where it is.
+                rest = &rest[at + 1..];
+                self.bytes_done(piece, &mut each)?;
+                continue;
+            }
             // Amortized growth, capped at the limit: the buffer never holds
             // more than `max_bytes`.
             let needed = self.line.len() + piece.len();
@@ -116,16 +124,23 @@ impl SseParser {
             let Some(at) = newline else { break };
             rest = &rest[at + 1..];
             let mut line = std::mem::take(&mut self.line);
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            let result = self.line_done(&String::from_utf8_lossy(&line), &mut each);
+            let result = self.bytes_done(&line, &mut each);
             // Keep the allocation for the next line.
             line.clear();
             self.line = line;
             result?;
         }
         Ok(())
+    }
+
+    /// One line's bytes, without its `\n` (a trailing `\r` is dropped here).
+    fn bytes_done(&mut self, line: &[u8], each: &mut impl FnMut(&SseEvent)) -> Result<(), TooLong> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // Valid UTF-8 (the norm) is checked on the fast path.
+        match std::str::from_utf8(line) {
+            Ok(text) => self.line_done(text, each),
+            Err(_) => self.line_done(&String::from_utf8_lossy(line), each),
+        }
     }
 
     /// Ends the body: an event not closed by a blank line still counts.
@@ -298,7 +313,8 @@ pub(crate) fn sse_stream<T: SseTranslator>(
         pending: VecDeque::new(),
         finished: false,
     };
-    Box::pin(stream::unfold(state, |mut st| async move {
+    // Boxed, so each poll moves a pointer, not the whole state.
+    Box::pin(stream::unfold(Box::new(state), |mut st| async move {
         loop {
             if let Some(item) = st.pending.pop_front() {
                 if matches!(item, Err(_) | Ok(StreamEvent::Stop(_))) {

@@ -145,7 +145,8 @@ pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
     OpenStream {
         provider,
         attempt: attempts,
-        events: Box::pin(stream::unfold(state, |mut st| async move {
+        // Boxed, so each poll moves a pointer, not the whole state.
+        events: Box::pin(stream::unfold(Box::new(state), |mut st| async move {
             if st.done {
                 return None;
             }
