@@ -30,6 +30,8 @@ pub struct AnthropicProvider {
     client: reqwest::Client,
     url: reqwest::Url,
     api_key: ApiKey,
+    /// `x-api-key`'s value, built once and marked sensitive.
+    key_value: reqwest::header::HeaderValue,
     model: String,
     max_tokens: u32,
     limits: http::ReadLimits,
@@ -44,10 +46,15 @@ impl AnthropicProvider {
     ) -> Result<Self, ConfigError> {
         let key_env = config.api_key_env.as_deref().unwrap_or("ANTHROPIC_API_KEY");
         let base = http::base_url(name, config.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL))?;
+        let api_key = ApiKey::from_env(env, key_env, name)?;
+        let mut key_value = reqwest::header::HeaderValue::from_str(api_key.expose())
+            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
+        key_value.set_sensitive(true);
         Ok(Self {
             client: http::client(name, config)?,
             url: http::endpoint(&base, &["v1", "messages"]),
-            api_key: ApiKey::from_env(env, key_env, name)?,
+            api_key,
+            key_value,
             model: config.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
             max_tokens: config.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             limits: http::ReadLimits::of(config),
@@ -55,12 +62,9 @@ impl AnthropicProvider {
     }
 
     fn request(&self, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
-        let mut key = reqwest::header::HeaderValue::from_str(self.api_key.expose())
-            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
-        key.set_sensitive(true);
         self.client
             .post(self.url.clone())
-            .header("x-api-key", key)
+            .header("x-api-key", self.key_value.clone())
             .header("anthropic-version", API_VERSION)
             .json(&self.body(req, stream))
     }

@@ -60,6 +60,9 @@ pub struct OpenAiProvider {
     endpoint: Endpoint,
     api_key: Option<ApiKey>,
     key_header: KeyHeader,
+    /// The header carrying the key, built once (`None` without a key, or
+    /// for a key no header value can hold).
+    auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     model: String,
     max_tokens: Option<u32>,
     limits: http::ReadLimits,
@@ -103,13 +106,15 @@ impl OpenAiProvider {
         default_model: &str,
         env: &dyn EnvSource,
     ) -> Result<Self, ConfigError> {
+        let api_key = key_env
+            .map(|var| ApiKey::from_env(env, var, name))
+            .transpose()?;
         Ok(Self {
             kind,
             client: http::client(name, config)?,
             endpoint,
-            api_key: key_env
-                .map(|var| ApiKey::from_env(env, var, name))
-                .transpose()?,
+            auth: auth_header(api_key.as_ref(), KeyHeader::Bearer),
+            api_key,
             key_header: KeyHeader::Bearer,
             model: config.model.clone().unwrap_or_else(|| default_model.into()),
             max_tokens: config.max_tokens,
@@ -121,6 +126,7 @@ impl OpenAiProvider {
     /// Sends the key as `header` instead of a Bearer token.
     pub(crate) fn with_key_header(mut self, header: KeyHeader) -> Self {
         self.key_header = header;
+        self.auth = auth_header(self.api_key.as_ref(), header);
         self
     }
 
@@ -146,21 +152,8 @@ impl OpenAiProvider {
             }
         };
         let mut builder = self.client.post(url);
-        if let Some(key) = &self.api_key {
-            let (name, value) = match self.key_header {
-                KeyHeader::Bearer => (
-                    reqwest::header::AUTHORIZATION,
-                    reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())),
-                ),
-                KeyHeader::ApiKey => (
-                    reqwest::header::HeaderName::from_static("api-key"),
-                    reqwest::header::HeaderValue::from_str(key.expose()),
-                ),
-            };
-            if let Ok(mut value) = value {
-                value.set_sensitive(true);
-                builder = builder.header(name, value);
-            }
+        if let Some((name, value)) = &self.auth {
+            builder = builder.header(name.clone(), value.clone());
         }
         let mut body = body(
             req,
@@ -180,6 +173,27 @@ impl OpenAiProvider {
         }
         builder.json(&body)
     }
+}
+
+/// The header that carries `key` in `form`, marked sensitive.
+fn auth_header(
+    key: Option<&ApiKey>,
+    form: KeyHeader,
+) -> Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)> {
+    let key = key?;
+    let (name, value) = match form {
+        KeyHeader::Bearer => (
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())),
+        ),
+        KeyHeader::ApiKey => (
+            reqwest::header::HeaderName::from_static("api-key"),
+            reqwest::header::HeaderValue::from_str(key.expose()),
+        ),
+    };
+    let mut value = value.ok()?;
+    value.set_sensitive(true);
+    Some((name, value))
 }
 
 /// The chat-completions request body, borrowed from the gateway's request
