@@ -17,7 +17,12 @@
 //! "Server CPU" is the utime+stime of the server's own threads, read from
 //! `/proc/self/task/*/stat` (100 Hz ticks); "process CPU" is the whole
 //! bench process (`/proc/self/stat`: upstream, load and server together).
-//! RSS is the whole process's (`/proc/self/status`). Every loop is bounded
+//! RSS is the whole process's (`/proc/self/status`).
+//!
+//! The open-streams figure's slow upstream and callers run in a child
+//! process (this binary again, `OVERHEAD_CHILD` set): this process then
+//! holds one socket per stream (gateway -> upstream), so 10,000 streams fit
+//! in an fd limit of 20,000, and its RSS growth is the gateway's. Every loop is bounded
 //! by a request count; floor and gateway rounds alternate, and the medians
 //! of the rounds are printed, so both see the same noise.
 //!
@@ -27,7 +32,8 @@
 //! requests (after a warm-up) and exits: run it with two values of N and
 //! divide the difference in instructions by the difference in N.
 //! `OVERHEAD_PROFILE_STREAMS=N` does the same with N streams of
-//! `STREAM_DELTAS` deltas.
+//! `STREAM_DELTAS` deltas. `OVERHEAD_OPEN_STREAMS_ONLY=1` prints only the
+//! open-streams figure.
 
 #![allow(
     clippy::unwrap_used,
@@ -65,9 +71,9 @@ const CONCURRENT: [(usize, usize); 2] = [(8, 12_000), (32, 24_000)];
 const STREAM_DELTAS: usize = 10_000;
 /// Streams of `STREAM_DELTAS` measured (enough ticks of CPU to count).
 const STREAM_REPEATS: usize = 5;
-/// Open streams held at once. Each one holds two sockets in this process
-/// (gateway -> upstream, both ends), so the fd limit bounds it here.
-const OPEN_STREAMS: usize = 4_000;
+/// Open streams held at once, each on its own HTTP/2 stream (100 to a
+/// connection), their upstream and callers in the child process.
+const OPEN_STREAMS: usize = 10_000;
 /// The slow upstream's deltas, one a second.
 const SLOW_DELTAS: usize = 4;
 
@@ -279,11 +285,13 @@ async fn floor(upstream: &str) -> String {
 
 /// The gateway as `main.rs` wires it: registry, telemetry (the global
 /// subscriber, `info`, no exporter), metrics.
-async fn gateway(upstream: &str) -> String {
+/// `slow` is the provider of the open-streams figure.
+async fn gateway(upstream: &str, slow_upstream: &str) -> String {
     let toml = format!(
         "default_provider = \"o\"\n\
          [limits]\nmax_concurrent_streams = {}\n\
-         [providers.o]\nkind = \"openai\"\nbase_url = \"{upstream}\"\napi_key_env = \"BENCH_KEY\"\n",
+         [providers.o]\nkind = \"openai\"\nbase_url = \"{upstream}\"\napi_key_env = \"BENCH_KEY\"\n\
+         [providers.slow]\nkind = \"openai\"\nbase_url = \"{slow_upstream}\"\napi_key_env = \"BENCH_KEY\"\n",
         OPEN_STREAMS + 64
     );
     let env: HashMap<String, String> = [("BENCH_KEY".to_string(), "k".to_string())].into();
@@ -454,14 +462,15 @@ async fn relay_stream(gateway: &Target, body: &Bytes) -> (usize, Duration) {
 }
 
 /// `n` streams held open at once against the slow upstream, 100 per
-/// HTTP/2 connection: (opened, errors, process RSS growth in KiB while all
-/// were open, the time to open them).
+/// HTTP/2 connection; `opened` is called once all have their first
+/// message (or after 90 s) with (opened, errors, the time to open them).
+/// Returns (opened, errors) once every stream has ended.
 async fn open_streams(
     gateway_url: &str,
     body: &Bytes,
     n: usize,
-) -> (usize, usize, u64, u64, Duration) {
-    let base = rss_kib();
+    at_peak: impl FnOnce(usize, usize, Duration),
+) -> (usize, usize) {
     let opened = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let mut channels = Vec::new();
@@ -502,25 +511,134 @@ async fn open_streams(
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while opened.load(Ordering::Relaxed) + errors.load(Ordering::Relaxed) < n
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let took = started.elapsed();
-    let peak = rss_kib();
-    let grown = peak.saturating_sub(base);
+    at_peak(
+        opened.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        started.elapsed(),
+    );
     for t in tasks {
         t.await.unwrap();
     }
     (
         opened.load(Ordering::Relaxed),
         errors.load(Ordering::Relaxed),
-        grown,
-        peak,
-        took,
     )
+}
+
+/// A Stream request for the slow upstream.
+fn slow_body() -> Bytes {
+    let mut slow_request = request::to_stream(request::user("hello world"));
+    slow_request.provider = "slow".into();
+    slow_request.model = "slow".into();
+    Bytes::from(slow_request.encode_to_vec())
+}
+
+/// The child process: the slow upstream and the callers of the
+/// open-streams figure, so that this process's RSS and sockets are the
+/// gateway's (and the idle floor's).
+struct Child {
+    process: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    /// The slow upstream's URL.
+    upstream: String,
+}
+
+impl Child {
+    /// Starts [`child_main`] and reads its upstream's URL.
+    fn spawn() -> Self {
+        let mut process = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("OVERHEAD_CHILD", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(process.stdout.take().unwrap());
+        let mut child = Self {
+            process,
+            out,
+            upstream: String::new(),
+        };
+        child.upstream = child.line();
+        child
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.out, &mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// Has the child open `OPEN_STREAMS` streams to the gateway and prints
+    /// the figure, with this process's RSS growth while all were open.
+    fn open_streams_figure(&mut self, gateway_url: &str) {
+        use std::io::Write;
+        let base = rss_kib();
+        let stdin = self.process.stdin.as_mut().unwrap();
+        writeln!(stdin, "{gateway_url}").unwrap();
+        stdin.flush().unwrap();
+        let at_peak = self.line();
+        let peak = rss_kib();
+        let done = self.line();
+        let field = |line: &str, name: &str| -> u64 {
+            line.split_whitespace()
+                .skip_while(|w| *w != name)
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let grown = peak.saturating_sub(base);
+        println!(
+            "open streams: N={OPEN_STREAMS} against a slow upstream (1 delta/s), upstream and callers in a child process: {} opened, {} errors, opened in {:.1} s, gateway process RSS +{:.1} MiB ({:.1} KiB per stream), total {:.1} MiB",
+            field(&done, "opened"),
+            field(&done, "errors"),
+            field(&at_peak, "took_ms") as f64 / 1e3,
+            grown as f64 / 1024.0,
+            grown as f64 / OPEN_STREAMS as f64,
+            peak as f64 / 1024.0
+        );
+    }
+
+    /// Closing its stdin ends the child.
+    fn end(mut self) {
+        drop(self.process.stdin.take());
+        let _ = self.process.wait();
+    }
+}
+
+/// The child's part: the slow upstream (its URL on stdout), then, given a
+/// gateway URL on stdin, the open streams' callers (a line when all are
+/// open, another when all have ended); it ends when stdin closes.
+fn child_main() {
+    let up = runtime("up");
+    let url = up.block_on(upstream());
+    println!("{url}");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).unwrap_or(0) > 0 {
+        let gateway = line.trim().to_string();
+        line.clear();
+        let load = runtime("load");
+        let (opened, errors) = load.block_on(open_streams(
+            &gateway,
+            &slow_body(),
+            OPEN_STREAMS,
+            |opened, errors, took| {
+                println!(
+                    "at_peak opened {opened} errors {errors} took_ms {}",
+                    took.as_millis()
+                );
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            },
+        ));
+        println!("done opened {opened} errors {errors}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
 }
 
 fn runtime(name: &'static str) -> tokio::runtime::Runtime {
@@ -533,6 +651,9 @@ fn runtime(name: &'static str) -> tokio::runtime::Runtime {
 }
 
 fn main() {
+    if std::env::var_os("OVERHEAD_CHILD").is_some() {
+        return child_main();
+    }
     // reqwest is built without a crypto provider of its own (see tls.rs).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (up_rt, floor_rt, gw_rt, load_rt) = (
@@ -542,10 +663,17 @@ fn main() {
         runtime("load"),
     );
     let upstream_url = up_rt.block_on(upstream());
+    let profiling = std::env::var_os("OVERHEAD_PROFILE").is_some()
+        || std::env::var_os("OVERHEAD_PROFILE_STREAMS").is_some();
+    let child = (!profiling).then(Child::spawn);
+    let slow_url = child
+        .as_ref()
+        .map_or_else(|| upstream_url.clone(), |c| c.upstream.clone());
     let floor_url = floor_rt.block_on(floor(&upstream_url));
-    let gateway_url = gw_rt.block_on(gateway(&upstream_url));
+    let gateway_url = gw_rt.block_on(gateway(&upstream_url, &slow_url));
 
-    load_rt.block_on(async {
+    let open_streams_only = std::env::var_os("OVERHEAD_OPEN_STREAMS_ONLY").is_some();
+    let figures = load_rt.block_on(async {
         let unary = Bytes::from(request::user("hello world").encode_to_vec());
         // The typed client once: the gateway answers what the upstream said.
         let mut typed = GatewayClient::connect(gateway_url.clone()).await.unwrap();
@@ -573,7 +701,7 @@ fn main() {
             sequential(&gateway, &unary, 200).await;
             sequential(&gateway, &unary, n).await;
             println!("overhead: profiled {n} sequential gateway requests");
-            return;
+            return None;
         }
 
         if let Some(n) = std::env::var("OVERHEAD_PROFILE_STREAMS")
@@ -587,7 +715,11 @@ fn main() {
                 relay_stream(&gateway, &body).await;
             }
             println!("overhead: profiled {n} streams of {STREAM_DELTAS} deltas");
-            return;
+            return None;
+        }
+
+        if open_streams_only {
+            return None;
         }
 
         for target in [&floor, &gateway] {
@@ -680,20 +812,17 @@ fn main() {
             us(took) / (STREAM_DELTAS * STREAM_REPEATS) as f64
         );
 
-        let mut slow_request = request::to_stream(request::user("hello world"));
-        slow_request.model = "slow".into();
-        let slow_body = Bytes::from(slow_request.encode_to_vec());
-        let (opened, errors, grown, peak, took) = open_streams(&gateway_url, &slow_body, OPEN_STREAMS).await;
-        println!(
-            "open streams: N={OPEN_STREAMS} against a slow upstream (1 delta/s): {opened} opened, {errors} errors, opened in {:.1} s, process RSS +{:.1} MiB ({:.1} KiB per stream, gateway + in-process upstream and client), total RSS {:.1} MiB",
-            took.as_secs_f64(),
-            grown as f64 / 1024.0,
-            grown as f64 / OPEN_STREAMS as f64,
-            peak as f64 / 1024.0
-        );
-
+        Some((rps_ratio_c32, cpu_ratio, p50_delta))
+    });
+    if let Some(mut child) = child {
+        if figures.is_some() || open_streams_only {
+            child.open_streams_figure(&gateway_url);
+        }
+        child.end();
+    }
+    if let Some((rps_ratio_c32, cpu_ratio, p50_delta)) = figures {
         println!(
             "overhead: rps_ratio_c32={rps_ratio_c32:.2} cpu_ratio={cpu_ratio:.2} p50_delta_c1_ms={p50_delta:.3}"
         );
-    });
+    }
 }

@@ -82,31 +82,69 @@ fn stream(data: &[u8], translator: impl SseTranslator) -> Vec<Result<StreamEvent
     items
 }
 
-/// An Anthropic Messages SSE body, through the provider's translator.
+/// An Anthropic Messages SSE body, through the provider's translator; its
+/// typed reads of the common events give what the `Value` path gives.
 pub fn anthropic_stream(data: &[u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-    stream(data, anthropic::Translator::default())
+    let items = stream(data, anthropic::Translator::default());
+    let general = stream(data, anthropic::Translator::general_only());
+    assert_eq!(
+        format!("{items:?}"),
+        format!("{general:?}"),
+        "the typed read differs"
+    );
+    items
 }
 
 /// An OpenAI chat-completions SSE body (also what Databricks Model Serving
-/// streams), through the provider's translator.
+/// streams), through the provider's translator; its typed reads of the
+/// common chunks give what the `Value` path gives.
 pub fn openai_stream(data: &[u8]) -> Vec<Result<StreamEvent, ProviderError>> {
-    stream(data, openai::Translator::default())
+    let items = stream(data, openai::Translator::default());
+    let general = stream(data, openai::Translator::general_only());
+    assert_eq!(
+        format!("{items:?}"),
+        format!("{general:?}"),
+        "the typed read differs"
+    );
+    items
 }
 
 /// A whole Anthropic response body, and the same bytes as an error body of
 /// `status`.
+/// The typed read of the common shape, when it succeeds, gives the answer
+/// the `Value` path gives.
 pub fn anthropic_response(status: u16, body: &[u8]) {
-    if let Ok(value) = serde_json::from_slice(body) {
-        let _ = anthropic::parse_response(&value);
+    let parsed = anthropic::parse_body(body);
+    let typed = anthropic::typed_response(body);
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => {
+            let general = anthropic::parse_response(&value);
+            if let Some(typed) = &typed {
+                assert_eq!(general.as_ref().ok(), Some(typed), "the typed read differs");
+            }
+            assert_eq!(format!("{general:?}"), format!("{parsed:?}"));
+        }
+        Err(_) => assert!(typed.is_none(), "the typed read accepted invalid JSON"),
     }
     error_body(status, body, anthropic::classify);
 }
 
 /// A whole OpenAI (or Databricks) response body, and the same bytes as an
 /// error body of `status`.
+/// The typed read of the common shape, when it succeeds, gives the answer
+/// the `Value` path gives.
 pub fn openai_response(status: u16, body: &[u8]) {
-    if let Ok(value) = serde_json::from_slice(body) {
-        let _ = openai::parse_response(&value);
+    let parsed = openai::parse_body(body);
+    let typed = openai::typed_response(body);
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => {
+            let general = openai::parse_response(&value);
+            if let Some(typed) = &typed {
+                assert_eq!(general.as_ref().ok(), Some(typed), "the typed read differs");
+            }
+            assert_eq!(format!("{general:?}"), format!("{parsed:?}"));
+        }
+        Err(_) => assert!(typed.is_none(), "the typed read accepted invalid JSON"),
     }
     error_body(status, body, openai::classify);
 }

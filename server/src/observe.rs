@@ -68,6 +68,36 @@ pub struct HopAttributes {
     output_tokens: Vec<KeyValue>,
     /// `gateway.provider`.
     provider: [KeyValue; 1],
+    /// The instruments bound to these attributes, for the first metrics
+    /// they are recorded to.
+    bound: std::sync::OnceLock<BoundInstruments>,
+}
+
+/// A call's histograms bound to one [`HopAttributes`]: the same series as
+/// recording with the attributes, without looking them up per record.
+#[derive(Debug)]
+struct BoundInstruments {
+    /// The metrics they belong to.
+    metrics: std::sync::Weak<GatewayMetrics>,
+    /// `operation_duration` of a call that succeeded.
+    duration: opentelemetry::metrics::BoundHistogram<f64>,
+    input_tokens: opentelemetry::metrics::BoundHistogram<u64>,
+    output_tokens: opentelemetry::metrics::BoundHistogram<u64>,
+    attempts: opentelemetry::metrics::BoundHistogram<u64>,
+    overhead: opentelemetry::metrics::BoundHistogram<f64>,
+}
+
+impl BoundInstruments {
+    fn new(metrics: &Arc<GatewayMetrics>, attributes: &HopAttributes) -> Self {
+        Self {
+            metrics: Arc::downgrade(metrics),
+            duration: metrics.operation_duration.bind(&attributes.call),
+            input_tokens: metrics.token_usage.bind(&attributes.input_tokens),
+            output_tokens: metrics.token_usage.bind(&attributes.output_tokens),
+            attempts: metrics.attempts.bind(&attributes.provider),
+            overhead: metrics.overhead.bind(&attributes.provider),
+        }
+    }
 }
 
 impl HopAttributes {
@@ -87,6 +117,7 @@ impl HopAttributes {
             output_tokens: with_type("output"),
             call,
             provider: [KeyValue::new("gateway.provider", provider.to_string())],
+            bound: std::sync::OnceLock::new(),
         }
     }
 }
@@ -333,13 +364,28 @@ impl CallObservation {
             return;
         }
         self.overhead_recorded = true;
-        self.metrics.overhead.record(
-            self.started
-                .elapsed()
-                .saturating_sub(self.waited)
-                .as_secs_f64(),
-            &self.attributes.provider,
-        );
+        let overhead = self
+            .started
+            .elapsed()
+            .saturating_sub(self.waited)
+            .as_secs_f64();
+        match self.bound() {
+            Some(bound) => bound.overhead.record(overhead),
+            None => self
+                .metrics
+                .overhead
+                .record(overhead, &self.attributes.provider),
+        }
+    }
+
+    /// The instruments bound to this hop's attributes, when they are bound
+    /// to this call's metrics (the first metrics a hop records to).
+    fn bound(&self) -> Option<&BoundInstruments> {
+        let bound = self
+            .attributes
+            .bound
+            .get_or_init(|| BoundInstruments::new(&self.metrics, &self.attributes));
+        std::ptr::eq(bound.metrics.as_ptr(), Arc::as_ptr(&self.metrics)).then_some(bound)
     }
 
     /// Records a successful answer on the chat span and in the metrics.
@@ -365,12 +411,17 @@ impl CallObservation {
             self.chat
                 .record("gen_ai.usage.output_tokens", i64::from(usage.output_tokens));
         }
-        let tokens = &self.metrics.token_usage;
-        tokens.record(u64::from(usage.input_tokens), &self.attributes.input_tokens);
-        tokens.record(
-            u64::from(usage.output_tokens),
-            &self.attributes.output_tokens,
-        );
+        if let Some(bound) = self.bound() {
+            bound.input_tokens.record(u64::from(usage.input_tokens));
+            bound.output_tokens.record(u64::from(usage.output_tokens));
+        } else {
+            let tokens = &self.metrics.token_usage;
+            tokens.record(u64::from(usage.input_tokens), &self.attributes.input_tokens);
+            tokens.record(
+                u64::from(usage.output_tokens),
+                &self.attributes.output_tokens,
+            );
+        }
         self.finish(None, attempts);
     }
 
@@ -402,19 +453,25 @@ impl CallObservation {
     fn finish(&mut self, error: Option<&'static str>, attempts: u32) {
         self.record_overhead();
         let took = self.started.elapsed().as_secs_f64();
-        match error {
-            None => self
+        let bound = self.bound();
+        match (error, bound) {
+            (None, Some(bound)) => bound.duration.record(took),
+            (None, None) => self
                 .metrics
                 .operation_duration
                 .record(took, &self.attributes.call),
-            Some(kind) => {
+            (Some(kind), _) => {
                 let mut attrs = self.attributes.call.clone();
                 attrs.push(KeyValue::new("error.type", kind));
                 self.metrics.operation_duration.record(took, &attrs);
             }
         }
-        self.metrics
-            .attempts
-            .record(u64::from(attempts), &self.attributes.provider);
+        match bound {
+            Some(bound) => bound.attempts.record(u64::from(attempts)),
+            None => self
+                .metrics
+                .attempts
+                .record(u64::from(attempts), &self.attributes.provider),
+        }
     }
 }

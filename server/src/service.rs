@@ -111,11 +111,22 @@ impl GatewayService {
 type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
 
 /// The server span of one RPC, a child of the caller's `traceparent`.
-fn server_span(method: &str, metadata: &MetadataMap) -> tracing::Span {
+/// Without an OpenTelemetry layer ([`crate::telemetry::spans_exported`])
+/// only what the log lines show is built: the span and its method.
+fn server_span(method: &'static str, metadata: &MetadataMap) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !crate::telemetry::spans_exported() {
+        return tracing::info_span!("rpc", rpc.method = method);
+    }
+    let otel_name = match method {
+        "Complete" => "provider_gateway.v1.ProviderGateway/Complete",
+        "Stream" => "provider_gateway.v1.ProviderGateway/Stream",
+        "ListProviders" => "provider_gateway.v1.ProviderGateway/ListProviders",
+        _ => method,
+    };
     let span = tracing::info_span!(
         "rpc",
-        otel.name = %format!("{}/{method}", crate::SERVICE_NAME),
+        otel.name = %otel_name,
         otel.kind = "server",
         otel.status_code = Empty,
         rpc.system = "grpc",
@@ -137,8 +148,12 @@ fn server_span(method: &str, metadata: &MetadataMap) -> tracing::Span {
     span
 }
 
-/// Records how an RPC ended on its server span.
+/// Records how an RPC ended on its server span (OpenTelemetry attributes:
+/// nothing to do when no layer exports them).
 fn record_status(span: &tracing::Span, code: tonic::Code, metadata: Option<&MetadataMap>) {
+    if !crate::telemetry::spans_exported() {
+        return;
+    }
     span.record("rpc.grpc.status_code", code as i64);
     if code != tonic::Code::Ok {
         span.record("otel.status_code", "ERROR");
@@ -211,7 +226,7 @@ impl GatewayService {
         let (admission, options, chat) = self.accept(request, CallKind::Request)?;
         let done = self
             .registry
-            .complete(&chat, &options)
+            .complete_shared(Arc::new(chat), &options)
             .await
             .map_err(|e| status_of(&e))?;
         drop(admission);
@@ -232,7 +247,7 @@ impl GatewayService {
         let (admission, options, chat) = self.accept(request, CallKind::Stream)?;
         let open = self
             .registry
-            .stream(&chat, &options)
+            .stream_shared(Arc::new(chat), &options)
             .await
             .map_err(|e| status_of(&e))?;
         let (provider, first_attempts) = (open.provider.clone(), open.attempt);
@@ -240,19 +255,20 @@ impl GatewayService {
         let mut attempts = first_attempts;
         let mut serving = provider.clone();
         let body = open.events.flat_map(move |item| {
-            let items = match item {
+            // At most two items; no Vec per event.
+            let items: [Option<Result<pb::StreamResponse, Status>>; 2] = match item {
                 // After the stop, an OK status carrying the attempt report
                 // becomes the stream's trailers.
                 Ok(event @ StreamEvent::Stop(_)) => {
                     let mut trailers = Status::ok("");
                     report(trailers.metadata_mut(), &serving, attempts);
                     record_status(&span, tonic::Code::Ok, Some(trailers.metadata()));
-                    vec![
-                        Ok(stream_response(event, &provider, first_attempts)),
-                        Err(trailers),
+                    [
+                        Some(Ok(stream_response(event, &provider, first_attempts))),
+                        Some(Err(trailers)),
                     ]
                 }
-                Ok(StreamEvent::KeepAlive) => Vec::new(),
+                Ok(StreamEvent::KeepAlive) => [None, None],
                 Ok(event) => {
                     // A continuation or restart adds attempts, and may
                     // come from the next provider of the chain.
@@ -264,17 +280,20 @@ impl GatewayService {
                         attempts = *attempt;
                         serving.clone_from(provider);
                     }
-                    vec![Ok(stream_response(event, &provider, first_attempts))]
+                    [
+                        Some(Ok(stream_response(event, &provider, first_attempts))),
+                        None,
+                    ]
                 }
                 Err(error) => {
                     let status = status_of(&error);
                     record_status(&span, status.code(), Some(status.metadata()));
-                    vec![Err(status)]
+                    [Some(Err(status)), None]
                 }
             };
             // The stream holds its admission until it ends or is dropped.
             let _held = &admission;
-            futures_util::stream::iter(items)
+            futures_util::stream::iter(items.into_iter().flatten())
         });
         let mut response = Response::new(Box::pin(body) as StreamBody);
         report(response.metadata_mut(), &open.provider, open.attempt);

@@ -413,6 +413,7 @@ impl Telemetry {
         // Only spans (never log events) go to OpenTelemetry; they carry
         // their own attributes.
         let otel = self.tracer_provider.as_ref().map(|p| {
+            SPANS_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing_opentelemetry::layer()
                 .with_tracer(p.tracer(SCOPE))
                 .with_location(false)
@@ -619,6 +620,19 @@ pub fn extract_parent(metadata: &tonic::metadata::MetadataMap) -> Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)))
 }
 
+/// Set once a subscriber with the OpenTelemetry layer has been built in
+/// this process (and never unset).
+static SPANS_EXPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans may be exported: `false` only when no subscriber of this
+/// process has the OpenTelemetry layer. Then a span's OpenTelemetry
+/// attributes (`otel.*`, the trace context, what is recorded at its end)
+/// reach no one, and the request path skips them; the log lines keep the
+/// span and the fields they show.
+pub(crate) fn spans_exported() -> bool {
+    SPANS_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Writes W3C trace context into HTTP headers.
 pub struct HeaderInjector<'a>(pub &'a mut reqwest::header::HeaderMap);
 
@@ -637,8 +651,12 @@ impl Injector for HeaderInjector<'_> {
 /// for an upstream request.
 pub fn trace_headers() -> reqwest::header::HeaderMap {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let cx = tracing::Span::current().context();
     let mut headers = reqwest::header::HeaderMap::new();
+    if !spans_exported() {
+        // No OpenTelemetry layer: no span has a context to send.
+        return headers;
+    }
+    let cx = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut HeaderInjector(&mut headers))
     });

@@ -115,13 +115,22 @@ impl Ingress {
                 );
             }
         };
-        let span = tracing::info_span!(
-            "http",
-            otel.name = %format!("{} {}", request.method(), path),
-            otel.kind = "server",
-            http.request.method = %request.method(),
-            http.route = path,
-        );
+        // The OpenTelemetry attributes only when a layer exports them.
+        let span = if crate::telemetry::spans_exported() {
+            tracing::info_span!(
+                "http",
+                otel.name = %format!("{} {}", request.method(), path),
+                otel.kind = "server",
+                http.request.method = %request.method(),
+                http.route = path,
+            )
+        } else {
+            tracing::info_span!(
+                "http",
+                http.request.method = %request.method(),
+                http.route = path,
+            )
+        };
         let result = async {
             match route {
                 Route::ChatCompletions => openai::chat_completions(&self, request, arrival).await,
@@ -338,20 +347,21 @@ impl Ingress {
         if !stream {
             let done = self
                 .registry
-                .complete(&chat, &accepted.options)
+                .complete_shared(Arc::new(chat), &accepted.options)
                 .await
                 .map_err(failed)?;
             return Ok(Served::Whole(done));
         }
+        let model = chat.model_or("").to_string();
         let open = self
             .registry
-            .stream(&chat, &accepted.options)
+            .stream_shared(Arc::new(chat), &accepted.options)
             .await
             .map_err(failed)?;
         Ok(Served::Stream {
             open,
             admission: accepted.admission,
-            model: chat.model_or("").to_string(),
+            model,
         })
     }
 }

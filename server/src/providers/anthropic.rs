@@ -4,10 +4,10 @@ use std::collections::{HashMap, VecDeque};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::http::{self, Classified};
+use super::http::{self, Classified, JsonStr};
 use super::sse::{SseEvent, SseTranslator, sse_stream};
 use super::{ApiKey, EventStream, Provider};
 use crate::chat::{
@@ -30,6 +30,8 @@ pub struct AnthropicProvider {
     client: reqwest::Client,
     url: reqwest::Url,
     api_key: ApiKey,
+    /// `x-api-key`'s value, built once and marked sensitive.
+    key_value: reqwest::header::HeaderValue,
     model: String,
     max_tokens: u32,
     limits: http::ReadLimits,
@@ -44,10 +46,15 @@ impl AnthropicProvider {
     ) -> Result<Self, ConfigError> {
         let key_env = config.api_key_env.as_deref().unwrap_or("ANTHROPIC_API_KEY");
         let base = http::base_url(name, config.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL))?;
+        let api_key = ApiKey::from_env(env, key_env, name)?;
+        let mut key_value = reqwest::header::HeaderValue::from_str(api_key.expose())
+            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
+        key_value.set_sensitive(true);
         Ok(Self {
             client: http::client(name, config)?,
             url: http::endpoint(&base, &["v1", "messages"]),
-            api_key: ApiKey::from_env(env, key_env, name)?,
+            api_key,
+            key_value,
             model: config.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
             max_tokens: config.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             limits: http::ReadLimits::of(config),
@@ -55,12 +62,9 @@ impl AnthropicProvider {
     }
 
     fn request(&self, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
-        let mut key = reqwest::header::HeaderValue::from_str(self.api_key.expose())
-            .unwrap_or_else(|_| reqwest::header::HeaderValue::from_static(""));
-        key.set_sensitive(true);
         self.client
             .post(self.url.clone())
-            .header("x-api-key", key)
+            .header("x-api-key", self.key_value.clone())
             .header("anthropic-version", API_VERSION)
             .json(&self.body(req, stream))
     }
@@ -222,8 +226,8 @@ impl Provider for AnthropicProvider {
         async move {
             let response =
                 http::send(self.request(req, false), classify, Some(&self.api_key)).await?;
-            let body = http::json_body(response, self.limits.max_body_bytes).await?;
-            parse_response(&body).map_err(|e| http::redact(Some(&self.api_key), e))
+            let body = http::body_bytes(response, self.limits.max_body_bytes).await?;
+            parse_body(&body).map_err(|e| http::redact(Some(&self.api_key), e))
         }
         .boxed()
     }
@@ -311,6 +315,96 @@ fn usage(v: &Value) -> Usage {
     }
 }
 
+/// A whole response body: its common shape read by [`typed_response`],
+/// anything else through a `Value` by [`parse_response`]. Both read the
+/// same answer from the same body.
+pub(crate) fn parse_body(body: &[u8]) -> Result<ChatResponse, ProviderError> {
+    if let Some(response) = typed_response(body) {
+        return Ok(response);
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| http::bad_json("a response", &e))?;
+    parse_response(&v)
+}
+
+/// A response in its common shape, read without building a `Value` (but
+/// a tool call's `input`, which is re-serialized as the `Value` path does):
+/// strings borrow from the body until they are copied into the answer.
+/// Unknown fields are skipped. Anything this might read otherwise than the
+/// `Value` path (a field of another type, a duplicate key, no content, no
+/// stop reason) is `None`, for that path.
+#[derive(Deserialize)]
+struct TypedResponse<'a> {
+    #[serde(borrow, default)]
+    id: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    model: Option<JsonStr<'a>>,
+    #[serde(borrow)]
+    content: Vec<TypedBlock<'a>>,
+    #[serde(borrow)]
+    stop_reason: JsonStr<'a>,
+    #[serde(default)]
+    usage: Option<TypedUsage>,
+}
+
+#[derive(Deserialize)]
+struct TypedBlock<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: JsonStr<'a>,
+    #[serde(borrow, default)]
+    text: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    id: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    name: Option<JsonStr<'a>>,
+    #[serde(default)]
+    input: Option<Value>,
+}
+
+/// Counts as `u64`s: a negative or fractional one fails the typed read
+/// (the `Value` path reads it as 0).
+#[derive(Deserialize)]
+struct TypedUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+}
+
+fn saturate(n: Option<u64>) -> u32 {
+    n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The common shape of a response (see [`TypedResponse`]), or `None`.
+pub(crate) fn typed_response(body: &[u8]) -> Option<ChatResponse> {
+    let v: TypedResponse<'_> = serde_json::from_slice(body).ok()?;
+    let content = v
+        .content
+        .into_iter()
+        .filter_map(|b| match b.kind.as_str() {
+            "text" => Some(Content::Text(http::text_or_empty(b.text.as_ref()))),
+            "tool_use" => Some(Content::ToolUse {
+                id: http::text_or_empty(b.id.as_ref()),
+                name: http::text_or_empty(b.name.as_ref()),
+                input_json: b.input.unwrap_or(Value::Null).to_string(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let usage = v.usage.map_or(Usage::default(), |u| Usage {
+        input_tokens: saturate(u.input_tokens),
+        output_tokens: saturate(u.output_tokens),
+    });
+    Some(ChatResponse {
+        id: http::text_or_empty(v.id.as_ref()),
+        model: http::text_or_empty(v.model.as_ref()),
+        content,
+        stop_reason: stop_reason(v.stop_reason.as_str()),
+        usage,
+    })
+}
+
+/// A response read through a `Value`: any shape, every field optional
+/// where the gateway can do without it.
 pub(crate) fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
     let blocks = v["content"]
         .as_array()
@@ -348,12 +442,88 @@ pub(crate) struct Translator {
     next_index: u32,
     usage: Usage,
     stop: Option<StopReason>,
+    /// Every event through the `Value` path (the fuzz targets compare).
+    general_only: bool,
 }
 
 type Out = VecDeque<Result<StreamEvent, ProviderError>>;
 
+/// The common event, a `content_block_delta`, read without building a
+/// `Value`: strings borrow from the event. Anything this might read
+/// otherwise than the `Value` path (another type, a field of another type,
+/// a duplicate key) sends the event down that path.
+#[derive(Deserialize)]
+struct TypedDeltaEvent<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: JsonStr<'a>,
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    delta: Option<TypedDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TypedDelta<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    text: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    partial_json: Option<JsonStr<'a>>,
+}
+
+impl Translator {
+    /// Every event through the `Value` path, for comparing both paths.
+    pub(crate) fn general_only() -> Self {
+        Self {
+            general_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Handles `data` if it is a `content_block_delta` (see
+    /// [`TypedDeltaEvent`]); `false` leaves it to the general path.
+    fn on_typed_delta(&mut self, data: &str, out: &mut Out) -> bool {
+        let Ok(v) = serde_json::from_str::<TypedDeltaEvent<'_>>(data) else {
+            return false;
+        };
+        if v.kind.as_str() != "content_block_delta" {
+            return false;
+        }
+        let Some(&index) = self.blocks.get(&v.index.unwrap_or(0)) else {
+            return true;
+        };
+        let Some(delta) = v.delta else {
+            return true;
+        };
+        match delta.kind.as_ref().map(JsonStr::as_str) {
+            Some("text_delta") => {
+                if let Some(text) = delta.text.filter(|t| !t.as_str().is_empty()) {
+                    out.push_back(Ok(StreamEvent::Text {
+                        index,
+                        text: text.0.into_owned(),
+                    }));
+                }
+            }
+            Some("input_json_delta") => {
+                if let Some(json) = delta.partial_json.filter(|j| !j.as_str().is_empty()) {
+                    out.push_back(Ok(StreamEvent::ToolInputJson {
+                        index,
+                        json: json.0.into_owned(),
+                    }));
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
 impl SseTranslator for Translator {
-    fn on_event(&mut self, event: SseEvent, out: &mut Out) {
+    fn on_event(&mut self, event: &SseEvent, out: &mut Out) {
+        if !self.general_only && self.on_typed_delta(&event.data, out) {
+            return;
+        }
         let v: Value = match serde_json::from_str(&event.data) {
             Ok(v) => v,
             Err(_) if event.event == "ping" => return out.push_back(Ok(StreamEvent::KeepAlive)),

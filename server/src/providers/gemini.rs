@@ -467,7 +467,7 @@ impl Translator {
 }
 
 impl SseTranslator for Translator {
-    fn on_event(&mut self, event: SseEvent, out: &mut Out) {
+    fn on_event(&mut self, event: &SseEvent, out: &mut Out) {
         let data = event.data.trim();
         if self.done || data.is_empty() {
             return;

@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use reqwest::Url;
-use reqwest::header::HeaderMap;
+use reqwest::header::{HeaderMap, HeaderName};
 
 use super::{ApiKey, RateLimits};
 use crate::config::{ConfigError, HttpProviderConfig};
@@ -150,7 +150,11 @@ pub(crate) async fn send_with(
     key: Option<&ApiKey>,
 ) -> Result<reqwest::Response, ProviderError> {
     // The attempt span is current: its trace context goes upstream.
-    let request = request.headers(crate::telemetry::trace_headers());
+    let request = if crate::telemetry::spans_exported() {
+        request.headers(crate::telemetry::trace_headers())
+    } else {
+        request
+    };
     let span = tracing::Span::current();
     let response = request
         .send()
@@ -351,36 +355,82 @@ pub(crate) fn retry_hints(
     (retry_after, should_retry)
 }
 
+/// The rate-limit headers [`rate_limits`] reads, parsed once.
+static X_RATELIMIT_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+static X_RATELIMIT_RESET_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-reset-requests");
+static ANTHROPIC_RATELIMIT_REQUESTS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+static ANTHROPIC_RATELIMIT_REQUESTS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-reset");
+static X_RATELIMIT_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+static X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static ANTHROPIC_RATELIMIT_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static ANTHROPIC_RATELIMIT_TOKENS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset");
+static ANTHROPIC_RATELIMIT_INPUT_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining");
+static ANTHROPIC_RATELIMIT_INPUT_TOKENS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-input-tokens-reset");
+static ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-output-tokens-remaining");
+static ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_RESET: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-output-tokens-reset");
+
 /// The rate limits an answer reports: OpenAI's
 /// `x-ratelimit-remaining-requests|tokens` with their Go-duration resets,
 /// or Anthropic's `anthropic-ratelimit-requests-*` and the tightest of its
 /// `…-tokens-*`, `…-input-tokens-*`, `…-output-tokens-*` with RFC 3339
 /// resets. `None` when the answer says nothing of them.
 pub(crate) fn rate_limits(headers: &HeaderMap, now: SystemTime) -> Option<RateLimits> {
-    let text = |name: &str| {
+    let text = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let count = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
-    let openai = |limit: &str| {
-        let left = count(&format!("x-ratelimit-remaining-{limit}"))?;
-        let reset = go_duration(text(&format!("x-ratelimit-reset-{limit}"))?)?;
+    let count = |name: &HeaderName| text(name).and_then(|v| v.parse::<u64>().ok());
+    // (remaining, reset) header names, spelled out: no name is formatted
+    // per answer.
+    let openai = |(remaining, reset): (&HeaderName, &HeaderName)| {
+        let left = count(remaining)?;
+        let reset = go_duration(text(reset)?)?;
         Some((left, reset))
     };
-    let anthropic = |limit: &str| {
-        let left = count(&format!("anthropic-ratelimit-{limit}-remaining"))?;
-        let reset = rfc3339(text(&format!("anthropic-ratelimit-{limit}-reset"))?)?;
+    let anthropic = |(remaining, reset): (&HeaderName, &HeaderName)| {
+        let left = count(remaining)?;
+        let reset = rfc3339(text(reset)?)?;
         let wait = reset.duration_since(now).unwrap_or(Duration::ZERO);
         Some((left, wait.min(MAX_RETRY_AFTER)))
     };
-    let requests = openai("requests").or_else(|| anthropic("requests"));
-    let tokens = openai("tokens").or_else(|| {
-        ["tokens", "input-tokens", "output-tokens"]
-            .into_iter()
-            .filter_map(anthropic)
-            .min_by_key(|(left, _)| *left)
+    let requests =
+        openai((&X_RATELIMIT_REMAINING_REQUESTS, &X_RATELIMIT_RESET_REQUESTS)).or_else(|| {
+            anthropic((
+                &ANTHROPIC_RATELIMIT_REQUESTS_REMAINING,
+                &ANTHROPIC_RATELIMIT_REQUESTS_RESET,
+            ))
+        });
+    let tokens = openai((&X_RATELIMIT_REMAINING_TOKENS, &X_RATELIMIT_RESET_TOKENS)).or_else(|| {
+        [
+            (
+                &ANTHROPIC_RATELIMIT_TOKENS_REMAINING,
+                &ANTHROPIC_RATELIMIT_TOKENS_RESET,
+            ),
+            (
+                &ANTHROPIC_RATELIMIT_INPUT_TOKENS_REMAINING,
+                &ANTHROPIC_RATELIMIT_INPUT_TOKENS_RESET,
+            ),
+            (
+                &ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_REMAINING,
+                &ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_RESET,
+            ),
+        ]
+        .into_iter()
+        .filter_map(anthropic)
+        .min_by_key(|(left, _)| *left)
     });
     (requests.is_some() || tokens.is_some()).then_some(RateLimits { requests, tokens })
 }
@@ -554,9 +604,20 @@ pub(crate) fn bad_json(what: &str, e: &serde_json::Error) -> ProviderError {
 /// larger body fails the attempt as a `server-error` (an upstream protocol
 /// error) without being buffered.
 pub(crate) async fn json_body(
-    mut response: reqwest::Response,
+    response: reqwest::Response,
     max_bytes: usize,
 ) -> Result<serde_json::Value, ProviderError> {
+    let body = body_bytes(response, max_bytes).await?;
+    serde_json::from_slice(&body).map_err(|e| bad_json("a response", &e))
+}
+
+/// Reads a successful response's body, at most `max_bytes` of it, as
+/// [`json_body`] does, without decoding it. A body that arrives in one
+/// chunk (the common case) is not copied.
+pub(crate) async fn body_bytes(
+    mut response: reqwest::Response,
+    max_bytes: usize,
+) -> Result<bytes::Bytes, ProviderError> {
     let too_big = || {
         ProviderError::new(
             ErrorClass::ServerError,
@@ -571,14 +632,103 @@ pub(crate) async fn json_body(
     {
         return Err(too_big());
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| body_error(&e))? {
+    let Some(first) = response.chunk().await.map_err(|e| body_error(&e))? else {
+        return Ok(bytes::Bytes::new());
+    };
+    if first.len() > max_bytes {
+        return Err(too_big());
+    }
+    let Some(second) = response.chunk().await.map_err(|e| body_error(&e))? else {
+        return Ok(first);
+    };
+    let mut body = Vec::with_capacity(first.len() + second.len());
+    body.extend_from_slice(&first);
+    let mut next = Some(second);
+    while let Some(chunk) = next {
         if chunk.len() > max_bytes.saturating_sub(body.len()) {
             return Err(too_big());
         }
         body.extend_from_slice(&chunk);
+        next = response.chunk().await.map_err(|e| body_error(&e))?;
     }
-    serde_json::from_slice(&body).map_err(|e| bad_json("a response", &e))
+    Ok(body.into())
+}
+
+/// A JSON string that borrows from the input when it holds no escapes, and
+/// is copied only when it does. (serde's own `Cow<str>` is always copied
+/// unless it is the field's whole type.) Any other JSON type is an error,
+/// so a typed read falls back to the general path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct JsonStr<'a>(pub(crate) std::borrow::Cow<'a, str>);
+
+impl<'a> JsonStr<'a> {
+    /// The text.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for JsonStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = JsonStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(JsonStr(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(JsonStr(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(JsonStr(std::borrow::Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// `s`'s text, or `""` for `None`: what `value.as_str().unwrap_or_default()`
+/// reads from a `Value`.
+pub(crate) fn text_or_empty(s: Option<&JsonStr<'_>>) -> String {
+    s.map_or_else(String::new, |s| s.as_str().to_owned())
+}
+
+/// A JSON array read as "exactly one element": `One(Some(x))` for `[x]`,
+/// `One(None)` for `[]` or for two or more (the rest are skipped, not
+/// decoded), without allocating a `Vec`.
+#[derive(Debug)]
+pub(crate) struct One<T>(pub(crate) Option<T>);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for One<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = One<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let Some(first) = seq.next_element::<T>()? else {
+                    return Ok(One(None));
+                };
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                    return Ok(One(Some(first)));
+                }
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(One(None))
+            }
+        }
+        deserializer.deserialize_seq(Visitor(std::marker::PhantomData))
+    }
 }
 
 #[cfg(test)]

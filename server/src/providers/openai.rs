@@ -12,7 +12,7 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{self, Classified};
+use super::http::{self, Classified, JsonStr, One};
 use super::sse::{SseEvent, SseTranslator, sse_stream};
 use super::{ApiKey, EventStream, Provider};
 use crate::chat::{
@@ -60,6 +60,9 @@ pub struct OpenAiProvider {
     endpoint: Endpoint,
     api_key: Option<ApiKey>,
     key_header: KeyHeader,
+    /// The header carrying the key, built once (`None` without a key, or
+    /// for a key no header value can hold).
+    auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     model: String,
     max_tokens: Option<u32>,
     limits: http::ReadLimits,
@@ -103,13 +106,15 @@ impl OpenAiProvider {
         default_model: &str,
         env: &dyn EnvSource,
     ) -> Result<Self, ConfigError> {
+        let api_key = key_env
+            .map(|var| ApiKey::from_env(env, var, name))
+            .transpose()?;
         Ok(Self {
             kind,
             client: http::client(name, config)?,
             endpoint,
-            api_key: key_env
-                .map(|var| ApiKey::from_env(env, var, name))
-                .transpose()?,
+            auth: auth_header(api_key.as_ref(), KeyHeader::Bearer),
+            api_key,
             key_header: KeyHeader::Bearer,
             model: config.model.clone().unwrap_or_else(|| default_model.into()),
             max_tokens: config.max_tokens,
@@ -121,6 +126,7 @@ impl OpenAiProvider {
     /// Sends the key as `header` instead of a Bearer token.
     pub(crate) fn with_key_header(mut self, header: KeyHeader) -> Self {
         self.key_header = header;
+        self.auth = auth_header(self.api_key.as_ref(), header);
         self
     }
 
@@ -146,21 +152,8 @@ impl OpenAiProvider {
             }
         };
         let mut builder = self.client.post(url);
-        if let Some(key) = &self.api_key {
-            let (name, value) = match self.key_header {
-                KeyHeader::Bearer => (
-                    reqwest::header::AUTHORIZATION,
-                    reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())),
-                ),
-                KeyHeader::ApiKey => (
-                    reqwest::header::HeaderName::from_static("api-key"),
-                    reqwest::header::HeaderValue::from_str(key.expose()),
-                ),
-            };
-            if let Ok(mut value) = value {
-                value.set_sensitive(true);
-                builder = builder.header(name, value);
-            }
+        if let Some((name, value)) = &self.auth {
+            builder = builder.header(name.clone(), value.clone());
         }
         let mut body = body(
             req,
@@ -180,6 +173,27 @@ impl OpenAiProvider {
         }
         builder.json(&body)
     }
+}
+
+/// The header that carries `key` in `form`, marked sensitive.
+fn auth_header(
+    key: Option<&ApiKey>,
+    form: KeyHeader,
+) -> Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)> {
+    let key = key?;
+    let (name, value) = match form {
+        KeyHeader::Bearer => (
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())),
+        ),
+        KeyHeader::ApiKey => (
+            reqwest::header::HeaderName::from_static("api-key"),
+            reqwest::header::HeaderValue::from_str(key.expose()),
+        ),
+    };
+    let mut value = value.ok()?;
+    value.set_sensitive(true);
+    Some((name, value))
 }
 
 /// The chat-completions request body, borrowed from the gateway's request
@@ -417,8 +431,8 @@ impl Provider for OpenAiProvider {
         async move {
             let response =
                 http::send(self.request(req, false), classify, self.api_key.as_ref()).await?;
-            let body = http::json_body(response, self.limits.max_body_bytes).await?;
-            parse_response(&body).map_err(|e| http::redact(self.api_key.as_ref(), e))
+            let body = http::body_bytes(response, self.limits.max_body_bytes).await?;
+            parse_body(&body).map_err(|e| http::redact(self.api_key.as_ref(), e))
         }
         .boxed()
     }
@@ -545,6 +559,122 @@ fn usage(v: &Value) -> Usage {
     }
 }
 
+/// A whole response body: its common shape read by [`typed_response`],
+/// anything else through a `Value` by [`parse_response`]. Both read the
+/// same answer from the same body.
+pub(crate) fn parse_body(body: &[u8]) -> Result<ChatResponse, ProviderError> {
+    if let Some(response) = typed_response(body) {
+        return Ok(response);
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| http::bad_json("a response", &e))?;
+    parse_response(&v)
+}
+
+/// A response in its common shape, read without building a `Value`: the
+/// strings borrow from the body until they are copied into the answer.
+/// Unknown fields are skipped. Anything this might read otherwise than the
+/// `Value` path (a field of another type, a duplicate key, no choices, no
+/// finish reason, Azure's filter results) is `None`, for that path.
+#[derive(Deserialize)]
+struct TypedResponse<'a> {
+    #[serde(borrow, default)]
+    id: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    model: Option<JsonStr<'a>>,
+    #[serde(borrow)]
+    choices: Vec<TypedChoice<'a>>,
+    #[serde(default)]
+    usage: Option<TypedUsage>,
+}
+
+#[derive(Deserialize)]
+struct TypedChoice<'a> {
+    #[serde(borrow)]
+    message: TypedMessage<'a>,
+    #[serde(borrow)]
+    finish_reason: JsonStr<'a>,
+    #[serde(default)]
+    content_filter_results: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct TypedMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<TypedCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct TypedCall<'a> {
+    #[serde(borrow, default)]
+    id: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    function: Option<TypedFunction<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TypedFunction<'a> {
+    #[serde(borrow, default)]
+    name: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    arguments: Option<JsonStr<'a>>,
+}
+
+/// Counts as `u64`s: a negative or fractional one fails the typed read
+/// (the `Value` path reads it as 0).
+#[derive(Deserialize)]
+struct TypedUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+fn saturate(n: Option<u64>) -> u32 {
+    n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The common shape of a response (see [`TypedResponse`]), or `None`.
+pub(crate) fn typed_response(body: &[u8]) -> Option<ChatResponse> {
+    let v: TypedResponse<'_> = serde_json::from_slice(body).ok()?;
+    let choice = v.choices.into_iter().next()?;
+    if choice.content_filter_results.is_some() {
+        return None;
+    }
+    let message = choice.message;
+    let mut content = Vec::new();
+    if let Some(text) = message.content.filter(|t| !t.as_str().is_empty()) {
+        content.push(Content::Text(text.0.into_owned()));
+    }
+    for call in message.tool_calls.into_iter().flatten() {
+        let function = call.function.unwrap_or(TypedFunction {
+            name: None,
+            arguments: None,
+        });
+        content.push(Content::ToolUse {
+            id: http::text_or_empty(call.id.as_ref()),
+            name: http::text_or_empty(function.name.as_ref()),
+            input_json: function
+                .arguments
+                .map_or_else(|| "{}".to_string(), |a| a.0.into_owned()),
+        });
+    }
+    let usage = v.usage.map_or(Usage::default(), |u| Usage {
+        input_tokens: saturate(u.prompt_tokens),
+        output_tokens: saturate(u.completion_tokens),
+    });
+    Some(ChatResponse {
+        id: http::text_or_empty(v.id.as_ref()),
+        model: http::text_or_empty(v.model.as_ref()),
+        content,
+        stop_reason: finish_reason(choice.finish_reason.as_str()),
+        usage,
+    })
+}
+
+/// A response read through a `Value`: any shape, every field optional
+/// where the gateway can do without it.
 pub(crate) fn parse_response(v: &Value) -> Result<ChatResponse, ProviderError> {
     let choice = &v["choices"][0];
     let message = &choice["message"];
@@ -591,11 +721,21 @@ pub(crate) struct Translator {
     usage: Option<Usage>,
     stop: Option<StopReason>,
     done: bool,
+    /// Every chunk through the `Value` path (the fuzz targets compare).
+    general_only: bool,
 }
 
 type Out = VecDeque<Result<StreamEvent, ProviderError>>;
 
 impl Translator {
+    /// Every chunk through the `Value` path, for comparing both paths.
+    pub(crate) fn general_only() -> Self {
+        Self {
+            general_only: true,
+            ..Self::default()
+        }
+    }
+
     fn finish(&mut self, out: &mut Out) {
         if self.done {
             return;
@@ -619,17 +759,19 @@ impl Translator {
 }
 
 /// The common chunk, a text delta and nothing else, read without building a
-/// `Value`: strings borrow from the event. Any field that changes what a
-/// chunk means (`error`, `usage`, a finish reason, tool calls, filter
-/// results, more than one choice) sends the chunk down the `Value` path.
+/// `Value`: strings borrow from the event (and are copied only when they
+/// hold escapes), the one choice is read without a `Vec`. Any field that
+/// changes what a chunk means (`error`, `usage`, a finish reason, tool
+/// calls, filter results, other than one choice) sends the chunk down the
+/// `Value` path.
 #[derive(Deserialize)]
 struct TextChunk<'a> {
     #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
+    id: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    model: Option<JsonStr<'a>>,
     #[serde(borrow)]
-    choices: Vec<TextChoice<'a>>,
+    choices: One<TextChoice<'a>>,
     #[serde(default)]
     error: Option<IgnoredAny>,
     #[serde(default)]
@@ -649,7 +791,7 @@ struct TextChoice<'a> {
 #[derive(Deserialize)]
 struct TextDelta<'a> {
     #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
+    content: Option<JsonStr<'a>>,
     #[serde(default)]
     tool_calls: Option<IgnoredAny>,
 }
@@ -661,7 +803,7 @@ impl Translator {
         let Ok(chunk) = serde_json::from_str::<TextChunk<'_>>(data) else {
             return false;
         };
-        let [choice] = chunk.choices.as_slice() else {
+        let Some(choice) = &chunk.choices.0 else {
             return false;
         };
         let delta = choice.delta.as_ref();
@@ -676,12 +818,13 @@ impl Translator {
         if !self.started {
             self.started = true;
             out.push_back(Ok(StreamEvent::Start {
-                id: chunk.id.as_deref().unwrap_or_default().into(),
-                model: chunk.model.as_deref().unwrap_or_default().into(),
+                id: http::text_or_empty(chunk.id.as_ref()),
+                model: http::text_or_empty(chunk.model.as_ref()),
             }));
         }
         if let Some(text) = delta
-            .and_then(|d| d.content.as_deref())
+            .and_then(|d| d.content.as_ref())
+            .map(JsonStr::as_str)
             .filter(|t| !t.is_empty())
         {
             let index = match self.text_index {
@@ -702,7 +845,7 @@ impl Translator {
 }
 
 impl SseTranslator for Translator {
-    fn on_event(&mut self, event: SseEvent, out: &mut Out) {
+    fn on_event(&mut self, event: &SseEvent, out: &mut Out) {
         let data = event.data.trim();
         if data == "[DONE]" {
             return self.finish(out);
@@ -710,7 +853,7 @@ impl SseTranslator for Translator {
         if data.is_empty() {
             return;
         }
-        if !self.on_text_chunk(data, out) {
+        if self.general_only || !self.on_text_chunk(data, out) {
             self.on_chunk(data, out);
         }
     }
@@ -840,7 +983,7 @@ mod tests {
                 event: String::new(),
                 data: (*chunk).to_string(),
             };
-            fast.on_event(event, &mut fast_out);
+            fast.on_event(&event, &mut fast_out);
             general.on_chunk(chunk, &mut general_out);
             // The first four take the typed path, the others the general one.
             assert_eq!(

@@ -82,6 +82,17 @@ impl SseParser {
     /// Parses `chunk`, appending every completed event to `out`. After an
     /// error the parser should not be fed again.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), TooLong> {
+        self.push_each(chunk, |event| out.push(event.clone()))
+    }
+
+    /// Parses `chunk`, handing every completed event to `each` as it
+    /// completes. The event's buffers are the parser's own, reused for the
+    /// next event: nothing is allocated per event.
+    pub(crate) fn push_each(
+        &mut self,
+        chunk: &[u8],
+        mut each: impl FnMut(&SseEvent),
+    ) -> Result<(), TooLong> {
         let mut rest = chunk;
         while !rest.is_empty() {
             let newline = rest.iter().position(|&b| b == b'\n');
@@ -91,6 +102,14 @@ impl SseParser {
                 return Err(TooLong {
                     limit: self.max_bytes,
                 });
+            }
+            if let Some(at) = newline
+                && self.line.is_empty()
+            {
+                // A whole line inside the chunk is read where it is.
+                rest = &rest[at + 1..];
+                self.bytes_done(piece, &mut each)?;
+                continue;
             }
             // Amortized growth, capped at the limit: the buffer never holds
             // more than `max_bytes`.
@@ -105,10 +124,7 @@ impl SseParser {
             let Some(at) = newline else { break };
             rest = &rest[at + 1..];
             let mut line = std::mem::take(&mut self.line);
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            let result = self.line_done(&String::from_utf8_lossy(&line), out);
+            let result = self.bytes_done(&line, &mut each);
             // Keep the allocation for the next line.
             line.clear();
             self.line = line;
@@ -117,15 +133,33 @@ impl SseParser {
         Ok(())
     }
 
+    /// One line's bytes, without its `\n` (a trailing `\r` is dropped here).
+    fn bytes_done(&mut self, line: &[u8], each: &mut impl FnMut(&SseEvent)) -> Result<(), TooLong> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // Valid UTF-8 (the norm) is checked on the fast path.
+        match std::str::from_utf8(line) {
+            Ok(text) => self.line_done(text, each),
+            Err(_) => self.line_done(&String::from_utf8_lossy(line), each),
+        }
+    }
+
     /// Ends the body: an event not closed by a blank line still counts.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) -> Result<(), TooLong> {
         self.push(b"\n\n", out)
     }
 
-    fn line_done(&mut self, line: &str, out: &mut Vec<SseEvent>) -> Result<(), TooLong> {
+    /// [`Self::finish`], handing the last event to `each`.
+    pub(crate) fn finish_each(&mut self, each: impl FnMut(&SseEvent)) -> Result<(), TooLong> {
+        self.push_each(b"\n\n", each)
+    }
+
+    fn line_done(&mut self, line: &str, each: &mut impl FnMut(&SseEvent)) -> Result<(), TooLong> {
         if line.is_empty() {
             if self.has_data || !self.current.event.is_empty() {
-                out.push(std::mem::take(&mut self.current));
+                each(&self.current);
+                // The buffers stay for the next event.
+                self.current.event.clear();
+                self.current.data.clear();
             }
             self.has_data = false;
             return Ok(());
@@ -138,7 +172,10 @@ impl SseParser {
             None => (line, ""),
         };
         match field {
-            "event" => self.current.event = value.to_string(),
+            "event" => {
+                self.current.event.clear();
+                self.current.event.push_str(value);
+            }
             "data" => {
                 let joined = self
                     .current
@@ -167,24 +204,33 @@ impl SseParser {
 /// Turns a provider's SSE events into [`StreamEvent`]s.
 pub trait SseTranslator: Send + 'static {
     /// Handles one SSE event. Pushing an `Err` ends the stream.
-    fn on_event(&mut self, event: SseEvent, out: &mut VecDeque<Result<StreamEvent, ProviderError>>);
+    fn on_event(
+        &mut self,
+        event: &SseEvent,
+        out: &mut VecDeque<Result<StreamEvent, ProviderError>>,
+    );
 
     /// Called once when the body ends; may push the final events.
     fn on_end(&mut self, out: &mut VecDeque<Result<StreamEvent, ProviderError>>);
 }
 
-/// Feeds `events` through `translator`, with `key` redacted from every
-/// error it reports.
+/// Feeds `chunk` through `parser` and every event it completes through
+/// `translator` (the body's end for `None`), with `key` redacted from every
+/// error it reports. A line or event over the limit ends with its error.
 fn translate<T: SseTranslator>(
+    parser: &mut SseParser,
     translator: &mut T,
-    events: Vec<SseEvent>,
+    chunk: Option<&[u8]>,
     key: Option<&ApiKey>,
     out: &mut VecDeque<Result<StreamEvent, ProviderError>>,
-) {
-    for event in events {
-        translator.on_event(event, out);
-    }
+) -> Result<(), TooLong> {
+    let each = |event: &SseEvent| translator.on_event(event, out);
+    let parsed = match chunk {
+        Some(chunk) => parser.push_each(chunk, each),
+        None => parser.finish_each(each),
+    };
     redact_errors(key, out);
+    parsed
 }
 
 fn redact_errors(key: Option<&ApiKey>, out: &mut VecDeque<Result<StreamEvent, ProviderError>>) {
@@ -220,9 +266,7 @@ pub fn translate_body<'a, T: SseTranslator>(
         false
     };
     for chunk in body {
-        let mut events = Vec::new();
-        let parsed = parser.push(chunk, &mut events);
-        translate(&mut translator, events, key, &mut pending);
+        let parsed = translate(&mut parser, &mut translator, Some(chunk), key, &mut pending);
         if let Err(e) = parsed {
             pending.push_back(Err(e.to_error()));
         }
@@ -230,9 +274,7 @@ pub fn translate_body<'a, T: SseTranslator>(
             return done;
         }
     }
-    let mut events = Vec::new();
-    let parsed = parser.finish(&mut events);
-    translate(&mut translator, events, key, &mut pending);
+    let parsed = translate(&mut parser, &mut translator, None, key, &mut pending);
     if let Err(e) = parsed {
         pending.push_back(Err(e.to_error()));
     } else {
@@ -271,7 +313,8 @@ pub(crate) fn sse_stream<T: SseTranslator>(
         pending: VecDeque::new(),
         finished: false,
     };
-    Box::pin(stream::unfold(state, |mut st| async move {
+    // Boxed, so each poll moves a pointer, not the whole state.
+    Box::pin(stream::unfold(Box::new(state), |mut st| async move {
         loop {
             if let Some(item) = st.pending.pop_front() {
                 if matches!(item, Err(_) | Ok(StreamEvent::Stop(_))) {
@@ -285,17 +328,25 @@ pub(crate) fn sse_stream<T: SseTranslator>(
             }
             match st.response.chunk().await {
                 Ok(Some(bytes)) => {
-                    let mut events = Vec::new();
-                    let parsed = st.parser.push(&bytes, &mut events);
-                    translate(&mut st.translator, events, st.key.as_ref(), &mut st.pending);
+                    let parsed = translate(
+                        &mut st.parser,
+                        &mut st.translator,
+                        Some(&bytes),
+                        st.key.as_ref(),
+                        &mut st.pending,
+                    );
                     if let Err(e) = parsed {
                         st.pending.push_back(Err(e.to_error()));
                     }
                 }
                 Ok(None) => {
-                    let mut events = Vec::new();
-                    let parsed = st.parser.finish(&mut events);
-                    translate(&mut st.translator, events, st.key.as_ref(), &mut st.pending);
+                    let parsed = translate(
+                        &mut st.parser,
+                        &mut st.translator,
+                        None,
+                        st.key.as_ref(),
+                        &mut st.pending,
+                    );
                     match parsed {
                         Err(e) => st.pending.push_back(Err(e.to_error())),
                         Ok(()) => {

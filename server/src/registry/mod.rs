@@ -408,7 +408,7 @@ impl Registry {
     /// with tools or tool results only goes to providers that support tools.
     fn chain(
         &self,
-        request: &ChatRequest,
+        request: &Arc<ChatRequest>,
         options: &CallOptions,
     ) -> Result<(attempts::Hop, Vec<attempts::Hop>), GatewayError> {
         let primary = self.entry(&options.provider)?;
@@ -426,7 +426,7 @@ impl Registry {
         };
         let first = attempts::Hop {
             entry: primary.clone(),
-            request: Arc::new(request.clone()),
+            request: request.clone(),
             policy: self.call_policy(primary, options),
             hedge_after: limits.hedge_after(options.hedge_after, configured_hedge(primary)),
             context_window: primary.resilience.context_window,
@@ -480,13 +480,20 @@ impl Registry {
                 None => entry.resilience.context_window,
             };
             // A fallback asks for its own model (empty = its default): the
-            // caller's model belongs to the primary.
+            // caller's model belongs to the primary. The request is copied
+            // only when that changes the model.
+            let model = model.unwrap_or_default();
+            let hop_request = if model == request.model {
+                request.clone()
+            } else {
+                Arc::new(ChatRequest {
+                    model,
+                    ..ChatRequest::clone(request)
+                })
+            };
             hops.push(attempts::Hop {
                 entry: entry.clone(),
-                request: Arc::new(ChatRequest {
-                    model: model.unwrap_or_default(),
-                    ..request.clone()
-                }),
+                request: hop_request,
                 policy: self.call_policy(entry, options),
                 hedge_after: configured_hedge(entry).filter(|d| !d.is_zero()),
                 context_window,
@@ -511,7 +518,18 @@ impl Registry {
         request: &ChatRequest,
         options: &CallOptions,
     ) -> Result<Completion, GatewayError> {
-        let (first, rest) = self.chain(request, options)?;
+        self.complete_shared(Arc::new(request.clone()), options)
+            .await
+    }
+
+    /// [`Self::complete`] of a request the caller hands over: every hop
+    /// and attempt shares it instead of copying it.
+    pub async fn complete_shared(
+        &self,
+        request: Arc<ChatRequest>,
+        options: &CallOptions,
+    ) -> Result<Completion, GatewayError> {
+        let (first, rest) = self.chain(&request, options)?;
         let chain = CallChain::new(
             self.gate(options),
             first,
@@ -533,7 +551,17 @@ impl Registry {
         request: &ChatRequest,
         options: &CallOptions,
     ) -> Result<OpenStream, GatewayError> {
-        let (first, rest) = self.chain(request, options)?;
+        self.stream_shared(Arc::new(request.clone()), options).await
+    }
+
+    /// [`Self::stream`] of a request the caller hands over: every hop and
+    /// attempt shares it instead of copying it.
+    pub async fn stream_shared(
+        &self,
+        request: Arc<ChatRequest>,
+        options: &CallOptions,
+    ) -> Result<OpenStream, GatewayError> {
+        let (first, rest) = self.chain(&request, options)?;
         let chain = CallChain::new(
             self.gate(options),
             first,

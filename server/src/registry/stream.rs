@@ -139,13 +139,15 @@ pub(crate) fn committed(setup: StreamSetup) -> OpenStream {
         head,
         delivered: 0,
         done: false,
+        timer: None,
         mode: resume,
         resume: Resume::default(),
     };
     OpenStream {
         provider,
         attempt: attempts,
-        events: Box::pin(stream::unfold(state, |mut st| async move {
+        // Boxed, so each poll moves a pointer, not the whole state.
+        events: Box::pin(stream::unfold(Box::new(state), |mut st| async move {
             if st.done {
                 return None;
             }
@@ -190,8 +192,20 @@ struct Committed {
     delivered: u64,
     done: bool,
     idle: Duration,
+    /// The wait for the next event, armed once and moved only when it fires
+    /// early: no timer is registered per event.
+    timer: Option<WaitTimer>,
     mode: ResumeMode,
     resume: Resume,
+}
+
+/// The timer of [`Committed::upstream_next`]: the wait for an event ends at
+/// `until`, the caller's deadline when `is_deadline` (else the idle
+/// timeout). `sleep` may be armed for sooner; it is then moved to `until`.
+struct WaitTimer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    until: tokio::time::Instant,
+    is_deadline: bool,
 }
 
 /// How waiting for the next upstream event ended.
@@ -241,12 +255,48 @@ impl Committed {
         }
         let remaining = self.gate.remaining();
         let wait = remaining.map_or(self.idle, |r| r.min(self.idle));
-        match tokio::time::timeout(wait, self.events.next()).await {
-            Ok(Some(Ok(event))) => Next::Event(event),
-            Ok(Some(Err(error))) => Next::Broke(error),
-            Ok(None) => Next::Broke(no_stop()),
-            Err(_) if remaining.is_some_and(|r| r <= self.idle) => Next::Deadline,
-            Err(_) => Next::Broke(stalled(self.idle)),
+        let until = tokio::time::Instant::now() + wait;
+        let is_deadline = remaining.is_some_and(|r| r <= self.idle);
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                timer.until = until;
+                timer.is_deadline = is_deadline;
+                // Armed for later (the idle timeout of another hop may be
+                // shorter): move it now. Armed for sooner: it is moved
+                // when it fires.
+                if until < timer.sleep.deadline() {
+                    timer.sleep.as_mut().reset(until);
+                }
+                timer
+            }
+            None => self.timer.insert(WaitTimer {
+                sleep: Box::pin(tokio::time::sleep_until(until)),
+                until,
+                is_deadline,
+            }),
+        };
+        let events = &mut self.events;
+        loop {
+            tokio::select! {
+                biased;
+                item = events.next() => {
+                    return match item {
+                        Some(Ok(event)) => Next::Event(event),
+                        Some(Err(error)) => Next::Broke(error),
+                        None => Next::Broke(no_stop()),
+                    };
+                }
+                () = timer.sleep.as_mut() => {
+                    if tokio::time::Instant::now() >= timer.until {
+                        return if timer.is_deadline {
+                            Next::Deadline
+                        } else {
+                            Next::Broke(stalled(self.idle))
+                        };
+                    }
+                    timer.sleep.as_mut().reset(timer.until);
+                }
+            }
         }
     }
 
