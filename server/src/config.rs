@@ -1292,6 +1292,16 @@ impl Config {
                             return Err(err(format!("{}: must be greater than 0", key(k))));
                         }
                     }
+                    // Each session is a thread with a KV cache of its own
+                    // (about 90 MiB for a 135M model at 4096 tokens).
+                    for (k, v, most) in [
+                        ("max_sessions", c.max_sessions.map(u64::from), 64),
+                        ("threads", c.threads.map(|t| t as u64), 256),
+                    ] {
+                        if v.is_some_and(|v| v > most) {
+                            return Err(err(format!("{}: at most {most}", key(k))));
+                        }
+                    }
                     if c.temperature.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
                         return Err(err(format!("{}: must be 0 or more", key("temperature"))));
                     }
@@ -1672,6 +1682,21 @@ mod tests {
         vars.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn embedded_sessions_and_threads_are_bounded() {
+        let toml = |extra: &str| {
+            format!("[providers.local]\nkind = \"embedded\"\nmodel_path = \"m.gguf\"\n{extra}\n")
+        };
+        assert!(Config::from_toml(&toml("max_sessions = 64\nthreads = 256")).is_ok());
+        let err = Config::from_toml(&toml("max_sessions = 65")).unwrap_err();
+        assert_eq!(
+            err.0,
+            "config key `providers.local.max_sessions`: at most 64"
+        );
+        let err = Config::from_toml(&toml("threads = 100000")).unwrap_err();
+        assert_eq!(err.0, "config key `providers.local.threads`: at most 256");
     }
 
     #[test]

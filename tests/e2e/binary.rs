@@ -1,59 +1,17 @@
 //! The real `provider-gateway` binary, started on port 0: health,
 //! reflection, Complete, a clean exit on SIGTERM, and start-up errors.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use provider_gateway_client::{CallOptions, GatewayClient, request};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_stream::StreamExt as _;
 
-const BIN: &str = env!("CARGO_BIN_EXE_provider-gateway");
-
-fn command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for var in [
-        "ANTHROPIC_API_KEY",
-        "OPENAI_API_KEY",
-        "DATABRICKS_HOST",
-        "DATABRICKS_TOKEN",
-        "GATEWAY_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_COLOR", "1")
-        .env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
+use crate::support::binary::command;
 
 /// Starts the binary and reads its start-up log line for the address.
 async fn start() -> (Child, String) {
-    let mut child = command()
-        .env("GATEWAY_LISTEN", "127.0.0.1:0")
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        panic!("the gateway exited before logging its address");
-    })
-    .await
-    .expect("start-up log line");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    crate::support::binary::start(command(), Duration::from_secs(30)).await
 }
 
 #[tokio::test]

@@ -12,7 +12,6 @@
 //! answers are greedy (temperature 0), so they are the model's own.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,8 +21,7 @@ use provider_gateway_server::chat::{ChatRequest, Content, Message, Role};
 use provider_gateway_server::config::EmbeddedConfig;
 use provider_gateway_server::providers::Provider;
 use provider_gateway_server::providers::embedded::EmbeddedProvider;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tonic::Code;
 
 /// The question whose greedy answer is "The capital of France is Paris."
@@ -76,47 +74,9 @@ async fn start(path: &std::path::Path, test: &str, extra: &str) -> (Child, Gatew
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_provider-gateway"));
-    for var in [
-        "ANTHROPIC_API_KEY",
-        "OPENAI_API_KEY",
-        "DATABRICKS_HOST",
-        "DATABRICKS_TOKEN",
-        "GATEWAY_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd
-        .arg("--config")
-        .arg(&config)
-        .env("NO_COLOR", "1")
-        .env("GATEWAY_LISTEN", "127.0.0.1:0")
-        .env("GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
-        .env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(120), async {
-        let mut seen = Vec::new();
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-            seen.push(line);
-        }
-        panic!(
-            "the gateway exited before logging its address:\n{}",
-            seen.join("\n")
-        );
-    })
-    .await
-    .expect("start-up log line");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut cmd = crate::support::binary::command();
+    cmd.arg("--config").arg(&config);
+    let (child, addr) = crate::support::binary::start(cmd, Duration::from_secs(120)).await;
     let client = GatewayClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -1,13 +1,11 @@
 //! Operating the gateway: graceful shutdown of the real binary,
 //! authentication, TLS and mTLS, and load shedding.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use provider_gateway_client::{CallOptions, GatewayClient, RawClient, StreamEvent, request, v1};
 use provider_gateway_server::auth::key_hash_hex;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
@@ -29,35 +27,13 @@ async fn health(channel: tonic::transport::Channel) -> Result<i32, tonic::Status
 
 #[tokio::test]
 async fn sigterm_drains_an_open_stream_refuses_new_calls_and_exits_zero() {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_provider-gateway"))
-        .env_remove("GATEWAY_CONFIG")
-        .env("NO_COLOR", "1")
-        .env("GATEWAY_LISTEN", "127.0.0.1:0")
-        .env("GATEWAY_TELEMETRY__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
-        // The mock answers 6 words, one every 300 ms.
-        .env("GATEWAY_PROVIDERS__MOCK__KIND", "mock")
+    let mut cmd = crate::support::binary::command();
+    // The mock answers 6 words, one every 300 ms.
+    cmd.env("GATEWAY_PROVIDERS__MOCK__KIND", "mock")
         .env("GATEWAY_PROVIDERS__MOCK__REPLY", "words")
         .env("GATEWAY_PROVIDERS__MOCK__WORDS", "6")
-        .env("GATEWAY_PROVIDERS__MOCK__CHUNK_DELAY_MS", "300")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the gateway logs its address");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .env("GATEWAY_PROVIDERS__MOCK__CHUNK_DELAY_MS", "300");
+    let (mut child, addr) = crate::support::binary::start(cmd, Duration::from_secs(30)).await;
 
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -1,5 +1,6 @@
 //! Test support: the scripted upstream and the real gateway on 127.0.0.1:0.
 
+pub mod binary;
 pub mod tls_upstream;
 pub mod upstream;
 

@@ -78,7 +78,8 @@ struct Engine {
 }
 
 /// A session's thread, as the provider holds it while it is idle: where
-/// to send its next job, and the tokens its cache holds. Dropping the last
+/// to send its next job, and the tokens its cache holds (which go with the
+/// job to the thread, and come back with the handle). Dropping the last
 /// handle ends the thread.
 struct Worker {
     jobs: std::sync::mpsc::Sender<Work>,
@@ -123,9 +124,11 @@ fn run_worker(
             permit,
             mut worker,
         } = work;
+        // The tokens the cache holds travel with the handle: the thread has
+        // them while it generates, the idle list while it waits.
+        session.set_cached(std::mem::take(&mut worker.cached));
         let last = generate::generate(&mut session, model, job, &tx, counters);
-        worker.cached.clear();
-        worker.cached.extend_from_slice(session.cached());
+        worker.cached = session.take_cached();
         // Free the session before the caller can see the end, so that a
         // caller's next request never finds its own session still busy.
         if let Some(idle) = idle.upgrade() {

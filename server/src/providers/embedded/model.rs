@@ -336,7 +336,10 @@ pub(crate) fn load(path: &Path, context_length: Option<u32>) -> Result<Model, St
     let kv_heads = u64::from(model.n_head_kv());
     let width = u64::try_from(model.n_embd()).unwrap_or(0);
     // K and V, f16, for every layer: width / heads * kv_heads values each.
-    let kv_bytes_per_token = 2 * 2 * layers * (width / heads * kv_heads);
+    let kv_bytes_per_token = (width / heads)
+        .saturating_mul(kv_heads)
+        .saturating_mul(layers)
+        .saturating_mul(4);
     let info = LocalModelInfo {
         file_name: path
             .file_name()
@@ -357,7 +360,9 @@ pub(crate) fn load(path: &Path, context_length: Option<u32>) -> Result<Model, St
 /// The memory one session's KV cache takes: `context_length` tokens times
 /// 2 (K and V) times 2 bytes (f16) times layers times the key/value width.
 pub(crate) fn kv_cache_bytes(model: &Model) -> u64 {
-    model.kv_bytes_per_token * u64::from(model.info.context_length)
+    model
+        .kv_bytes_per_token
+        .saturating_mul(u64::from(model.info.context_length))
 }
 
 impl Model {
@@ -450,9 +455,15 @@ impl<'m> Session<'m> {
         })
     }
 
-    /// The tokens the cache holds.
-    pub(crate) fn cached(&self) -> &[u32] {
-        &self.cached
+    /// Gives the session back the tokens its cache holds (they were with
+    /// its handle while it was idle).
+    pub(crate) fn set_cached(&mut self, tokens: Vec<u32>) {
+        self.cached = tokens;
+    }
+
+    /// Takes the tokens the cache holds, for the session's handle.
+    pub(crate) fn take_cached(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.cached)
     }
 }
 
