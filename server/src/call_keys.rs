@@ -87,6 +87,15 @@ pub(crate) fn call_options<'a>(pairs: &[(&'a str, &'a str)]) -> Result<CallOptio
     })
 }
 
+/// How long before the caller's deadline the gateway answers
+/// `DEADLINE_EXCEEDED` itself (over gRPC and over HTTP): a tenth of the timeout, between 10 ms and
+/// 250 ms. The answer, with its reason (attempts, last error), then reaches
+/// the caller before the transport's own timer cancels the call without one,
+/// even on a loaded machine.
+pub(crate) fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1047,12 +1047,25 @@ impl Config {
         if self.http_listen.is_empty() {
             return Ok(None);
         }
-        self.http_listen.parse().map(Some).map_err(|e| {
+        let addr: SocketAddr = self.http_listen.parse().map_err(|e| {
             err(format!(
                 "config key `http_listen`: `{}` is not a socket address: {e}",
                 self.http_listen
             ))
-        })
+        })?;
+        // The HTTP ingress speaks plain HTTP: with `[tls]` on the gRPC
+        // listener, callers' keys must not cross the network in clear text
+        // on the other door. Left at its default it is then off; set to a
+        // non-loopback address it is an error.
+        if self.tls.is_some() && !addr.ip().is_loopback() {
+            if self.http_listen == DEFAULT_HTTP_LISTEN {
+                return Ok(None);
+            }
+            return Err(err(format!(
+                "config key `http_listen`: `{addr}` is not loopback, and the HTTP ingress has no TLS while `[tls]` is set: listen on 127.0.0.1 behind a TLS-terminating proxy, or set http_listen = \"\" to turn it off"
+            )));
+        }
+        Ok(Some(addr))
     }
 
     /// The default provider's name.
@@ -1682,6 +1695,32 @@ mod tests {
         vars.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn with_tls_the_http_ingress_listens_only_on_loopback() {
+        let tls = "[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n";
+        let with = |listen: &str| {
+            Config::from_toml(&format!("http_listen = \"{listen}\"\n{tls}"))
+                .and_then(|c| c.http_listen_addr())
+        };
+        let err = with("0.0.0.0:9000").unwrap_err();
+        assert!(
+            err.0
+                .starts_with("config key `http_listen`: `0.0.0.0:9000` is not loopback"),
+            "{err}"
+        );
+        assert_eq!(
+            with("127.0.0.1:8080").unwrap(),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(with("").unwrap(), None);
+        // Left at its default, the ingress is simply off under TLS.
+        let default = Config::from_toml(tls).unwrap();
+        assert_eq!(default.http_listen_addr().unwrap(), None);
+        // Without TLS any address is taken, as before.
+        let plain = Config::from_toml("http_listen = \"0.0.0.0:8080\"\n").unwrap();
+        assert!(plain.http_listen_addr().unwrap().is_some());
     }
 
     #[test]

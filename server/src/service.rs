@@ -35,15 +35,6 @@ pub const PROVIDER_HEADER: &str = "x-gateway-provider";
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival(pub std::time::Instant);
 
-/// How long before the caller's deadline the gateway answers
-/// `DEADLINE_EXCEEDED` itself: a tenth of the timeout, between 10 ms and
-/// 250 ms. The answer, with its reason (attempts, last error), then reaches
-/// the caller before the transport's own timer cancels the call without one,
-/// even on a loaded machine.
-fn deadline_margin(timeout: Duration) -> Duration {
-    (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250))
-}
-
 /// The `ProviderGateway` service.
 #[derive(Debug, Clone)]
 pub struct GatewayService {
@@ -455,7 +446,10 @@ pub(crate) fn call_options<T>(request: &Request<T>) -> Result<CallOptions, Statu
             })
         })
         .transpose()?
-        .map(|t| t.saturating_sub(deadline_margin(t)).saturating_sub(waited));
+        .map(|t| {
+            t.saturating_sub(crate::call_keys::deadline_margin(t))
+                .saturating_sub(waited)
+        });
     // Every other key is read from the text metadata; a binary value under
     // a key the gateway reads is refused, naming it.
     let mut pairs = Vec::new();

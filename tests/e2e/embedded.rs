@@ -417,11 +417,13 @@ async fn embedded_busy_is_retried_by_the_policy_until_the_session_is_free() {
             .complete(with_max_tokens("second", 4), &CallOptions::new())
             .await
     });
-    // Let the second request fail as busy at least once (each attempt
-    // queues 200 ms), then let the first finish: it was paused on its full
-    // channel, so it ends within a few tokens, well inside the second's ten
-    // attempts.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the second request has been refused busy (each attempt queues
+    // 200 ms), let the first finish: it was paused on its full channel, so
+    // it ends within a few tokens, well inside the second's 20 attempts.
+    eventually("the second call is refused busy", || {
+        provider.refused_busy() >= 1
+    })
+    .await;
     while let Some(event) = first.next().await {
         event.unwrap();
     }

@@ -247,8 +247,8 @@ async fn smollm2_a_cancelled_stream_frees_its_session_within_one_token() {
             other => panic!("the stream ended early: {other:?}"),
         }
     }
-    let generated_at_cancel = local.generated_tokens();
     drop(events);
+    let generated_at_cancel = local.generated_tokens();
     let start = Instant::now();
     while local.busy_sessions() != 0 {
         assert!(

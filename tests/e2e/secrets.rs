@@ -211,13 +211,24 @@ async fn the_key_never_leaves_the_gateway_in_process() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(spans.len() >= calls, "{} spans", spans.len());
+    let servers = spans
+        .iter()
+        .filter(|s| s.span_kind == SpanKind::Server)
+        .count();
+    assert!(servers >= calls, "{servers} server spans of {calls}");
     for span in &spans {
         assert_clean(&format!("span {}", span.name), &format!("{span:?}"));
     }
-    assert_clean("the metrics text", &telemetry.prometheus_text());
+    // What is checked is really there: the calls' metrics and log lines.
+    let metrics = telemetry.prometheus_text();
+    assert!(
+        metrics.contains("gen_ai_client_operation_duration"),
+        "{metrics}"
+    );
+    assert_clean("the metrics text", &metrics);
     drop(guard);
     let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    assert!(!logs.trim().is_empty(), "no log lines were captured");
     assert_clean("the logs", &logs);
 }
 

@@ -56,7 +56,13 @@ pub(crate) async fn serve_http(
     ingress: Arc<Ingress>,
     draining: impl Future<Output = ()> + Send,
 ) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that never finishes its request headers is dropped after
+    // 30 s instead of holding its connection forever.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     tokio::pin!(draining);
     loop {
         let socket = tokio::select! {
@@ -261,7 +267,7 @@ impl Ingress {
                 .check_model(&target.model)
                 .map_err(|why| HttpError::invalid(format!("model: {why}")))?;
         }
-        let deadline = options.timeout.map(|t| Instant::now() + t);
+        let deadline = options.timeout.and_then(|t| Instant::now().checked_add(t));
         Ok(Accepted {
             admission,
             deferred: options.client_previous_attempts > 0,
@@ -428,12 +434,6 @@ fn admit(gate: &Arc<Gate>, kind: CallKind) -> Result<Admission, HttpError> {
     })
 }
 
-/// How long before the caller's deadline the gateway answers itself, as
-/// for gRPC: a tenth of the timeout, between 10 ms and 250 ms.
-fn deadline_margin(timeout: Duration) -> Duration {
-    (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250))
-}
-
 /// The call options from the headers: the per-call keys exactly as gRPC
 /// reads them from metadata, the deadline, and the SDK's retry count.
 fn call_options(headers: &HeaderMap, arrival: Instant) -> Result<CallOptions, HttpError> {
@@ -476,7 +476,8 @@ fn call_options(headers: &HeaderMap, arrival: Instant) -> Result<CallOptions, Ht
     };
     let timeout = match text("x-request-timeout-ms")? {
         Some(v) => match v.parse::<u64>() {
-            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+            // Capped at a day, as the SDKs' own timeouts are.
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms.min(86_400_000))),
             _ => {
                 return Err(HttpError::invalid(format!(
                     "x-request-timeout-ms: `{v}` is not an integer > 0"
@@ -492,7 +493,7 @@ fn call_options(headers: &HeaderMap, arrival: Instant) -> Result<CallOptions, Ht
         },
     };
     options.timeout = timeout.map(|t| {
-        t.saturating_sub(deadline_margin(t))
+        t.saturating_sub(crate::call_keys::deadline_margin(t))
             .saturating_sub(arrival.elapsed())
     });
     if let Some(v) = text("x-stainless-retry-count")? {

@@ -307,8 +307,9 @@ impl CredentialSource {
                 "application/x-www-form-urlencoded",
             )
             .body(form);
-        let response = http::send(request, classify_sts, Some(&token)).await?;
-        let body = bounded_text(response).await?;
+        let response = http::send_credential_request(request, classify_sts, Some(&token)).await?;
+        let body =
+            String::from_utf8_lossy(&http::body_bytes(response, MAX_ANSWER).await?).into_owned();
         let field = |tag: &str| xml_text(&body, tag);
         let missing = || {
             ProviderError::new(
@@ -320,7 +321,7 @@ impl CredentialSource {
             access_key_id: field("AccessKeyId").ok_or_else(missing)?,
             secret_access_key: ApiKey::new(field("SecretAccessKey").ok_or_else(missing)?),
             session_token: field("SessionToken").map(ApiKey::new),
-            expires: field("Expiration").as_deref().and_then(rfc3339),
+            expires: Some(temporary_expiry(field("Expiration").as_deref())),
         })
     }
 
@@ -354,7 +355,8 @@ impl CredentialSource {
             value.set_sensitive(true);
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        let response = http::send(request, classify_container, token.as_ref()).await?;
+        let response =
+            http::send_credential_request(request, classify_container, token.as_ref()).await?;
         let body = http::json_body(response, MAX_ANSWER).await?;
         let field = |k: &str| {
             body[k]
@@ -372,9 +374,18 @@ impl CredentialSource {
             access_key_id: field("AccessKeyId").ok_or_else(missing)?,
             secret_access_key: ApiKey::new(field("SecretAccessKey").ok_or_else(missing)?),
             session_token: field("Token").map(ApiKey::new),
-            expires: field("Expiration").as_deref().and_then(rfc3339),
+            expires: Some(temporary_expiry(field("Expiration").as_deref())),
         })
     }
+}
+
+/// When temporary credentials (STS, a container's) expire: their
+/// `Expiration`, or in 15 minutes when it is missing or unreadable, so they
+/// are never kept as if they were static.
+fn temporary_expiry(expiration: Option<&str>) -> SystemTime {
+    expiration
+        .and_then(http::rfc3339)
+        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(15 * 60))
 }
 
 /// Reads a small file (a token) off the runtime's threads.
@@ -473,20 +484,6 @@ fn profile_source(
     }
 }
 
-async fn bounded_text(mut response: reqwest::Response) -> Result<String, ProviderError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| http::body_error(&e))? {
-        if chunk.len() > MAX_ANSWER.saturating_sub(body.len()) {
-            return Err(ProviderError::new(
-                ErrorClass::ServerError,
-                format!("the credential answer is larger than {MAX_ANSWER} bytes"),
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
 /// The text of the first `<tag>...</tag>` (STS answers are small, flat
 /// XML), with the five predefined entities decoded.
 fn xml_text(xml: &str, tag: &str) -> Option<String> {
@@ -502,14 +499,6 @@ fn xml_text(xml: &str, tag: &str) -> Option<String> {
         .replace("&apos;", "'")
         .replace("&amp;", "&");
     (!text.is_empty()).then_some(text)
-}
-
-/// An RFC 3339 time (`2024-05-01T12:00:00Z`) as a system time.
-fn rfc3339(text: &str) -> Option<SystemTime> {
-    let t =
-        aws_smithy_types::DateTime::from_str(text, aws_smithy_types::date_time::Format::DateTime)
-            .ok()?;
-    SystemTime::try_from(t).ok()
 }
 
 /// An STS error (`<Error><Code>InvalidIdentityToken</Code><Message>`): a
@@ -620,12 +609,18 @@ mod tests {
             </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>";
         assert_eq!(xml_text(xml, "SessionToken").as_deref(), Some("tok&en"));
         assert_eq!(xml_text(xml, "Nope"), None);
-        let at = rfc3339("2030-01-02T03:04:05Z").unwrap();
+        let at = http::rfc3339("2030-01-02T03:04:05Z").unwrap();
         assert_eq!(
             at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
             1_893_553_445
         );
-        assert!(rfc3339("soon").is_none());
+        assert!(http::rfc3339("soon").is_none());
+        // Temporary credentials without a readable expiry are not kept as
+        // static ones.
+        let soon = temporary_expiry(Some("soon"));
+        assert!(
+            soon > SystemTime::now() && soon < SystemTime::now() + Duration::from_secs(16 * 60)
+        );
     }
 
     #[test]

@@ -439,8 +439,18 @@ impl Translator {
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_default()
         };
-        let payload: Value = serde_json::from_slice(message.payload()).unwrap_or(Value::Null);
-        match header(":message-type").as_str() {
+        let parsed = serde_json::from_slice::<Value>(message.payload());
+        let message_type = header(":message-type");
+        // An event frame whose payload does not decode breaks the stream
+        // (never skipped silently); an error frame's text is a best effort.
+        if message_type == "event"
+            && let Err(e) = &parsed
+        {
+            self.done = true;
+            return out.push_back(Err(http::bad_event("an event-stream frame", e)));
+        }
+        let payload = parsed.unwrap_or(Value::Null);
+        match message_type.as_str() {
             "event" => {}
             "exception" => {
                 let kind = header(":exception-type");

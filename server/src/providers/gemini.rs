@@ -474,7 +474,7 @@ impl SseTranslator for Translator {
         }
         let v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
-            Err(e) => return out.push_back(Err(http::bad_json("a stream chunk", &e))),
+            Err(e) => return out.push_back(Err(http::bad_event("a stream chunk", &e))),
         };
         if v["error"].is_object() {
             let c = status_fields(&v["error"]);

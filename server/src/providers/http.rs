@@ -169,6 +169,33 @@ pub(crate) async fn send_with(
     if let Some(host) = response.url().host_str() {
         span.record("server.address", host);
     }
+    answer(response, classify, key).await
+}
+
+/// [`send`] for a credential endpoint an attempt calls before the model
+/// (an OAuth token, STS, a container's credentials): its answer tells the
+/// attempt nothing. It does not mark the attempt as answered, does not pace
+/// its member with the endpoint's rate-limit headers, writes nothing on its
+/// span and sends it no trace context.
+pub(crate) async fn send_credential_request(
+    request: reqwest::RequestBuilder,
+    classify: fn(u16, &[u8]) -> Classified,
+    key: Option<&ApiKey>,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| redact(key, transport_error(&e)))?;
+    answer(response, &|status, _, body| classify(status, body), key).await
+}
+
+/// A success as it is, a redirect or an error answer as its error.
+async fn answer(
+    response: reqwest::Response,
+    classify: &(dyn Fn(u16, &HeaderMap, &[u8]) -> Classified + Sync),
+    key: Option<&ApiKey>,
+) -> Result<reqwest::Response, ProviderError> {
+    let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
@@ -453,7 +480,7 @@ pub(crate) fn rfc3339(text: &str) -> Option<SystemTime> {
     {
         return None;
     }
-    let mut rest = &text[19..];
+    let mut rest = text.get(19..)?;
     let mut nanos = 0u32;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
@@ -466,7 +493,10 @@ pub(crate) fn rfc3339(text: &str) -> Option<SystemTime> {
     }
     let offset = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+        _ if rest.len() == 6
+            && matches!(rest.as_bytes()[0], b'+' | b'-')
+            && rest.as_bytes()[3] == b':' =>
+        {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
             let h: i64 = rest.get(1..3)?.parse().ok()?;
             let m: i64 = rest.get(4..6)?.parse().ok()?;
@@ -582,7 +612,6 @@ fn describe(e: &reqwest::Error) -> String {
     text
 }
 
-/// A JSON body that could not be understood.
 /// An event in the middle of a stream that does not decode: the stream is
 /// broken (`stream-interrupted`), never skipped silently.
 pub(crate) fn bad_event(what: &str, e: &serde_json::Error) -> ProviderError {

@@ -59,7 +59,6 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     endpoint: Endpoint,
     api_key: Option<ApiKey>,
-    key_header: KeyHeader,
     /// The header carrying the key, built once (`None` without a key, or
     /// for a key no header value can hold).
     auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
@@ -115,7 +114,6 @@ impl OpenAiProvider {
             endpoint,
             auth: auth_header(api_key.as_ref(), KeyHeader::Bearer),
             api_key,
-            key_header: KeyHeader::Bearer,
             model: config.model.clone().unwrap_or_else(|| default_model.into()),
             max_tokens: config.max_tokens,
             limits: http::ReadLimits::of(config),
@@ -125,7 +123,6 @@ impl OpenAiProvider {
 
     /// Sends the key as `header` instead of a Bearer token.
     pub(crate) fn with_key_header(mut self, header: KeyHeader) -> Self {
-        self.key_header = header;
         self.auth = auth_header(self.api_key.as_ref(), header);
         self
     }

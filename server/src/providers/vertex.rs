@@ -317,9 +317,10 @@ impl TokenSource {
                 "grant_type={GRANT_TYPE}&assertion={}",
                 assertion.expose()
             ));
-        let response = http::send(request, classify_token_error, Some(&assertion))
-            .await
-            .map_err(context)?;
+        let response =
+            http::send_credential_request(request, classify_token_error, Some(&assertion))
+                .await
+                .map_err(context)?;
         let body = http::json_body(response, MAX_TOKEN_BODY)
             .await
             .map_err(context)?;

@@ -245,8 +245,15 @@ impl Attempt {
     /// once (when there is one), without retrying the same provider: a
     /// first-token timeout, or a silent route.
     pub(crate) fn fails_over(&self, error: &ProviderError) -> bool {
-        error.class == ErrorClass::TimeoutSilent
-            || (self.bound == Bound::FirstToken && error.class == ErrorClass::Timeout)
+        // A caller's own per-try timeout (or the deadline) says nothing
+        // about the route; a first-token timeout exists to fail over.
+        match self.bound {
+            Bound::Operator => error.class == ErrorClass::TimeoutSilent,
+            Bound::FirstToken => {
+                matches!(error.class, ErrorClass::Timeout | ErrorClass::TimeoutSilent)
+            }
+            Bound::Caller | Bound::Deadline => false,
+        }
     }
 }
 
@@ -311,7 +318,7 @@ impl AttemptGate {
                 .pool
                 .as_ref()
                 .zip(count.last_member)
-                .is_some_and(|(pool, last)| pool.others_allowed(last, now));
+                .is_some_and(|(pool, last)| pool.others_allowed(last, now, hop.token_estimate));
         let members_own;
         let error = if elsewhere {
             members_own = ProviderError {
@@ -358,7 +365,7 @@ impl AttemptGate {
                 .pool
                 .as_ref()
                 .zip(count.last_member)
-                .is_some_and(|(pool, last)| pool.others_allowed(last, now))
+                .is_some_and(|(pool, last)| pool.others_allowed(last, now, hop.token_estimate))
             && hop.entry.budget.allows(now)
     }
 

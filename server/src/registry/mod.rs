@@ -495,7 +495,9 @@ impl Registry {
                 entry: entry.clone(),
                 request: hop_request,
                 policy: self.call_policy(entry, options),
-                hedge_after: configured_hedge(entry).filter(|d| !d.is_zero()),
+                // The caller's x-hedge-after-ms (0 = off) and the operator's
+                // limits apply to every hop, as to the first.
+                hedge_after: limits.hedge_after(options.hedge_after, configured_hedge(entry)),
                 context_window,
                 token_estimate: token_estimate(request),
             });

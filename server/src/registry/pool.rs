@@ -190,8 +190,8 @@ impl Pool {
     }
 
     /// Whether a member other than `except` may take an attempt now.
-    pub(crate) fn others_allowed(&self, except: usize, now: Instant) -> bool {
-        (0..self.members.len()).any(|i| i != except && self.allowed(i, now, 0))
+    pub(crate) fn others_allowed(&self, except: usize, now: Instant, tokens: u64) -> bool {
+        (0..self.members.len()).any(|i| i != except && self.allowed(i, now, tokens))
     }
 
     /// Whether a member other than `except` can serve now: it is allowed

@@ -255,7 +255,11 @@ impl Committed {
         }
         let remaining = self.gate.remaining();
         let wait = remaining.map_or(self.idle, |r| r.min(self.idle));
-        let until = tokio::time::Instant::now() + wait;
+        // An idle timeout of years must not overflow the clock.
+        let now = tokio::time::Instant::now();
+        let until = now
+            .checked_add(wait)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
         let is_deadline = remaining.is_some_and(|r| r <= self.idle);
         let timer = match &mut self.timer {
             Some(timer) => {

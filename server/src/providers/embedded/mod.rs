@@ -156,6 +156,8 @@ pub struct EmbeddedProvider {
     top_p: f32,
     seed: Option<u64>,
     calls: AtomicU64,
+    /// Requests refused `busy` (no session freed within `queue_wait`).
+    refused_busy: AtomicU64,
 }
 
 impl std::fmt::Debug for EmbeddedProvider {
@@ -267,6 +269,7 @@ impl EmbeddedProvider {
             top_p: c.top_p.unwrap_or(DEFAULT_TOP_P),
             seed: c.seed,
             calls: AtomicU64::new(0),
+            refused_busy: AtomicU64::new(0),
         })
     }
 
@@ -279,6 +282,12 @@ impl EmbeddedProvider {
     /// prefix cache did not already hold.
     pub fn prefilled_tokens(&self) -> u64 {
         self.engine.counters.prefilled.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused `busy` since start-up (every session stayed busy
+    /// for their whole `queue_wait_ms`).
+    pub fn refused_busy(&self) -> u64 {
+        self.refused_busy.load(Ordering::Relaxed)
     }
 
     /// Sessions generating right now.
@@ -358,6 +367,7 @@ impl EmbeddedProvider {
     /// start of `prompt`.
     async fn session(&self, prompt: &[u32]) -> Result<Reserved, ProviderError> {
         let busy = || {
+            self.refused_busy.fetch_add(1, Ordering::Relaxed);
             ProviderError::new(
                 ErrorClass::Busy,
                 format!(
@@ -484,6 +494,9 @@ impl Provider for EmbeddedProvider {
         async move {
             let job = self.job(req)?;
             let session = self.session(&job.prompt).await?;
+            // A session took the request: the model is answering, so a
+            // timeout from here on is a slow answer, not a silent route.
+            super::mark_responded();
             let id = self.next_id();
             let mut rx = self.start(session, job);
             let mut text = String::new();
@@ -517,6 +530,9 @@ impl Provider for EmbeddedProvider {
         async move {
             let job = self.job(req)?;
             let session = self.session(&job.prompt).await?;
+            // A session took the request: the model is answering, so a
+            // timeout from here on is a slow answer, not a silent route.
+            super::mark_responded();
             let id = self.next_id();
             let rx = self.start(session, job);
             let start = StreamEvent::Start {
