@@ -2,14 +2,17 @@
 //!
 //! Each scenario builds a real [`Registry`] over scripted in-process
 //! providers (no sockets), on a current-thread tokio runtime with paused
-//! time, everything drawn from one seed: the providers' policies, breakers,
-//! budgets, fallback chains, resume and hedge settings, pools of up to
-//! three members with a drawn balance; each upstream
+//! time, everything drawn from one seed: the providers' policies (their
+//! `retry_on`, backoff multiplier and `single_attempt_when_client_retries`
+//! included), breakers (and their failure ratio), budgets, fallback
+//! chains, resume and hedge settings, pools of up to three members with a
+//! drawn balance, whether the registry honours callers' hedging; each upstream
 //! call's behaviour (latency, 429 with and without Retry-After, absurd
 //! Retry-After values, 5xx, 529, resets, streams cut before or after
 //! content, stalls, truncation, error events, keep-alives,
-//! `x-should-retry`); and many concurrent calls with their own overrides,
-//! deadlines and cancellations. After each scenario it checks:
+//! `x-should-retry`); and many concurrent calls with their own overrides
+//! (attempts, per-try timeout, `retry_on`, backoff), deadlines and
+//! cancellations. After each scenario it checks:
 //!
 //! 1. every breaker permit is released (no probe in flight), and no
 //!    breaker refuses a call once `max_cooldown_ms` has passed (none
@@ -747,11 +750,19 @@ const COMMITTED_TAIL: Duration = Duration::from_millis(300);
 fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Arc<SimProvider>>) {
     let name = format!("p{index}");
     let initial = rng.ms(0, 50);
+    // The operator's retry_on: every transient class, or (one provider in
+    // five) only some of them.
+    let mut retry_on = RetryPolicy::default().retry_on;
+    if rng.chance(20) {
+        retry_on.retain(|_| rng.chance(70));
+    }
     let policy = RetryPolicy {
         max_attempts: rng.range(1, 4) as u32,
         initial_backoff: initial,
         max_backoff: initial + rng.ms(0, 200),
-        backoff_multiplier: 2.0,
+        backoff_multiplier: rng.pick(&[1.0, 1.5, 2.0, 3.0]),
+        retry_on,
+        single_attempt_when_client_retries: rng.chance(80),
         per_try_timeout: rng.ms(50, 500),
         max_retry_after: rng.ms(100, 1_000),
         stream_idle_timeout: rng.ms(20, 200),
@@ -764,7 +775,7 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
     let breaker = rng.chance(70).then(|| {
         let cooldown = rng.range(10, 200);
         BreakerConfig {
-            failure_ratio: 0.5,
+            failure_ratio: rng.pick(&[0.25, 0.5, 0.9]),
             min_requests: rng.range(2, 5) as u32,
             window_ms: rng.range(1, 3) * 1_000,
             consecutive_failures: rng.range(0, 3) as u32,
@@ -849,11 +860,22 @@ fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
         overrides.per_try_timeout = Some(rng.ms(1, 300));
     }
     if rng.chance(15) {
-        overrides.retry_on = Some(match rng.range(0, 2) {
+        overrides.retry_on = Some(match rng.range(0, 3) {
             0 => vec![],
             1 => vec![ErrorClass::RateLimited],
+            // `timeout` also covers `timeout-silent`.
+            2 => vec![ErrorClass::Timeout],
             _ => vec![ErrorClass::StreamInterrupted, ErrorClass::Overloaded],
         });
+    }
+    if rng.chance(10) {
+        overrides.initial_backoff = Some(rng.ms(0, 100));
+    }
+    if rng.chance(10) {
+        overrides.max_backoff = Some(rng.ms(0, 300));
+    }
+    if rng.chance(10) {
+        overrides.backoff_multiplier = Some(rng.pick(&[1.0, 2.5]));
     }
     CallPlan {
         id,
@@ -1045,6 +1067,8 @@ async fn scenario(seed: u64) -> Report {
     }
     let limits = RetryLimits {
         min_hedge_after: Duration::from_millis(5),
+        // One registry in five refuses callers' hedging requests.
+        request_hedging: rng.chance(80),
         ..RetryLimits::default()
     };
     let registry = Arc::new(
@@ -1317,7 +1341,7 @@ async fn check(
             .iter()
             .map(|s| {
                 let mut p = plan.overrides.apply(&s.policy, limits);
-                if plan.previous_attempts > 0 {
+                if plan.previous_attempts > 0 && p.single_attempt_when_client_retries {
                     p.max_attempts = 1;
                 }
                 p.max_attempts
