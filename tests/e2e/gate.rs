@@ -1162,3 +1162,40 @@ async fn a_final_failure_of_a_hedged_call_answers_without_waiting_for_the_hedge(
         "waited {elapsed:?} for the stalled hedge"
     );
 }
+
+// === review: a caller's own per-try timeout is not a silent route ===
+
+/// A caller's `x-retry-per-try-timeout-ms` that runs out before the
+/// upstream's headers says nothing about the route: the call retries the
+/// primary within its attempts, as the caller asked, before the fallback
+/// serves it (it used to fail over after the first attempt).
+#[tokio::test]
+async fn a_callers_own_per_try_timeout_retries_before_failing_over() {
+    let primary = Upstream::start(vec![anthropic_ok("late").delay(ms(2_000)); 3]).await;
+    let backup = Upstream::start(vec![anthropic_ok("from backup")]).await;
+    let toml = format!(
+        "default_provider = \"primary\"\n\
+         [providers.primary]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\nfallback = [\"backup\"]\n\
+         [providers.primary.retry]\nmax_attempts = 3\ninitial_backoff_ms = 1\nmax_backoff_ms = 1\n\
+         [providers.backup]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY\"\n",
+        primary.url(),
+        backup.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let answer = complete(
+        &gw,
+        &[
+            ("x-retry-per-try-timeout-ms", "100"),
+            ("x-retry-max-attempts", "2"),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (answer.text.as_str(), answer.provider.as_str()),
+        ("from backup", "backup")
+    );
+    assert_eq!(primary.request_count(), 2, "both of the caller's attempts");
+    assert_eq!(answer.attempts, 3);
+}

@@ -474,3 +474,31 @@ async fn a_members_long_retry_after_does_not_stop_the_pool() {
     assert!(started.elapsed() < Duration::from_secs(5), "it waited");
     assert_eq!((answer.text.as_str(), answer.attempts), ("b serves", 2));
 }
+
+/// A caller who asks for no retries (`x-retry-on: none`) gets none, not
+/// even a refused key's retry on another key; the key still dies.
+#[tokio::test]
+async fn x_retry_on_none_keeps_a_refused_key_from_being_retried_on_another() {
+    let refusing = Upstream::start(vec![Reply::json(
+        401,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    )])
+    .await;
+    let serving = Upstream::start(vec![anthropic_ok("ok"); 2]).await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\nbalance = \"ordered\"\n\
+         endpoints = [{{ base_url = \"{}\", api_key_env = \"KEY_A\" }}, {{ base_url = \"{}\", api_key_env = \"KEY_B\" }}]\n",
+        refusing.url(),
+        serving.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let status = complete(&gw, &[("x-retry-on", "none")], None)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert_eq!((refusing.request_count(), serving.request_count()), (1, 0));
+    // The next call goes to the other key at once.
+    let answer = complete(&gw, &[], None).await.unwrap();
+    assert_eq!((answer.text.as_str(), answer.attempts), ("ok", 1));
+    assert_eq!(refusing.request_count(), 1);
+}

@@ -356,7 +356,18 @@ impl AttemptGate {
             error.class,
             ErrorClass::RateLimited | ErrorClass::Overloaded | ErrorClass::Auth
         );
-        let retried = error.class == ErrorClass::Auth || retry::is_retryable(&hop.policy, error);
+        // A refused key is retried on another key, unless the caller asked
+        // for no retries at all (`x-retry-on: none`).
+        let caller_wants_none = hop
+            .policy
+            .request_retry_on
+            .as_ref()
+            .is_some_and(Vec::is_empty);
+        let retried = if error.class == ErrorClass::Auth {
+            !caller_wants_none
+        } else {
+            retry::is_retryable(&hop.policy, error)
+        };
         member_local
             && retried
             && count.tries < hop.policy.max_attempts
@@ -500,7 +511,9 @@ impl AttemptGate {
             // A member's fault is the provider's only when no other member
             // can serve (every other one is cooling, paced, dead or
             // failing): the breaker opens only when the whole pool cannot.
-            if outcome.is_some()
+            // (An error that is no upstream fault, a 400, is recorded as
+            // the answer it is.)
+            if outcome.is_some_and(|e| crate::retry::is_upstream_fault(e.class))
                 && entry
                     .pool
                     .as_ref()
