@@ -571,6 +571,24 @@ async fn the_request_timeout_header_bounds_the_call() {
     assert_eq!(r.status(), 400);
 }
 
+/// A timeout of u64::MAX milliseconds is taken as a day: the call is
+/// served, and nothing overflows.
+#[tokio::test]
+async fn an_absurd_request_timeout_is_capped_not_an_overflow() {
+    let upstream = Upstream::start(vec![completion("in time")]).await;
+    let gw = HttpGateway::start(&openai_upstream_config(&upstream, "")).await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            user("hi"),
+            &[("x-request-timeout-ms", "18446744073709551615")],
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "in time");
+}
+
 #[tokio::test]
 async fn a_draining_gateway_refuses_new_http_calls_with_a_retryable_503() {
     // The mock streams its words slowly: one stream stays open while the

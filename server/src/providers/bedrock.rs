@@ -800,6 +800,32 @@ mod tests {
     }
 
     #[test]
+    fn an_event_frame_whose_payload_does_not_decode_breaks_the_stream() {
+        let message = Message::new(b"{not json".to_vec())
+            .add_header(Header::new(
+                ":message-type",
+                HeaderValue::String("event".into()),
+            ))
+            .add_header(Header::new(
+                ":event-type",
+                HeaderValue::String("contentBlockDelta".into()),
+            ));
+        let mut bytes = Vec::new();
+        aws_smithy_eventstream::frame::write_message_to(&message, &mut bytes).unwrap();
+        bytes.extend(frame("messageStop", json!({"stopReason": "end_turn"})));
+        let mut t = Translator::new("id".into(), "m".into());
+        let mut out = VecDeque::new();
+        drain_frames(&mut BytesMut::from(&bytes[..]), 1 << 20, &mut t, &mut out).unwrap();
+        // Not skipped: the stream ends in an error, with no Stop after it.
+        assert_eq!(out.len(), 1, "{out:?}");
+        let Some(Err(e)) = out.pop_front() else {
+            panic!("an error")
+        };
+        assert_eq!(e.class, ErrorClass::StreamInterrupted);
+        assert!(e.message.contains("event-stream frame"), "{e}");
+    }
+
+    #[test]
     fn error_types_classify() {
         let mut h = HeaderMap::new();
         h.insert(

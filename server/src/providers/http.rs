@@ -924,6 +924,10 @@ mod tests {
             "1969-12-31T23:59:59Z",
             "soon",
             "",
+            // Non-ASCII where a byte index falls inside a character.
+            "2025-12-01T00:00:0\u{e9}Z",
+            "2025-12-01T00:00:00\u{e9}",
+            "2025-12-01T00:00:00\u{e9}01:00",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }
