@@ -14,9 +14,11 @@
 //!   pre-encoded requests and not decoding answers (the same work for both
 //!   targets).
 //!
-//! "Server CPU" is the utime+stime of the server's own threads, read from
-//! `/proc/self/task/*/stat` (100 Hz ticks); "process CPU" is the whole
-//! bench process (`/proc/self/stat`: upstream, load and server together).
+//! "Server CPU" is the CPU time of the server's own threads, "process CPU"
+//! that of the whole bench process (upstream, load and server together):
+//! the scheduler's nanosecond count (`se.sum_exec_runtime` in
+//! `/proc/self/task/*/sched`) where the kernel shows it, else utime+stime
+//! in 100 Hz ticks (`/proc/self/task/*/stat`, `/proc/self/stat`).
 //! RSS is the whole process's (`/proc/self/status`).
 //!
 //! The open-streams figure's slow upstream and callers run in a child
@@ -30,7 +32,8 @@
 //!
 //! For callgrind, `OVERHEAD_PROFILE=N` runs only N sequential gateway
 //! requests (after a warm-up) and exits: run it with two values of N and
-//! divide the difference in instructions by the difference in N.
+//! divide the difference in instructions by the difference in N
+//! (`OVERHEAD_PROFILE_FLOOR=1`: the floor's requests instead).
 //! `OVERHEAD_PROFILE_STREAMS=N` does the same with N streams of
 //! `STREAM_DELTAS` deltas. `OVERHEAD_OPEN_STREAMS_ONLY=1` prints only the
 //! open-streams figure.
@@ -316,9 +319,43 @@ async fn gateway(upstream: &str, slow_upstream: &str) -> String {
 
 // === measuring ===
 
-/// utime+stime of the threads whose name starts with `prefix`, or of the
-/// whole process for `None`.
+/// CPU time of the threads whose name starts with `prefix`, or of the
+/// whole process for `None`: the scheduler's own count in nanoseconds
+/// (`se.sum_exec_runtime` of `/proc/self/task/*/sched`) where the kernel
+/// has it, else utime+stime in 100 Hz ticks (`/proc/self/task/*/stat`).
 fn cpu(prefix: Option<&str>) -> Duration {
+    precise_cpu(prefix).unwrap_or_else(|| tick_cpu(prefix))
+}
+
+/// The scheduler's count of the threads' CPU time, if `/proc` shows it.
+fn precise_cpu(prefix: Option<&str>) -> Option<Duration> {
+    fn runtime(sched: &str) -> Option<Duration> {
+        let line = sched
+            .lines()
+            .find(|l| l.starts_with("se.sum_exec_runtime"))?;
+        let ms: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+        Some(Duration::from_secs_f64(ms / 1e3))
+    }
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        if prefix.is_some_and(|p| !stat[open + 1..close].starts_with(p)) {
+            continue;
+        }
+        let Ok(sched) = std::fs::read_to_string(task.path().join("sched")) else {
+            continue;
+        };
+        total += runtime(&sched)?;
+    }
+    Some(total)
+}
+
+/// utime+stime in ticks, as `/proc/self/task/*/stat` (or `/proc/self/stat`)
+/// shows them.
+fn tick_cpu(prefix: Option<&str>) -> Duration {
     fn ticks(stat: &str) -> Option<(&str, u64)> {
         let (open, close) = (stat.find('(')?, stat.rfind(')')?);
         let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
@@ -407,8 +444,8 @@ async fn concurrent(target: &Target, body: &Bytes, concurrency: usize, total: us
     let n = (per_task * concurrency) as u32;
     Run {
         rps: f64::from(n) / elapsed.as_secs_f64(),
-        server_cpu_per_request: (cpu(Some(target.threads)) - server) / n,
-        process_cpu_per_request: (cpu(None) - process) / n,
+        server_cpu_per_request: cpu(Some(target.threads)).saturating_sub(server) / n,
+        process_cpu_per_request: cpu(None).saturating_sub(process) / n,
     }
 }
 
@@ -458,7 +495,7 @@ async fn relay_stream(gateway: &Target, body: &Bytes) -> (usize, Duration) {
     while let Some(_m) = stream.message().await.unwrap() {
         messages += 1;
     }
-    (messages, cpu(Some(gateway.threads)) - before)
+    (messages, cpu(Some(gateway.threads)).saturating_sub(before))
 }
 
 /// `n` streams held open at once against the slow upstream, 100 per
@@ -698,9 +735,14 @@ fn main() {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
         {
-            sequential(&gateway, &unary, 200).await;
-            sequential(&gateway, &unary, n).await;
-            println!("overhead: profiled {n} sequential gateway requests");
+            let target = if std::env::var_os("OVERHEAD_PROFILE_FLOOR").is_some() {
+                &floor
+            } else {
+                &gateway
+            };
+            sequential(target, &unary, 200).await;
+            sequential(target, &unary, n).await;
+            println!("overhead: profiled {n} sequential {} requests", target.name);
             return None;
         }
 
@@ -730,7 +772,12 @@ fn main() {
             "provider-gateway overhead: floor (tonic + reqwest, raw bytes) vs gateway (openai provider, default telemetry), loopback, {ROUNDS} alternating rounds, medians"
         );
         println!(
-            "CPU: server = utime+stime of the server's own threads (/proc/self/task/*/stat); process = the whole bench process (upstream + load + server, /proc/self/stat)"
+            "CPU: server = the server's own threads, process = the whole bench process (upstream + load + server); counted {}",
+            if precise_cpu(None).is_some() {
+                "in ns by the scheduler (/proc/self/task/*/sched)"
+            } else {
+                "in 10 ms ticks (/proc/self/task/*/stat)"
+            }
         );
 
         // c=1: every round's samples pooled per target.

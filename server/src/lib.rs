@@ -155,8 +155,14 @@ impl ServerOptions {
 
 /// CORS for gRPC-Web: the allowed origins only, any request header (the
 /// per-call keys), and the gRPC status and `x-gateway-*` headers readable.
-fn grpc_web_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+/// `None` when no origin may call: then no response carries CORS headers
+/// (nor `vary`), a browser's preflight finds no grant, and the calls of
+/// every other client skip the layer's work.
+fn grpc_web_cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
@@ -174,12 +180,14 @@ fn grpc_web_cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         service::PROVIDER_HEADER,
     ]
     .map(::http::HeaderName::from_static);
-    CorsLayer::new()
-        .allow_origin(allow)
-        .allow_methods([::http::Method::POST, ::http::Method::OPTIONS])
-        .allow_headers(AllowHeaders::mirror_request())
-        .expose_headers(expose)
-        .max_age(Duration::from_secs(24 * 3600))
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([::http::Method::POST, ::http::Method::OPTIONS])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(expose)
+            .max_age(Duration::from_secs(24 * 3600)),
+    )
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains:
@@ -368,7 +376,9 @@ pub async fn serve_listeners(
         builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
     }
     builder
-        .layer(grpc_web_cors(&options.grpc_web_origins))
+        .layer(tower::util::option_layer(grpc_web_cors(
+            &options.grpc_web_origins,
+        )))
         .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(reflection)

@@ -155,7 +155,6 @@ pub(crate) async fn send_with(
     } else {
         request
     };
-    let span = tracing::Span::current();
     let response = request
         .send()
         .await
@@ -164,10 +163,14 @@ pub(crate) async fn send_with(
     if let Some(limits) = rate_limits(response.headers(), SystemTime::now()) {
         super::report_rate_limits(limits);
     }
-    let status = response.status();
-    span.record("http.response.status_code", i64::from(status.as_u16()));
-    if let Some(host) = response.url().host_str() {
-        span.record("server.address", host);
+    // The attempt span (trace level) is current: exported, or shown by
+    // `trace` logs.
+    if crate::telemetry::spans_exported() || tracing::enabled!(tracing::Level::TRACE) {
+        let span = tracing::Span::current();
+        span.record("http.response.status_code", i64::from(response.status().as_u16()));
+        if let Some(host) = response.url().host_str() {
+            span.record("server.address", host);
+        }
     }
     answer(response, classify, key).await
 }

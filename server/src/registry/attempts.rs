@@ -782,9 +782,14 @@ async fn run<T: Send + 'static>(
     loop {
         let has_fallback = hops.peek().is_some();
         let chat = obs.chat.clone();
-        let result = run_hop(gate, &hop, &mut obs, has_fallback, call)
-            .instrument(chat)
-            .await;
+        // Instrumenting moves the hop's future once more: only for a span.
+        let result = if chat.is_disabled() {
+            run_hop(gate, &hop, &mut obs, has_fallback, call).await
+        } else {
+            run_hop(gate, &hop, &mut obs, has_fallback, call)
+                .instrument(chat)
+                .await
+        };
         match result {
             Ok(won) => {
                 let rest = hops.collect();
