@@ -11,7 +11,7 @@ pub mod v1 {
 }
 
 /// The generated services' and clients' codec: prost's, whose encoder
-/// starts from a 1 KiB buffer instead of tonic's 8 KiB. Every open stream
+/// starts from a 256-byte buffer instead of tonic's 8 KiB. Every open stream
 /// holds that buffer for its whole life (it grows as messages need).
 #[derive(Debug, Clone)]
 pub struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
@@ -23,7 +23,7 @@ impl<T, U> Default for Codec<T, U> {
 }
 
 /// [`Codec`]'s initial encode buffer.
-pub const ENCODE_BUFFER_BYTES: usize = 1024;
+pub const ENCODE_BUFFER_BYTES: usize = 256;
 
 impl<T, U> tonic::codec::Codec for Codec<T, U>
 where

@@ -584,7 +584,7 @@ pub(crate) fn drain_frames(
 }
 
 struct FrameState {
-    response: reqwest::Response,
+    response: super::http::BodyStream,
     buffer: BytesMut,
     translator: Translator,
     secrets: Vec<ApiKey>,
@@ -602,7 +602,7 @@ fn event_stream(
     secrets: Vec<ApiKey>,
 ) -> EventStream {
     let state = FrameState {
-        response,
+        response: super::http::BodyStream::new(response),
         buffer: BytesMut::new(),
         translator,
         secrets,

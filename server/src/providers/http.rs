@@ -167,7 +167,10 @@ pub(crate) async fn send_with(
     // `trace` logs.
     if crate::telemetry::spans_exported() || tracing::enabled!(tracing::Level::TRACE) {
         let span = tracing::Span::current();
-        span.record("http.response.status_code", i64::from(response.status().as_u16()));
+        span.record(
+            "http.response.status_code",
+            i64::from(response.status().as_u16()),
+        );
         if let Some(host) = response.url().host_str() {
             span.record("server.address", host);
         }
@@ -587,6 +590,30 @@ pub(crate) fn transport_error(e: &reqwest::Error) -> ProviderError {
         ErrorClass::Connection
     };
     ProviderError::new(class, describe(e))
+}
+
+/// A streamed answer's body without its head. The head's header values
+/// share the HTTP/1.1 connection's first read buffer: held, they keep that
+/// buffer alive for the whole stream, and every later read takes a buffer
+/// of its own (8 KiB or more per open stream).
+pub(crate) struct BodyStream(reqwest::Body);
+
+impl BodyStream {
+    /// The body of `response`, its head dropped.
+    pub(crate) fn new(response: reqwest::Response) -> Self {
+        Self(reqwest::Body::from(response))
+    }
+
+    /// The next chunk of the body, `None` at its end (trailers skipped).
+    pub(crate) async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+        use http_body_util::BodyExt;
+        while let Some(frame) = self.0.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// The class of a failure while reading a response body (a cut stream).

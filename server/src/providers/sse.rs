@@ -286,7 +286,7 @@ pub fn translate_body<'a, T: SseTranslator>(
 }
 
 struct SseState<T> {
-    response: reqwest::Response,
+    response: super::http::BodyStream,
     parser: SseParser,
     translator: T,
     key: Option<ApiKey>,
@@ -306,7 +306,7 @@ pub(crate) fn sse_stream<T: SseTranslator>(
     key: Option<ApiKey>,
 ) -> EventStream {
     let state = SseState {
-        response,
+        response: super::http::BodyStream::new(response),
         parser: SseParser::new(max_event_bytes),
         translator,
         key,
