@@ -66,14 +66,14 @@ use tonic::transport::server::TcpIncoming;
 const COMPLETE: &str = "/provider_gateway.v1.ProviderGateway/Complete";
 const STREAM: &str = "/provider_gateway.v1.ProviderGateway/Stream";
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const WARMUP: usize = 300;
 const SEQUENTIAL: usize = 2_000;
 /// Requests per round at each concurrency.
-const CONCURRENT: [(usize, usize); 2] = [(8, 12_000), (32, 24_000)];
+const CONCURRENT: [(usize, usize); 2] = [(8, 40_000), (32, 80_000)];
 const STREAM_DELTAS: usize = 10_000;
 /// Streams of `STREAM_DELTAS` measured (enough ticks of CPU to count).
-const STREAM_REPEATS: usize = 5;
+const STREAM_REPEATS: usize = 10;
 /// Open streams held at once, each on its own HTTP/2 stream (100 to a
 /// connection), their upstream and callers in the child process.
 const OPEN_STREAMS: usize = 10_000;
