@@ -419,6 +419,14 @@ static ANTHROPIC_RATELIMIT_OUTPUT_TOKENS_RESET: HeaderName =
 /// `…-tokens-*`, `…-input-tokens-*`, `…-output-tokens-*` with RFC 3339
 /// resets. `None` when the answer says nothing of them.
 pub(crate) fn rate_limits(headers: &HeaderMap, now: SystemTime) -> Option<RateLimits> {
+    // One pass over the names before any lookup: most answers of most
+    // upstreams carry none of these, and each lookup hashes its name.
+    if !headers.keys().any(|name| {
+        let name = name.as_str();
+        name.starts_with("x-ratelimit-") || name.starts_with("anthropic-ratelimit-")
+    }) {
+        return None;
+    }
     let text = |name: &HeaderName| {
         headers
             .get(name)
