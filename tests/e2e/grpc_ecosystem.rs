@@ -143,3 +143,83 @@ async fn grpc_web_complete_over_http1_with_cors() {
     let trailers = String::from_utf8_lossy(trailers).to_ascii_lowercase();
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
 }
+
+/// With no `cors_allowed_origins` (the default), gRPC-Web still answers
+/// (same-origin pages, edge proxies, tools), but no origin is granted
+/// anything and no answer carries CORS headers or `vary`.
+#[tokio::test]
+async fn without_allowed_origins_grpc_web_answers_and_no_answer_carries_cors_headers() {
+    use prost::Message as _;
+    let gw = Gateway::start("", &[]).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    let url = format!("{}/provider_gateway.v1.ProviderGateway/Complete", gw.url());
+    let cors_headers = |headers: &reqwest::header::HeaderMap| -> Vec<String> {
+        headers
+            .keys()
+            .map(|k| k.as_str().to_string())
+            .filter(|k| k.starts_with("access-control-") || k == "vary")
+            .collect()
+    };
+
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,x-grpc-web")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cors_headers(preflight.headers()), Vec::<String>::new());
+
+    let request = provider_gateway_client::request::user("hello web");
+    let r = http
+        .post(&url)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("origin", "https://app.example.com")
+        .body(frame(0, &request.encode_to_vec()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(cors_headers(r.headers()), Vec::<String>::new());
+    assert_eq!(
+        r.headers()
+            .get("x-gateway-attempts")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let web = frames(&r.bytes().await.unwrap());
+    let answer = provider_gateway::v1::CompleteResponse::decode(web[0].1.as_slice()).unwrap();
+    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
+    else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(text, "hello web");
+
+    // Plain gRPC over HTTP/2 answers without them too.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let request = provider_gateway_client::request::user("hello grpc");
+    let r = h2
+        .post(&url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("origin", "https://app.example.com")
+        .body(frame(0, &request.encode_to_vec()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(cors_headers(r.headers()), Vec::<String>::new());
+    let grpc = frames(&r.bytes().await.unwrap());
+    let answer = provider_gateway::v1::CompleteResponse::decode(grpc[0].1.as_slice()).unwrap();
+    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
+    else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(text, "hello grpc");
+}

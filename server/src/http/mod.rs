@@ -121,7 +121,9 @@ impl Ingress {
                 );
             }
         };
-        // The OpenTelemetry attributes only when a layer exports them.
+        // The OpenTelemetry attributes only when a layer exports them;
+        // without one, the span (log lines' context) only for debug logs,
+        // as the gRPC server span.
         let span = if crate::telemetry::spans_exported() {
             tracing::info_span!(
                 "http",
@@ -130,22 +132,28 @@ impl Ingress {
                 http.request.method = %request.method(),
                 http.route = path,
             )
-        } else {
+        } else if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::info_span!(
                 "http",
                 http.request.method = %request.method(),
                 http.route = path,
             )
+        } else {
+            tracing::Span::none()
         };
-        let result = async {
+        let call = async {
             match route {
                 Route::ChatCompletions => openai::chat_completions(&self, request, arrival).await,
                 Route::Messages => anthropic::messages(&self, request, arrival).await,
                 Route::Models => self.models(request, dialect),
             }
-        }
-        .instrument(span)
-        .await;
+        };
+        // Instrumenting moves the call's future once more: not for nothing.
+        let result = if span.is_none() {
+            call.await
+        } else {
+            call.instrument(span).await
+        };
         result.unwrap_or_else(|e| self.error(dialect, &e))
     }
 

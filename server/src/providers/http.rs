@@ -915,6 +915,33 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_found_among_other_headers_and_absent_without_them() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_583_200);
+        let plain = headers(&[
+            ("content-type", "application/json"),
+            ("x-request-id", "abc"),
+            ("retry-after", "3"),
+        ]);
+        assert_eq!(rate_limits(&plain, now), None);
+        // One rate-limit header among many is enough to read them all.
+        let mixed = headers(&[
+            ("content-type", "application/json"),
+            ("date", "Tue, 01 Dec 2026 10:00:00 GMT"),
+            ("openai-processing-ms", "12"),
+            ("x-ratelimit-reset-tokens", "2s"),
+            ("x-request-id", "abc"),
+            ("x-ratelimit-remaining-tokens", "7"),
+        ]);
+        assert_eq!(
+            rate_limits(&mixed, now),
+            Some(RateLimits {
+                requests: None,
+                tokens: Some((7, Duration::from_secs(2))),
+            })
+        );
+    }
+
+    #[test]
     fn rate_limit_headers_are_read_from_both_dialects() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_583_200);
         let openai = headers(&[
