@@ -355,10 +355,24 @@ impl GatewayService {
 
 /// Writes `x-gateway-provider` and `x-gateway-attempts`.
 fn report(metadata: &mut MetadataMap, provider: &str, attempts: u32) {
+    // The keys are parsed once; a small count is a static value.
+    static PROVIDER_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadataKey> =
+        std::sync::LazyLock::new(|| {
+            tonic::metadata::AsciiMetadataKey::from_static(PROVIDER_HEADER)
+        });
+    static ATTEMPTS_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadataKey> =
+        std::sync::LazyLock::new(|| {
+            tonic::metadata::AsciiMetadataKey::from_static(ATTEMPTS_HEADER)
+        });
+    const COUNTS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
     if let Ok(v) = MetadataValue::try_from(provider) {
-        metadata.insert(PROVIDER_HEADER, v);
+        metadata.insert(PROVIDER_KEY.clone(), v);
     }
-    metadata.insert(ATTEMPTS_HEADER, MetadataValue::from(attempts));
+    let count = match COUNTS.get(attempts as usize) {
+        Some(text) => MetadataValue::from_static(text),
+        None => MetadataValue::from(attempts),
+    };
+    metadata.insert(ATTEMPTS_KEY.clone(), count);
 }
 
 /// The gRPC code of a failed call. Exhaustive, so a new variant or class
@@ -867,6 +881,20 @@ mod tests {
     use super::*;
 
     use crate::error::ProviderError;
+
+    #[test]
+    fn the_report_names_the_provider_and_counts_every_attempt() {
+        for attempts in [0, 1, 9, 10, 11, 255, u32::MAX] {
+            let mut metadata = MetadataMap::new();
+            report(&mut metadata, "openai-eu", attempts);
+            let text = |key| metadata.get(key).and_then(|v| v.to_str().ok());
+            assert_eq!(text(PROVIDER_HEADER), Some("openai-eu"));
+            assert_eq!(text(ATTEMPTS_HEADER), Some(attempts.to_string().as_str()));
+            // Inserting again replaces, never appends.
+            report(&mut metadata, "other", 2);
+            assert_eq!(metadata.len(), 2);
+        }
+    }
 
     #[test]
     fn rate_limit_status_carries_retry_info() {
