@@ -707,6 +707,15 @@ fn chat_request(f: ChatFields) -> Result<ChatRequest, Status> {
     })
 }
 
+/// Where a content block is in a request: `messages[i].content[j]`.
+struct BlockAt(usize, usize);
+
+impl std::fmt::Display for BlockAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "messages[{}].content[{}]", self.0, self.1)
+    }
+}
+
 fn content_block(
     block: pb::ContentBlock,
     role: Role,
@@ -714,7 +723,8 @@ fn content_block(
     j: usize,
 ) -> Result<Content, Status> {
     use pb::content_block::Block;
-    let at = format!("messages[{i}].content[{j}]");
+    // Formatted only into an error.
+    let at = BlockAt(i, j);
     match block.block {
         None => Err(invalid(format!(
             "{at}: empty content block (set text, tool_use or tool_result)"
