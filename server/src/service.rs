@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
-use futures_util::StreamExt;
 use provider_gateway::v1 as pb;
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
@@ -100,6 +99,71 @@ impl GatewayService {
 }
 
 type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
+
+/// A committed stream as the caller reads it: each event as a message,
+/// and after the stop, an OK status carrying the attempt report as the
+/// trailers. Holds the call's admission until it ends or is dropped.
+struct Relay {
+    events: crate::registry::GatewayStream,
+    /// The trailers, due after the stop's message.
+    trailers: Option<Status>,
+    /// The provider that opened the stream (every message names it).
+    provider: String,
+    /// The provider serving now (a fallback's, after a restart there).
+    serving: String,
+    first_attempts: u32,
+    /// Attempts so far: continuations and restarts add theirs.
+    attempts: u32,
+    span: tracing::Span,
+    _admission: Admission,
+}
+
+impl Stream for Relay {
+    type Item = Result<pb::StreamResponse, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Err(trailers)));
+        }
+        loop {
+            let message = match std::task::ready!(this.events.as_mut().poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(Ok(StreamEvent::KeepAlive)) => continue,
+                Some(Ok(event @ StreamEvent::Stop(_))) => {
+                    let mut trailers = Status::ok("");
+                    report(trailers.metadata_mut(), &this.serving, this.attempts);
+                    record_status(&this.span, tonic::Code::Ok, Some(trailers.metadata()));
+                    this.trailers = Some(trailers);
+                    Ok(stream_response(event, &this.provider, this.first_attempts))
+                }
+                Some(Ok(event)) => {
+                    // A continuation or restart adds attempts, and may
+                    // come from the next provider of the chain.
+                    if let StreamEvent::Resumed {
+                        attempt, provider, ..
+                    }
+                    | StreamEvent::Restarted { attempt, provider } = &event
+                    {
+                        this.attempts = *attempt;
+                        this.serving.clone_from(provider);
+                    }
+                    Ok(stream_response(event, &this.provider, this.first_attempts))
+                }
+                Some(Err(error)) => {
+                    let status = status_of(&error);
+                    record_status(&this.span, status.code(), Some(status.metadata()));
+                    Err(status)
+                }
+            };
+            return Poll::Ready(Some(message));
+        }
+    }
+}
 
 /// The server span of one RPC, a child of the caller's `traceparent`.
 /// Without an OpenTelemetry layer ([`crate::telemetry::spans_exported`])
@@ -255,51 +319,16 @@ impl GatewayService {
             .stream_shared(Arc::new(chat), &options)
             .await
             .map_err(|e| status_of(&e))?;
-        let (provider, first_attempts) = (open.provider.clone(), open.attempt);
-        // Continuations add attempts: the trailers report them all.
-        let mut attempts = first_attempts;
-        let mut serving = provider.clone();
-        let body = open.events.flat_map(move |item| {
-            // At most two items; no Vec per event.
-            let items: [Option<Result<pb::StreamResponse, Status>>; 2] = match item {
-                // After the stop, an OK status carrying the attempt report
-                // becomes the stream's trailers.
-                Ok(event @ StreamEvent::Stop(_)) => {
-                    let mut trailers = Status::ok("");
-                    report(trailers.metadata_mut(), &serving, attempts);
-                    record_status(&span, tonic::Code::Ok, Some(trailers.metadata()));
-                    [
-                        Some(Ok(stream_response(event, &provider, first_attempts))),
-                        Some(Err(trailers)),
-                    ]
-                }
-                Ok(StreamEvent::KeepAlive) => [None, None],
-                Ok(event) => {
-                    // A continuation or restart adds attempts, and may
-                    // come from the next provider of the chain.
-                    if let StreamEvent::Resumed {
-                        attempt, provider, ..
-                    }
-                    | StreamEvent::Restarted { attempt, provider } = &event
-                    {
-                        attempts = *attempt;
-                        serving.clone_from(provider);
-                    }
-                    [
-                        Some(Ok(stream_response(event, &provider, first_attempts))),
-                        None,
-                    ]
-                }
-                Err(error) => {
-                    let status = status_of(&error);
-                    record_status(&span, status.code(), Some(status.metadata()));
-                    [Some(Err(status)), None]
-                }
-            };
-            // The stream holds its admission until it ends or is dropped.
-            let _held = &admission;
-            futures_util::stream::iter(items.into_iter().flatten())
-        });
+        let body = Relay {
+            events: open.events,
+            trailers: None,
+            provider: open.provider.clone(),
+            serving: open.provider.clone(),
+            first_attempts: open.attempt,
+            attempts: open.attempt,
+            span,
+            _admission: admission,
+        };
         let mut response = Response::new(Box::pin(body) as StreamBody);
         report(response.metadata_mut(), &open.provider, open.attempt);
         Ok(response)

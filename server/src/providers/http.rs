@@ -614,13 +614,28 @@ impl BodyStream {
 
     /// The next chunk of the body, `None` at its end (trailers skipped).
     pub(crate) async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// [`Self::chunk`] for a hand-written stream.
+    pub(crate) fn poll_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<bytes::Bytes>, reqwest::Error>> {
         use http_body_util::BodyExt;
-        while let Some(frame) = self.0.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                return Ok(Some(data));
+        use std::future::Future;
+        loop {
+            let frame = std::task::ready!(std::pin::Pin::new(&mut self.0.frame()).poll(cx));
+            match frame {
+                None => return std::task::Poll::Ready(Ok(None)),
+                Some(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return std::task::Poll::Ready(Ok(Some(data)));
+                    }
+                }
             }
         }
-        Ok(None)
     }
 }
 

@@ -578,8 +578,10 @@ struct TypedResponse<'a> {
     id: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     model: Option<JsonStr<'a>>,
+    /// Exactly one (any other count is left to the `Value` path), read
+    /// without a `Vec`.
     #[serde(borrow)]
-    choices: Vec<TypedChoice<'a>>,
+    choices: One<TypedChoice<'a>>,
     #[serde(default)]
     usage: Option<TypedUsage>,
 }
@@ -635,7 +637,7 @@ fn saturate(n: Option<u64>) -> u32 {
 /// The common shape of a response (see [`TypedResponse`]), or `None`.
 pub(crate) fn typed_response(body: &[u8]) -> Option<ChatResponse> {
     let v: TypedResponse<'_> = serde_json::from_slice(body).ok()?;
-    let choice = v.choices.into_iter().next()?;
+    let choice = v.choices.0?;
     if choice.content_filter_results.is_some() {
         return None;
     }

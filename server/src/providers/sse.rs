@@ -7,8 +7,6 @@
 
 use std::collections::VecDeque;
 
-use futures_util::stream;
-
 use super::ApiKey;
 use super::EventStream;
 use super::http::body_error;
@@ -299,34 +297,45 @@ struct SseState<T> {
 /// soon as its chunk arrives; the stream ends after the first error or a
 /// stop; `key` is redacted from every error. Dropping the stream drops the
 /// response and so the connection.
-pub(crate) fn sse_stream<T: SseTranslator>(
+pub(crate) fn sse_stream<T: SseTranslator + Unpin>(
     response: reqwest::Response,
     translator: T,
     max_event_bytes: usize,
     key: Option<ApiKey>,
 ) -> EventStream {
-    let state = SseState {
+    Box::pin(SseState {
         response: super::http::BodyStream::new(response),
         parser: SseParser::new(max_event_bytes),
         translator,
         key,
         pending: VecDeque::new(),
         finished: false,
-    };
-    // Boxed, so each poll moves a pointer, not the whole state.
-    Box::pin(stream::unfold(Box::new(state), |mut st| async move {
+    })
+}
+
+/// A stream written by hand rather than through `unfold`: no future is
+/// built per event, and the state lives in the stream's one box.
+impl<T: SseTranslator + Unpin> futures_core::Stream for SseState<T> {
+    type Item = Result<StreamEvent, ProviderError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let st = self.get_mut();
         loop {
             if let Some(item) = st.pending.pop_front() {
                 if matches!(item, Err(_) | Ok(StreamEvent::Stop(_))) {
                     st.pending.clear();
                     st.finished = true;
                 }
-                return Some((item, st));
+                return Poll::Ready(Some(item));
             }
             if st.finished {
-                return None;
+                return Poll::Ready(None);
             }
-            match st.response.chunk().await {
+            match std::task::ready!(st.response.poll_chunk(cx)) {
                 Ok(Some(bytes)) => {
                     let parsed = translate(
                         &mut st.parser,
@@ -356,7 +365,7 @@ pub(crate) fn sse_stream<T: SseTranslator>(
                     }
                     st.finished = true;
                     if st.pending.is_empty() {
-                        return None;
+                        return Poll::Ready(None);
                     }
                 }
                 Err(e) => {
@@ -364,7 +373,7 @@ pub(crate) fn sse_stream<T: SseTranslator>(
                 }
             }
         }
-    }))
+    }
 }
 
 #[cfg(test)]
