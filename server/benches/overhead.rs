@@ -25,8 +25,10 @@
 //! process (this binary again, `OVERHEAD_CHILD` set): this process then
 //! holds one socket per stream (gateway -> upstream), so 10,000 streams fit
 //! in an fd limit of 20,000, and its RSS growth is the gateway's. Every loop is bounded
-//! by a request count; floor and gateway rounds alternate, and the medians
-//! of the rounds are printed, so both see the same noise.
+//! by a request count. Floor and gateway rounds alternate (c=1: their
+//! samples pooled; c=8 and c=32: in ABBA order, and each ratio is the
+//! median of the rounds' own gateway / floor ratios, so a change of the
+//! box's speed between rounds lands on both sides of a ratio alike).
 //!
 //! `cargo bench -p provider-gateway-server --bench overhead`
 //!
@@ -66,11 +68,15 @@ use tonic::transport::server::TcpIncoming;
 const COMPLETE: &str = "/provider_gateway.v1.ProviderGateway/Complete";
 const STREAM: &str = "/provider_gateway.v1.ProviderGateway/Stream";
 
+/// Rounds of c=1 samples for each target.
 const ROUNDS: usize = 5;
 const WARMUP: usize = 300;
 const SEQUENTIAL: usize = 2_000;
 /// Requests per round at each concurrency.
-const CONCURRENT: [(usize, usize); 2] = [(8, 40_000), (32, 80_000)];
+const CONCURRENT: [(usize, usize); 2] = [(8, 30_000), (32, 50_000)];
+/// Rounds of floor and gateway at each concurrency, in ABBA order; the
+/// ratios are the median of the rounds' own ratios.
+const PAIRED_ROUNDS: usize = 9;
 const STREAM_DELTAS: usize = 10_000;
 /// Streams of `STREAM_DELTAS` measured (enough ticks of CPU to count).
 const STREAM_REPEATS: usize = 10;
@@ -769,7 +775,7 @@ fn main() {
         }
 
         println!(
-            "provider-gateway overhead: floor (tonic + reqwest, raw bytes) vs gateway (openai provider, default telemetry), loopback, {ROUNDS} alternating rounds, medians"
+            "provider-gateway overhead: floor (tonic + reqwest, raw bytes) vs gateway (openai provider, default telemetry), loopback, alternating rounds"
         );
         println!(
             "CPU: server = the server's own threads, process = the whole bench process (upstream + load + server); counted {}",
@@ -811,8 +817,15 @@ fn main() {
             let mut rps: HashMap<&str, Vec<f64>> = HashMap::new();
             let mut server: HashMap<&str, Vec<f64>> = HashMap::new();
             let mut process: HashMap<&str, Vec<f64>> = HashMap::new();
-            for _ in 0..ROUNDS {
-                for target in [&floor, &gateway] {
+            for round in 0..PAIRED_ROUNDS {
+                // ABBA: the order flips every round, so a drift of the
+                // box's speed lands on both targets alike.
+                let order = if round % 2 == 0 {
+                    [&floor, &gateway]
+                } else {
+                    [&gateway, &floor]
+                };
+                for target in order {
                     let run = concurrent(target, &unary, concurrency, total).await;
                     rps.entry(target.name).or_default().push(run.rps);
                     server
@@ -826,19 +839,31 @@ fn main() {
                 }
             }
             let m = |map: &HashMap<&str, Vec<f64>>, name: &str| median(map[name].clone());
+            // Each round's gateway figure over the floor's of the same
+            // round, then the median of those ratios.
+            let paired = |map: &HashMap<&str, Vec<f64>>| {
+                median(
+                    map["gateway"]
+                        .iter()
+                        .zip(&map["floor"])
+                        .map(|(g, f)| g / f)
+                        .collect(),
+                )
+            };
             for name in ["floor", "gateway"] {
                 println!(
-                    "c={concurrency:<2} {name:<8} {:>8.0} req/s  server CPU {:>6.1} us/req  process CPU {:>6.1} us/req  ({total} requests a round)",
+                    "c={concurrency:<2} {name:<8} {:>8.0} req/s  server CPU {:>6.1} us/req  process CPU {:>6.1} us/req  ({PAIRED_ROUNDS} rounds of {total} requests)",
                     m(&rps, name),
                     m(&server, name),
                     m(&process, name),
                 );
             }
-            let ratio = m(&rps, "gateway") / m(&rps, "floor");
-            let cpu = m(&server, "gateway") / m(&server, "floor");
+            let (ratio, cpu) = (paired(&rps), paired(&server));
             println!(
-                "c={concurrency:<2} gateway / floor: RPS {ratio:.2}x  server CPU {cpu:.2}x  process CPU {:.2}x",
-                m(&process, "gateway") / m(&process, "floor")
+                "c={concurrency:<2} gateway / floor (median of the rounds' ratios): RPS {ratio:.2}x  server CPU {cpu:.2}x  process CPU {:.2}x  (ratio of the medians: RPS {:.2}x  server CPU {:.2}x)",
+                paired(&process),
+                m(&rps, "gateway") / m(&rps, "floor"),
+                m(&server, "gateway") / m(&server, "floor"),
             );
             if concurrency == 32 {
                 (rps_ratio_c32, cpu_ratio) = (ratio, cpu);
