@@ -117,6 +117,11 @@ impl RegisteredProvider {
 
     /// Notes how long a successful attempt took to its first content.
     pub(crate) fn first_content_took(&self, took: Duration) {
+        // Only `hedge_after_ms = "p95"` reads them: no lock per call for
+        // the other providers.
+        if !self.resilience.hedge_p95 {
+            return;
+        }
         if let Ok(mut times) = self.first_content.lock() {
             if times.len() == FIRST_CONTENT_SAMPLES {
                 times.pop_front();
