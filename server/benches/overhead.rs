@@ -330,7 +330,14 @@ async fn gateway(upstream: &str, slow_upstream: &str) -> String {
 /// (`se.sum_exec_runtime` of `/proc/self/task/*/sched`) where the kernel
 /// has it, else utime+stime in 100 Hz ticks (`/proc/self/task/*/stat`).
 fn cpu(prefix: Option<&str>) -> Duration {
-    precise_cpu(prefix).unwrap_or_else(|| tick_cpu(prefix))
+    // One source for the whole run: a before and an after in different
+    // units would make no figure.
+    static PRECISE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *PRECISE.get_or_init(|| precise_cpu(None).is_some()) {
+        precise_cpu(prefix).unwrap_or_default()
+    } else {
+        tick_cpu(prefix)
+    }
 }
 
 /// The scheduler's count of the threads' CPU time, if `/proc` shows it.
@@ -351,6 +358,7 @@ fn precise_cpu(prefix: Option<&str>) -> Option<Duration> {
         if prefix.is_some_and(|p| !stat[open + 1..close].starts_with(p)) {
             continue;
         }
+        // A thread that ends between listing and reading is skipped.
         let Ok(sched) = std::fs::read_to_string(task.path().join("sched")) else {
             continue;
         };
@@ -565,12 +573,19 @@ async fn open_streams(
         errors.load(Ordering::Relaxed),
         started.elapsed(),
     );
+    // Each stream lasts about SLOW_DELTAS seconds once open: a stream still
+    // running well after that is hung, and counted as an error.
+    let ends = Instant::now() + Duration::from_secs(SLOW_DELTAS as u64 + 60);
+    let mut hung = 0;
     for t in tasks {
-        t.await.unwrap();
+        let left = ends.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, t).await.is_err() {
+            hung += 1;
+        }
     }
     (
         opened.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed) + hung,
     )
 }
 

@@ -123,10 +123,17 @@ async fn gateway(toml: String) -> String {
 /// `CALLS` calls, `in_flight` at a time; the latencies of those served,
 /// sorted, and how many failed.
 async fn run(url: &str, in_flight: usize) -> (Vec<Duration>, usize) {
+    // The listener is bound before `serve` is spawned: a few tries at
+    // most, never forever.
+    let mut tries = 0;
     let client = loop {
         match GatewayClient::connect(url.to_string()).await {
             Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the gateway at {url} never accepted a connection: {e}"),
         }
     };
     let left = Arc::new(AtomicUsize::new(CALLS));
@@ -169,12 +176,20 @@ struct Run {
 
 impl Run {
     /// The latency at `p` (0..1), in milliseconds.
+    /// NaN when no call was served.
     fn at(&self, p: f64) -> f64 {
         let t = &self.took;
-        t[((t.len() as f64 * p) as usize).min(t.len() - 1)].as_secs_f64() * 1e3
+        match t.len().checked_sub(1) {
+            Some(last) => t[((t.len() as f64 * p) as usize).min(last)].as_secs_f64() * 1e3,
+            None => f64::NAN,
+        }
     }
 
+    /// NaN when no call was served.
     fn mean(&self) -> f64 {
+        if self.took.is_empty() {
+            return f64::NAN;
+        }
         self.took.iter().sum::<Duration>().as_secs_f64() / self.took.len() as f64 * 1e3
     }
 

@@ -255,12 +255,29 @@ fn chat(text: &str, max_tokens: u32) -> ChatRequest {
     }
 }
 
-/// Polls `f` until it holds, for up to 5 s.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+/// Polls `f` until it holds, for up to `within` of real time (the model
+/// runs on threads of its own, outside tokio's clock).
+pub(crate) async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(5), "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(start.elapsed() < within, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Reads `events` until `n` text deltas have come; any end before is a
+/// failure.
+pub(crate) async fn take_text_deltas(
+    events: &mut provider_gateway_server::providers::EventStream,
+    n: usize,
+) {
+    let mut deltas = 0;
+    while deltas < n {
+        match events.next().await {
+            Some(Ok(provider_gateway_server::chat::StreamEvent::Text { .. })) => deltas += 1,
+            Some(Ok(_)) => {}
+            other => panic!("the stream ended early: {other:?}"),
+        }
     }
 }
 
@@ -280,16 +297,12 @@ async fn embedded_cancelled_stream_stops_generation_and_frees_its_session() {
     // runs at most the channel's capacity ahead of it, then stops.
     let req = chat("go on forever", 1500);
     let mut events = provider.stream(&req).await.unwrap();
-    let mut deltas = 0;
-    while deltas < 3 {
-        match events.next().await {
-            Some(Ok(provider_gateway_server::chat::StreamEvent::Text { .. })) => deltas += 1,
-            Some(Ok(_)) => {}
-            other => panic!("the stream ended early: {other:?}"),
-        }
-    }
+    take_text_deltas(&mut events, 3).await;
     drop(events);
-    eventually("the session is free", || provider.busy_sessions() == 0).await;
+    eventually("the session is free", Duration::from_secs(5), || {
+        provider.busy_sessions() == 0
+    })
+    .await;
     let generated = provider.generated_tokens();
     assert!(
         generated <= (3 + CHANNEL_CAPACITY + 2) as u64,
@@ -315,7 +328,10 @@ async fn embedded_cancelled_stream_stops_generation_and_frees_its_session() {
         }
     }
     drop(stream);
-    eventually("the session is free", || provider.busy_sessions() == 0).await;
+    eventually("the session is free", Duration::from_secs(5), || {
+        provider.busy_sessions() == 0
+    })
+    .await;
     let after = provider.generated_tokens();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(provider.generated_tokens(), after, "generation stopped");
@@ -420,9 +436,11 @@ async fn embedded_busy_is_retried_by_the_policy_until_the_session_is_free() {
     // Once the second request has been refused busy (each attempt queues
     // 200 ms), let the first finish: it was paused on its full channel, so
     // it ends within a few tokens, well inside the second's 20 attempts.
-    eventually("the second call is refused busy", || {
-        provider.refused_busy() >= 1
-    })
+    eventually(
+        "the second call is refused busy",
+        Duration::from_secs(5),
+        || provider.refused_busy() >= 1,
+    )
     .await;
     while let Some(event) = first.next().await {
         event.unwrap();

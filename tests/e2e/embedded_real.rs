@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use provider_gateway_client::{CallOptions, GatewayClient, StopReason, StreamEvent, request, v1};
@@ -239,24 +239,13 @@ async fn smollm2_a_cancelled_stream_frees_its_session_within_one_token() {
     );
     let req = chat(&[(Role::User, ENDLESS)], 2000);
     let mut events = local.stream(&req).await.unwrap();
-    let mut deltas = 0;
-    while deltas < 3 {
-        match events.next().await {
-            Some(Ok(provider_gateway_server::chat::StreamEvent::Text { .. })) => deltas += 1,
-            Some(Ok(_)) => {}
-            other => panic!("the stream ended early: {other:?}"),
-        }
-    }
+    crate::embedded::take_text_deltas(&mut events, 3).await;
     drop(events);
     let generated_at_cancel = local.generated_tokens();
-    let start = Instant::now();
-    while local.busy_sessions() != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the session is never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    crate::embedded::eventually("the session is freed", Duration::from_secs(30), || {
+        local.busy_sessions() == 0
+    })
+    .await;
     // At most the token being generated when the caller left.
     let after = local.generated_tokens();
     assert!(

@@ -59,6 +59,17 @@ fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The text of the `CompleteResponse` in the first of `frames`.
+fn first_text(frames: &[(u8, Vec<u8>)]) -> String {
+    use prost::Message as _;
+    let answer = provider_gateway::v1::CompleteResponse::decode(frames[0].1.as_slice()).unwrap();
+    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
+    else {
+        panic!("{answer:?}")
+    };
+    text.clone()
+}
+
 /// The frames of a gRPC-Web body.
 fn frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
@@ -130,14 +141,8 @@ async fn grpc_web_complete_over_http1_with_cors() {
         Some("1")
     );
     let frames = frames(&r.bytes().await.unwrap());
-    let (flag, message) = &frames[0];
-    assert_eq!(*flag, 0);
-    let answer = provider_gateway::v1::CompleteResponse::decode(message.as_slice()).unwrap();
-    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
-    else {
-        panic!("{answer:?}")
-    };
-    assert_eq!(text, "hello web");
+    assert_eq!(frames[0].0, 0);
+    assert_eq!(first_text(&frames), "hello web");
     let (flag, trailers) = frames.last().unwrap();
     assert_eq!(*flag, 0x80);
     let trailers = String::from_utf8_lossy(trailers).to_ascii_lowercase();
@@ -191,12 +196,7 @@ async fn without_allowed_origins_grpc_web_answers_and_no_answer_carries_cors_hea
         Some("1")
     );
     let web = frames(&r.bytes().await.unwrap());
-    let answer = provider_gateway::v1::CompleteResponse::decode(web[0].1.as_slice()).unwrap();
-    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
-    else {
-        panic!("{answer:?}")
-    };
-    assert_eq!(text, "hello web");
+    assert_eq!(first_text(&web), "hello web");
 
     // Plain gRPC over HTTP/2 answers without them too.
     let h2 = reqwest::Client::builder()
@@ -216,10 +216,5 @@ async fn without_allowed_origins_grpc_web_answers_and_no_answer_carries_cors_hea
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(cors_headers(r.headers()), Vec::<String>::new());
     let grpc = frames(&r.bytes().await.unwrap());
-    let answer = provider_gateway::v1::CompleteResponse::decode(grpc[0].1.as_slice()).unwrap();
-    let Some(provider_gateway::v1::content_block::Block::Text(text)) = &answer.content[0].block
-    else {
-        panic!("{answer:?}")
-    };
-    assert_eq!(text, "hello grpc");
+    assert_eq!(first_text(&grpc), "hello grpc");
 }

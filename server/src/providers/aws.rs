@@ -381,12 +381,19 @@ impl CredentialSource {
 
 /// When temporary credentials (STS, a container's) expire: their
 /// `Expiration`, or in 15 minutes when it is missing or unreadable, so they
-/// are never kept as if they were static.
+/// are never kept as if they were static; and never later than 12 hours
+/// from now (STS's longest session), whatever the answer says.
 fn temporary_expiry(expiration: Option<&str>) -> SystemTime {
+    let now = SystemTime::now();
+    let latest = now + Duration::from_secs(MAX_TEMPORARY_SECS);
     expiration
         .and_then(http::rfc3339)
-        .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(15 * 60))
+        .unwrap_or_else(|| now + Duration::from_secs(15 * 60))
+        .min(latest)
 }
+
+/// The longest life of temporary credentials the gateway believes.
+const MAX_TEMPORARY_SECS: u64 = 12 * 3600;
 
 /// Reads a small file (a token) off the runtime's threads.
 async fn read_file(path: &std::path::Path) -> std::io::Result<String> {
@@ -621,6 +628,10 @@ mod tests {
         assert!(
             soon > SystemTime::now() && soon < SystemTime::now() + Duration::from_secs(16 * 60)
         );
+        // An expiry in year 9999 is not believed: refreshed within 12 h.
+        let far = temporary_expiry(Some("9999-12-31T23:59:59Z"));
+        assert!(far <= SystemTime::now() + Duration::from_secs(MAX_TEMPORARY_SECS));
+        assert!(far > SystemTime::now() + Duration::from_secs(MAX_TEMPORARY_SECS - 60));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use reqwest::Url;
 use reqwest::header::{HeaderMap, HeaderName};
 
 use super::{ApiKey, RateLimits};
+use crate::chat::ChatResponse;
 use crate::config::{ConfigError, HttpProviderConfig};
 use crate::error::{ErrorClass, ProviderError};
 
@@ -674,6 +675,27 @@ pub(crate) fn bad_event(what: &str, e: &serde_json::Error) -> ProviderError {
     )
 }
 
+/// A whole response body: its common shape read by `typed` (without a
+/// `Value`), anything else through a `Value` by `general`. Both read the
+/// same answer from the same body.
+pub(crate) fn read_answer(
+    body: &[u8],
+    typed: fn(&[u8]) -> Option<ChatResponse>,
+    general: fn(&serde_json::Value) -> Result<ChatResponse, ProviderError>,
+) -> Result<ChatResponse, ProviderError> {
+    if let Some(response) = typed(body) {
+        return Ok(response);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad_json("a response", &e))?;
+    general(&v)
+}
+
+/// An upstream token count, saturated into a `u32` (missing: 0).
+pub(crate) fn saturate_count(n: Option<u64>) -> u32 {
+    n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 /// A body that does not decode.
 pub(crate) fn bad_json(what: &str, e: &serde_json::Error) -> ProviderError {
     ProviderError::new(
@@ -1008,6 +1030,10 @@ mod tests {
             "2025-12-01T00:00:0\u{e9}Z",
             "2025-12-01T00:00:00\u{e9}",
             "2025-12-01T00:00:00\u{e9}01:00",
+            // Six bytes after the seconds, a character across the
+            // offset's sign or colon.
+            "2025-12-01T00:00:00\u{e9}1:00",
+            "2025-12-01T00:00:00+0\u{e9}00",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }

@@ -560,11 +560,7 @@ fn usage(v: &Value) -> Usage {
 /// anything else through a `Value` by [`parse_response`]. Both read the
 /// same answer from the same body.
 pub(crate) fn parse_body(body: &[u8]) -> Result<ChatResponse, ProviderError> {
-    if let Some(response) = typed_response(body) {
-        return Ok(response);
-    }
-    let v: Value = serde_json::from_slice(body).map_err(|e| http::bad_json("a response", &e))?;
-    parse_response(&v)
+    http::read_answer(body, typed_response, parse_response)
 }
 
 /// A response in its common shape, read without building a `Value`: the
@@ -630,10 +626,6 @@ struct TypedUsage {
     completion_tokens: Option<u64>,
 }
 
-fn saturate(n: Option<u64>) -> u32 {
-    n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
-}
-
 /// The common shape of a response (see [`TypedResponse`]), or `None`.
 pub(crate) fn typed_response(body: &[u8]) -> Option<ChatResponse> {
     let v: TypedResponse<'_> = serde_json::from_slice(body).ok()?;
@@ -660,8 +652,8 @@ pub(crate) fn typed_response(body: &[u8]) -> Option<ChatResponse> {
         });
     }
     let usage = v.usage.map_or(Usage::default(), |u| Usage {
-        input_tokens: saturate(u.prompt_tokens),
-        output_tokens: saturate(u.completion_tokens),
+        input_tokens: http::saturate_count(u.prompt_tokens),
+        output_tokens: http::saturate_count(u.completion_tokens),
     });
     Some(ChatResponse {
         id: http::text_or_empty(v.id.as_ref()),

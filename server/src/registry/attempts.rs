@@ -312,13 +312,7 @@ impl AttemptGate {
     /// (where the retry goes), it neither stops the hop nor sets the wait.
     pub(crate) fn decide(&self, hop: &Hop, count: &HopCount, error: &ProviderError) -> Decision {
         let now = self.clock.now();
-        let elsewhere = error.retry_after.is_some()
-            && hop
-                .entry
-                .pool
-                .as_ref()
-                .zip(count.last_member)
-                .is_some_and(|(pool, last)| pool.others_allowed(last, now, hop.token_estimate));
+        let elsewhere = error.retry_after.is_some() && other_member_allowed(hop, count, now);
         let members_own;
         let error = if elsewhere {
             members_own = ProviderError {
@@ -371,12 +365,7 @@ impl AttemptGate {
         member_local
             && retried
             && count.tries < hop.policy.max_attempts
-            && hop
-                .entry
-                .pool
-                .as_ref()
-                .zip(count.last_member)
-                .is_some_and(|(pool, last)| pool.others_allowed(last, now, hop.token_estimate))
+            && other_member_allowed(hop, count, now)
             && hop.entry.budget.allows(now)
     }
 
@@ -639,6 +628,16 @@ pub(crate) struct CallChain<'l> {
     rest: Vec<Hop>,
     metrics: Arc<GatewayMetrics>,
     labels: &'l ModelLabels,
+}
+
+/// Whether a pool member other than the hop's last one may take the
+/// request now (always `false` outside a pool or before a first attempt).
+fn other_member_allowed(hop: &Hop, count: &HopCount, now: tokio::time::Instant) -> bool {
+    hop.entry
+        .pool
+        .as_ref()
+        .zip(count.last_member)
+        .is_some_and(|(pool, last)| pool.others_allowed(last, now, hop.token_estimate))
 }
 
 /// Makes one upstream call of a hop.

@@ -129,6 +129,16 @@ fn run_worker(
         session.set_cached(std::mem::take(&mut worker.cached));
         let last = generate::generate(&mut session, model, job, &tx, counters);
         worker.cached = session.take_cached();
+        // A caller that does not read has filled the channel: the end waits
+        // for it while the session is still its own, so no other request
+        // is handed a thread stuck on this send.
+        let last = match last {
+            Some(last) if tx.capacity() == 0 => {
+                let _ = tx.blocking_send(last);
+                None
+            }
+            last => last,
+        };
         // Free the session before the caller can see the end, so that a
         // caller's next request never finds its own session still busy.
         if let Some(idle) = idle.upgrade() {
@@ -137,6 +147,8 @@ fn run_worker(
                 .push(worker);
         }
         drop(permit);
+        // This thread is the channel's only sender and it had room: this
+        // send does not wait.
         if let Some(last) = last {
             let _ = tx.blocking_send(last);
         }

@@ -83,6 +83,39 @@ impl std::fmt::Debug for Model {
 /// wrong with a damaged file (a length past its end, a tensor past its
 /// end). Every length is checked against the file's size, so a damaged
 /// file cannot make it allocate much.
+/// llama.cpp's 32-bit seed for a request's 64-bit one: folded, and never
+/// `u32::MAX`, which llama.cpp takes as "pick a random seed".
+fn dist_seed(seed: u64) -> u32 {
+    let folded = (seed ^ (seed >> 32)) as u32;
+    if folded == u32::MAX {
+        u32::MAX - 1
+    } else {
+        folded
+    }
+}
+
+/// The metadata keys (by suffix) llama.cpp reads as model sizes.
+const HYPERPARAMETERS: [&str; 5] = [
+    ".context_length",
+    ".block_count",
+    ".embedding_length",
+    ".attention.head_count",
+    ".attention.head_count_kv",
+];
+
+/// The longest key, token or tensor name `check_gguf` reads.
+const MAX_NAME_BYTES: u64 = 64 * 1024;
+
+/// A token or name from the file, for an error: at most 80 characters.
+fn shown(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: String = text.chars().take(80).collect();
+    if text.chars().nth(80).is_some() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
 fn check_gguf(path: &Path) -> Result<(), String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open the model file: {e}"))?;
@@ -114,18 +147,42 @@ fn check_gguf(path: &Path) -> Result<(), String> {
             alignment = u64::from(meta.u32()?).max(1);
             continue;
         }
+        // llama.cpp reads these as u32 and hands them out as i32 (its Rust
+        // binding panics on a negative one): refused past i32::MAX.
+        if kind == 4 && HYPERPARAMETERS.iter().any(|suffix| key.ends_with(suffix)) {
+            let value = meta.u32()?;
+            if i32::try_from(value).is_err() {
+                return Err(format!(
+                    "its `{key}` is {value}, more than llama.cpp can use"
+                ));
+            }
+            continue;
+        }
         if key == "tokenizer.ggml.tokens" && kind == GGUF_ARRAY {
             let (elem, count) = (meta.u32()?, meta.u64()?);
             if elem != GGUF_STRING {
                 return Err("its `tokenizer.ggml.tokens` is not an array of strings".into());
             }
-            let mut seen = std::collections::HashMap::new();
+            // As llama.cpp keys them: the bytes, an empty token renamed
+            // `[EMPTY_{id}]` (a duplicate there is an abort, not an error).
+            let mut seen: std::collections::HashMap<Vec<u8>, u64> =
+                std::collections::HashMap::new();
             for id in 0..count {
-                let text = meta.string()?;
-                if let Some(first) = seen.insert(text.clone(), id) {
-                    return Err(format!(
-                        "its vocabulary has token {text:?} twice (ids {first} and {id})"
-                    ));
+                let mut text = meta.name_bytes()?;
+                if text.is_empty() {
+                    text = format!("[EMPTY_{id}]").into_bytes();
+                }
+                match seen.entry(text) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        return Err(format!(
+                            "its vocabulary has token {} twice (ids {} and {id})",
+                            shown(e.key()),
+                            e.get()
+                        ));
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(id);
+                    }
                 }
             }
         } else {
@@ -224,12 +281,28 @@ impl Meta {
                 self.size
             ));
         }
+        // Past what is left: nothing is read (nor allocated) for it.
+        if n > self.size.saturating_sub(self.read) {
+            return Err("its metadata is cut short".into());
+        }
         Ok(n)
     }
 
+    /// A key, token or tensor name (string values are skipped, not read):
+    /// at most [`MAX_NAME_BYTES`], so a hostile length costs no memory.
     fn string(&mut self) -> Result<String, String> {
+        self.name_bytes()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn name_bytes(&mut self) -> Result<Vec<u8>, String> {
         use std::io::Read;
         let n = self.len()?;
+        if n > MAX_NAME_BYTES {
+            return Err(format!(
+                "its metadata has a name or token of {n} bytes (at most {MAX_NAME_BYTES})"
+            ));
+        }
         let mut b = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         (&mut self.r)
             .take(n)
@@ -239,7 +312,7 @@ impl Meta {
             return Err("its metadata is cut short".into());
         }
         self.read += n;
-        Ok(String::from_utf8_lossy(&b).into_owned())
+        Ok(b)
     }
 
     fn skip(&mut self, n: u64) -> Result<(), String> {
@@ -503,8 +576,7 @@ impl NextToken for Session<'_> {
                 chain.push(LlamaSampler::top_p(job.top_p as f32, 1));
             }
             chain.push(LlamaSampler::temp(job.temperature as f32));
-            // llama.cpp's seeds are 32 bits; fold the 64.
-            chain.push(LlamaSampler::dist((job.seed ^ (job.seed >> 32)) as u32));
+            chain.push(LlamaSampler::dist(dist_seed(job.seed)));
             LlamaSampler::chain_simple(chain)
         };
         Ok(keep)
@@ -588,6 +660,54 @@ mod tests {
         );
         let err = check_bytes("twice", &gguf_with_tokens(&["a", "b", "a"])).unwrap_err();
         assert_eq!(err, "its vocabulary has token \"a\" twice (ids 0 and 2)");
+    }
+
+    #[test]
+    fn tokens_are_keyed_as_llama_cpp_keys_them_and_names_are_bounded() {
+        // Empty tokens are renamed by their id: two of them are fine, one
+        // that meets a literal `[EMPTY_0]` is a duplicate.
+        assert_eq!(
+            check_bytes("empties", &gguf_with_tokens(&["", "", "a"])),
+            Ok(())
+        );
+        let err = check_bytes("empty-clash", &gguf_with_tokens(&["", "[EMPTY_0]"])).unwrap_err();
+        assert_eq!(
+            err,
+            "its vocabulary has token \"[EMPTY_0]\" twice (ids 0 and 1)"
+        );
+        // A token longer than any name is refused, not read.
+        let long = "x".repeat(70_000);
+        let err = check_bytes("long-token", &gguf_with_tokens(&[&long])).unwrap_err();
+        assert!(err.contains("at most 65536"), "{err}");
+    }
+
+    #[test]
+    fn a_fixed_seed_never_becomes_llama_cpps_random_seed() {
+        assert_eq!(dist_seed(7), 7);
+        assert_eq!(dist_seed(u64::from(u32::MAX)), u32::MAX - 1);
+        assert_ne!(dist_seed(0xFFFF_FFFF_0000_0000), u32::MAX);
+        assert_eq!(dist_seed(1 << 32), 1);
+    }
+
+    #[test]
+    fn a_model_size_past_i32_is_refused_naming_its_key() {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // tensors
+        b.extend(1u64.to_le_bytes()); // entries
+        let key = b"llama.context_length";
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key);
+        b.extend(4u32.to_le_bytes()); // u32
+        b.extend(3_000_000_000u32.to_le_bytes());
+        let err = check_bytes("huge-context", &b).unwrap_err();
+        assert_eq!(
+            err,
+            "its `llama.context_length` is 3000000000, more than llama.cpp can use"
+        );
+        let at = b.len() - 4;
+        b[at..].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(check_bytes("context", &b), Ok(()));
     }
 
     #[test]
