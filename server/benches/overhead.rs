@@ -38,7 +38,7 @@
 //! (`OVERHEAD_PROFILE_FLOOR=1`: the floor's requests instead).
 //! `OVERHEAD_PROFILE_STREAMS=N` does the same with N streams of
 //! `STREAM_DELTAS` deltas. `OVERHEAD_OPEN_STREAMS_ONLY=1` prints only the
-//! open-streams figure.
+//! open-streams figure, `OVERHEAD_RELAY_ONLY=1` only the stream-relay figure.
 
 #![allow(
     clippy::unwrap_used,
@@ -512,6 +512,24 @@ async fn relay_stream(gateway: &Target, body: &Bytes) -> (usize, Duration) {
     (messages, cpu(Some(gateway.threads)).saturating_sub(before))
 }
 
+/// Prints the stream-relay figure: gateway CPU per delta over
+/// `STREAM_REPEATS` streams of `STREAM_DELTAS` deltas, after one warm-up.
+async fn relay_figure(gateway: &Target) {
+    let mut stream_request = request::to_stream(request::user("hello world"));
+    stream_request.model = "deltas".into();
+    let stream_body = Bytes::from(stream_request.encode_to_vec());
+    relay_stream(gateway, &stream_body).await;
+    let (mut messages, mut took) = (0, Duration::ZERO);
+    for _ in 0..STREAM_REPEATS {
+        let (m, t) = relay_stream(gateway, &stream_body).await;
+        (messages, took) = (m, took + t);
+    }
+    println!(
+        "stream relay: {STREAM_DELTAS} text deltas in one stream ({STREAM_REPEATS} streams measured), {messages} messages out each, gateway CPU {:.2} us per delta",
+        us(took) / (STREAM_DELTAS * STREAM_REPEATS) as f64
+    );
+}
+
 /// `n` streams held open at once against the slow upstream, 100 per
 /// HTTP/2 connection; `opened` is called once all have their first
 /// message (or after 90 s) with (opened, errors, the time to open them).
@@ -784,6 +802,10 @@ fn main() {
         if open_streams_only {
             return None;
         }
+        if std::env::var_os("OVERHEAD_RELAY_ONLY").is_some() {
+            relay_figure(&gateway).await;
+            return None;
+        }
 
         for target in [&floor, &gateway] {
             sequential(target, &unary, WARMUP).await;
@@ -885,19 +907,7 @@ fn main() {
             }
         }
 
-        let mut stream_request = request::to_stream(request::user("hello world"));
-        stream_request.model = "deltas".into();
-        let stream_body = Bytes::from(stream_request.encode_to_vec());
-        relay_stream(&gateway, &stream_body).await;
-        let (mut messages, mut took) = (0, Duration::ZERO);
-        for _ in 0..STREAM_REPEATS {
-            let (m, t) = relay_stream(&gateway, &stream_body).await;
-            (messages, took) = (m, took + t);
-        }
-        println!(
-            "stream relay: {STREAM_DELTAS} text deltas in one stream ({STREAM_REPEATS} streams measured), {messages} messages out each, gateway CPU {:.2} us per delta",
-            us(took) / (STREAM_DELTAS * STREAM_REPEATS) as f64
-        );
+        relay_figure(&gateway).await;
 
         Some((rps_ratio_c32, cpu_ratio, p50_delta))
     });

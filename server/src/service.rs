@@ -100,11 +100,31 @@ impl GatewayService {
 
 type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
 
+/// Events a relay gathers before it hands them to the encoder together.
+const RELAY_BATCH: usize = 32;
+
+/// An event as the registry's stream yields it (`None`: the end).
+type Polled = Option<Result<StreamEvent, GatewayError>>;
+
 /// A committed stream as the caller reads it: each event as a message,
 /// and after the stop, an OK status carrying the attempt report as the
 /// trailers. Holds the call's admission until it ends or is dropped.
+///
+/// Events already read from upstream leave together: after taking an
+/// event the relay lets the upstream connection's task run once (it wakes
+/// itself and yields), and takes whatever that task has decoded by then.
+/// What it holds it hands over as soon as the upstream has nothing more
+/// ready, after at most `RELAY_BATCH` events, and at once at an error or
+/// the end. The encoder writes what it is handed in one go, so a fast
+/// upstream costs one HTTP/2 write per batch, not per delta, and a slow
+/// one waits no longer than one turn of the scheduler.
 struct Relay {
     events: crate::registry::GatewayStream,
+    /// Events taken from `events`, not yet handed over, in order.
+    held: std::collections::VecDeque<Polled>,
+    /// Handing `held` over (set when the upstream has nothing ready, at
+    /// `RELAY_BATCH`, at an error or at the end).
+    flushing: bool,
     /// The trailers, due after the stop's message.
     trailers: Option<Status>,
     /// The provider that opened the stream (every message names it).
@@ -116,6 +136,61 @@ struct Relay {
     attempts: u32,
     span: tracing::Span,
     _admission: Admission,
+}
+
+impl Relay {
+    fn new(
+        events: crate::registry::GatewayStream,
+        provider: &str,
+        attempts: u32,
+        span: tracing::Span,
+        admission: Admission,
+    ) -> Self {
+        Self {
+            events,
+            held: std::collections::VecDeque::new(),
+            flushing: false,
+            trailers: None,
+            provider: provider.to_string(),
+            serving: provider.to_string(),
+            first_attempts: attempts,
+            attempts,
+            span,
+            _admission: admission,
+        }
+    }
+
+    /// The next event to hand over, gathering (see [`Relay`]).
+    fn next_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Polled> {
+        use std::task::Poll;
+        loop {
+            if self.flushing {
+                if let Some(event) = self.held.pop_front() {
+                    return Poll::Ready(event);
+                }
+                self.flushing = false;
+            }
+            match self.events.as_mut().poll_next(cx) {
+                Poll::Pending if self.held.is_empty() => return Poll::Pending,
+                Poll::Pending => self.flushing = true,
+                Poll::Ready(event) => {
+                    let last = !matches!(event, Some(Ok(_)));
+                    self.held.push_back(event);
+                    if last || self.held.len() >= RELAY_BATCH {
+                        self.flushing = true;
+                    } else {
+                        // Let the upstream's connection task decode what
+                        // it has already read; we are polled again next.
+                        let yielded = std::pin::pin!(tokio::task::yield_now());
+                        if std::future::Future::poll(yielded, cx).is_ready() {
+                            cx.waker().wake_by_ref();
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Stream for Relay {
@@ -131,7 +206,7 @@ impl Stream for Relay {
             return Poll::Ready(Some(Err(trailers)));
         }
         loop {
-            let message = match std::task::ready!(this.events.as_mut().poll_next(cx)) {
+            let message = match std::task::ready!(this.next_event(cx)) {
                 None => return Poll::Ready(None),
                 Some(Ok(StreamEvent::KeepAlive)) => continue,
                 Some(Ok(event @ StreamEvent::Stop(_))) => {
@@ -319,16 +394,7 @@ impl GatewayService {
             .stream_shared(Arc::new(chat), &options)
             .await
             .map_err(|e| status_of(&e))?;
-        let body = Relay {
-            events: open.events,
-            trailers: None,
-            provider: open.provider.clone(),
-            serving: open.provider.clone(),
-            first_attempts: open.attempt,
-            attempts: open.attempt,
-            span,
-            _admission: admission,
-        };
+        let body = Relay::new(open.events, &open.provider, open.attempt, span, admission);
         let mut response = Response::new(Box::pin(body) as StreamBody);
         report(response.metadata_mut(), &open.provider, open.attempt);
         Ok(response)
@@ -933,6 +999,157 @@ mod tests {
             report(&mut metadata, "other", 2);
             assert_eq!(metadata.len(), 2);
         }
+    }
+
+    /// What a relay scenario's caller saw: each message's text (`Err`: a
+    /// status), when it came, and the longest run of messages handed over
+    /// without a pause.
+    struct Seen {
+        texts: Vec<(Result<String, Code>, tokio::time::Instant)>,
+        longest_run: usize,
+    }
+
+    /// Reads `relay` to its end as tonic's encoder does: message after
+    /// message while they are ready.
+    async fn read_relay(mut relay: Relay) -> Seen {
+        use std::task::Poll;
+        let (mut texts, mut run, mut longest_run) = (Vec::new(), 0, 0);
+        std::future::poll_fn(|cx| {
+            loop {
+                match Pin::new(&mut relay).poll_next(cx) {
+                    Poll::Pending => {
+                        run = 0;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Ready(Some(message)) => {
+                        run += 1;
+                        longest_run = longest_run.max(run);
+                        let text = message.map_err(|s| s.code()).map(|m| match m.event {
+                            Some(pb::stream_response::Event::Delta(pb::ContentDelta {
+                                delta: Some(pb::content_delta::Delta::Text(text)),
+                                ..
+                            })) => text,
+                            Some(pb::stream_response::Event::Stop(_)) => "<stop>".into(),
+                            other => format!("{other:?}"),
+                        });
+                        texts.push((text, tokio::time::Instant::now()));
+                    }
+                }
+            }
+        })
+        .await;
+        Seen { texts, longest_run }
+    }
+
+    fn relay_over(
+        rx: tokio::sync::mpsc::UnboundedReceiver<Result<StreamEvent, GatewayError>>,
+    ) -> Relay {
+        let mut rx = rx;
+        let events = Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let gate = Arc::new(Gate::new(10, 10));
+        let admission = gate.admit(CallKind::Stream).unwrap();
+        Relay::new(events, "p", 1, tracing::Span::none(), admission)
+    }
+
+    /// The relay's invariant (see [`Relay`]) over generated schedules of
+    /// bursts and pauses (paused time, seeded): every event reaches the
+    /// caller once, in order, at the instant the upstream produced it (no
+    /// event waits for a later one), keep-alives are dropped, the stop is
+    /// followed by the OK trailers and an error ends the stream, and no
+    /// run of messages is longer than `RELAY_BATCH`.
+    #[test]
+    fn the_relay_hands_over_every_event_in_order_and_never_holds_one_across_a_pause() {
+        for seed in 0..300u64 {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let rng = crate::retry::Jitter::seeded(seed);
+                let below = move |n: usize| (rng.next_unit() * n as f64) as usize;
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let bursts = 1 + below(6);
+                let ending = below(3);
+                let producer = tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    let mut n = 0;
+                    for burst in 0..bursts {
+                        for _ in 0..1 + below(80) {
+                            if below(8) == 0 {
+                                tx.send(Ok(StreamEvent::KeepAlive)).unwrap();
+                            }
+                            let text = format!("t{n}");
+                            n += 1;
+                            tx.send(Ok(StreamEvent::Text {
+                                index: 0,
+                                text: text.clone(),
+                            }))
+                            .unwrap();
+                            sent.push((Ok(text), tokio::time::Instant::now()));
+                        }
+                        if burst + 1 < bursts {
+                            match below(3) {
+                                0 => tokio::task::yield_now().await,
+                                _ => {
+                                    tokio::time::sleep(Duration::from_millis(1 + below(500) as u64))
+                                        .await
+                                }
+                            }
+                        }
+                    }
+                    let now = tokio::time::Instant::now();
+                    match ending {
+                        0 => {
+                            tx.send(Ok(StreamEvent::Stop(StopReason::EndTurn))).unwrap();
+                            sent.push((Ok("<stop>".into()), now));
+                            sent.push((Err(Code::Ok), now));
+                        }
+                        1 => {
+                            let error = ProviderError::new(ErrorClass::StreamInterrupted, "cut");
+                            tx.send(Err(GatewayError::Upstream {
+                                provider: "p".into(),
+                                attempts: 1,
+                                error,
+                                delivered: None,
+                                budget_exhausted: false,
+                            }))
+                            .unwrap();
+                            sent.push((Err(Code::Unavailable), now));
+                        }
+                        _ => {}
+                    }
+                    sent
+                });
+                let seen = read_relay(relay_over(rx)).await;
+                let sent = producer.await.unwrap();
+                assert_eq!(seen.texts, sent, "seed {seed}");
+                assert!(
+                    seen.longest_run <= RELAY_BATCH + 2,
+                    "seed {seed}: a run of {}",
+                    seen.longest_run
+                );
+            });
+        }
+    }
+
+    /// Events already waiting leave together, `RELAY_BATCH` at a time: the
+    /// encoder can write them in one go.
+    #[tokio::test]
+    async fn waiting_events_are_handed_over_together() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..100 {
+            tx.send(Ok(StreamEvent::Text {
+                index: 0,
+                text: format!("t{n}"),
+            }))
+            .unwrap();
+        }
+        drop(tx);
+        let seen = read_relay(relay_over(rx)).await;
+        assert_eq!(seen.texts.len(), 100);
+        assert_eq!(seen.longest_run, RELAY_BATCH);
     }
 
     #[test]

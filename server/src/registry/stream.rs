@@ -249,10 +249,48 @@ impl Committed {
         }
     }
 
+    /// The next upstream event, within the idle timeout and the caller's
+    /// deadline. An event already waiting is taken without reading the
+    /// clock; the wait (and its timer) starts only when there is none.
     async fn upstream_next(&mut self) -> Next {
+        use std::task::Poll;
         if let Some(event) = self.head.pop_front() {
             return Next::Event(event);
         }
+        let mut waiting = false;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(item) = self.events.poll_next_unpin(cx) {
+                return Poll::Ready(match item {
+                    Some(Ok(event)) => Next::Event(event),
+                    Some(Err(error)) => Next::Broke(error),
+                    None => Next::Broke(no_stop()),
+                });
+            }
+            if !waiting {
+                waiting = true;
+                self.arm_wait();
+            }
+            let Some(timer) = self.timer.as_mut() else {
+                return Poll::Pending;
+            };
+            loop {
+                std::task::ready!(timer.sleep.as_mut().poll(cx));
+                if tokio::time::Instant::now() >= timer.until {
+                    return Poll::Ready(if timer.is_deadline {
+                        Next::Deadline
+                    } else {
+                        Next::Broke(stalled(self.idle))
+                    });
+                }
+                timer.sleep.as_mut().reset(timer.until);
+            }
+        })
+        .await
+    }
+
+    /// Sets the wait for the next event to end after the idle timeout, or
+    /// at the caller's deadline if that comes first.
+    fn arm_wait(&mut self) {
         let remaining = self.gate.remaining();
         let wait = remaining.map_or(self.idle, |r| r.min(self.idle));
         // An idle timeout of years must not overflow the clock.
@@ -261,7 +299,7 @@ impl Committed {
             .checked_add(wait)
             .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
         let is_deadline = remaining.is_some_and(|r| r <= self.idle);
-        let timer = match &mut self.timer {
+        match &mut self.timer {
             Some(timer) => {
                 timer.until = until;
                 timer.is_deadline = is_deadline;
@@ -271,35 +309,13 @@ impl Committed {
                 if until < timer.sleep.deadline() {
                     timer.sleep.as_mut().reset(until);
                 }
-                timer
             }
-            None => self.timer.insert(WaitTimer {
-                sleep: Box::pin(tokio::time::sleep_until(until)),
-                until,
-                is_deadline,
-            }),
-        };
-        let events = &mut self.events;
-        loop {
-            tokio::select! {
-                biased;
-                item = events.next() => {
-                    return match item {
-                        Some(Ok(event)) => Next::Event(event),
-                        Some(Err(error)) => Next::Broke(error),
-                        None => Next::Broke(no_stop()),
-                    };
-                }
-                () = timer.sleep.as_mut() => {
-                    if tokio::time::Instant::now() >= timer.until {
-                        return if timer.is_deadline {
-                            Next::Deadline
-                        } else {
-                            Next::Broke(stalled(self.idle))
-                        };
-                    }
-                    timer.sleep.as_mut().reset(timer.until);
-                }
+            None => {
+                self.timer = Some(WaitTimer {
+                    sleep: Box::pin(tokio::time::sleep_until(until)),
+                    until,
+                    is_deadline,
+                });
             }
         }
     }
