@@ -93,7 +93,7 @@ impl SseParser {
     ) -> Result<(), TooLong> {
         let mut rest = chunk;
         while !rest.is_empty() {
-            let newline = rest.iter().position(|&b| b == b'\n');
+            let newline = memchr::memchr(b'\n', rest);
             let piece = &rest[..newline.unwrap_or(rest.len())];
             if piece.len() > self.max_bytes.saturating_sub(self.line.len()) {
                 self.line = Vec::new();
