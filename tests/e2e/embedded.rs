@@ -520,4 +520,24 @@ async fn embedded_context_too_long_and_tools_are_refused() {
         .unwrap();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("tools"), "{}", status.message());
+
+    // Stop sequences are checked after every token: their number and
+    // length are bounded, and the refusal names the field.
+    let mut req = request::user("hello");
+    req.stop_sequences = vec!["stop".into(); 17];
+    let status = client
+        .complete(req, &CallOptions::new())
+        .await
+        .unwrap_err()
+        .status()
+        .cloned()
+        .unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("stop_sequences: the embedded provider takes at most 16"),
+        "{}",
+        status.message()
+    );
 }

@@ -204,18 +204,53 @@ impl Utf8Stream {
     }
 }
 
+/// Stop sequences a request may give the embedded provider: each is
+/// checked against the text after every token, on the session's thread.
+pub(crate) const MAX_STOP_SEQUENCES: usize = 16;
+/// The longest stop sequence, in bytes.
+pub(crate) const MAX_STOP_BYTES: usize = 256;
+
+/// Refuses stop sequences past [`MAX_STOP_SEQUENCES`] or [`MAX_STOP_BYTES`],
+/// naming the field and the sequence.
+pub(crate) fn check_stop_sequences(stops: &[String]) -> Result<(), String> {
+    if stops.len() > MAX_STOP_SEQUENCES {
+        return Err(format!(
+            "stop_sequences: the embedded provider takes at most {MAX_STOP_SEQUENCES} (got {})",
+            stops.len()
+        ));
+    }
+    if let Some((i, stop)) = stops
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(format!(
+            "stop_sequences[{i}]: the embedded provider takes stop sequences of at most {MAX_STOP_BYTES} bytes (got {})",
+            stop.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Finds stop sequences in streamed text. Text that could be the start of
 /// a stop sequence is held back until the next piece decides it.
+///
+/// What it holds is shorter than the longest stop sequence, so each piece
+/// costs at most (held + piece) x sequences x longest comparisons.
 #[derive(Debug)]
 pub(crate) struct StopMatcher {
     stops: Vec<String>,
+    /// The longest stop sequence's length, in bytes.
+    longest: usize,
     held: String,
 }
 
 impl StopMatcher {
     pub(crate) fn new(stops: Vec<String>) -> Self {
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
         Self {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            longest: stops.iter().map(String::len).max().unwrap_or(0),
+            stops,
             held: String::new(),
         }
     }
@@ -238,11 +273,14 @@ impl StopMatcher {
             self.held.clear();
             return (before, true);
         }
-        // Hold back the longest end of the text that starts a stop sequence.
+        // Hold back the longest end of the text that starts a stop sequence
+        // (shorter than the longest one: a whole one was found above).
+        let from = self.held.len().saturating_sub(self.longest);
         let keep = self
             .held
             .char_indices()
             .map(|(i, _)| i)
+            .skip_while(|&i| i < from)
             .find(|&i| {
                 let tail = &self.held[i..];
                 self.stops.iter().any(|s| s.starts_with(tail))
@@ -361,6 +399,65 @@ mod tests {
             run(&[2, 4, 5, 3], 3, &[]),
             [text("hello"), text("é"), finished(StopReason::MaxTokens, 3)]
         );
+    }
+
+    /// Over generated texts, pieces and stop sequences, the matcher's
+    /// output is what generation would keep: after the first piece whose
+    /// text so far holds a stop sequence, that text up to the earliest
+    /// such sequence (or all of the text, if none ever appears), whatever
+    /// the pieces; and what it holds back stays shorter than the longest
+    /// sequence.
+    #[test]
+    fn the_stop_matcher_cuts_where_the_text_so_far_first_matches() {
+        let rng = crate::retry::Jitter::seeded(7);
+        let below = |n: usize| (rng.next_unit() * n as f64) as usize;
+        let alphabet = ["a", "b", "é", " "];
+        let word = |len: usize| (0..len).map(|_| alphabet[below(4)]).collect::<String>();
+        for _ in 0..3_000 {
+            let stops: Vec<String> = (0..1 + below(4)).map(|_| word(1 + below(5))).collect();
+            let pieces: Vec<String> = (0..1 + below(12)).map(|_| word(below(6))).collect();
+            let mut so_far = String::new();
+            let mut first = None;
+            for piece in &pieces {
+                so_far.push_str(piece);
+                first = stops.iter().filter_map(|s| so_far.find(s.as_str())).min();
+                if first.is_some() {
+                    break;
+                }
+            }
+            let expected = first.map_or(so_far.as_str(), |at| &so_far[..at]);
+            let longest = stops.iter().map(String::len).max().unwrap();
+            let mut matcher = StopMatcher::new(stops.clone());
+            let (mut out, mut hit) = (String::new(), false);
+            for piece in &pieces {
+                let (ready, found) = matcher.push(piece);
+                out.push_str(&ready);
+                if found {
+                    hit = true;
+                    break;
+                }
+                assert!(matcher.held.len() < longest, "{stops:?} {pieces:?}");
+            }
+            if !hit {
+                out.push_str(&matcher.flush());
+            }
+            assert_eq!(hit, first.is_some(), "{stops:?} {pieces:?}");
+            assert_eq!(out, expected, "{stops:?} {pieces:?}");
+        }
+    }
+
+    #[test]
+    fn stop_sequences_past_the_bounds_are_refused_naming_the_field() {
+        let most = vec!["x".repeat(MAX_STOP_BYTES); MAX_STOP_SEQUENCES];
+        assert_eq!(check_stop_sequences(&most), Ok(()));
+        let many = vec!["x".to_string(); MAX_STOP_SEQUENCES + 1];
+        let why = check_stop_sequences(&many).unwrap_err();
+        assert!(why.starts_with("stop_sequences:"), "{why}");
+        assert!(why.contains("at most 16 (got 17)"), "{why}");
+        let long = vec!["a".into(), "b".into(), "y".repeat(MAX_STOP_BYTES + 1)];
+        let why = check_stop_sequences(&long).unwrap_err();
+        assert!(why.starts_with("stop_sequences[2]:"), "{why}");
+        assert!(why.contains("got 257"), "{why}");
     }
 
     #[test]

@@ -314,6 +314,7 @@ impl EmbeddedProvider {
         if matches!(req.tool_choice, ToolChoice::Any | ToolChoice::Tool(_)) {
             return Err(invalid("the embedded provider cannot call tools"));
         }
+        generate::check_stop_sequences(&req.stop_sequences).map_err(|why| invalid(&why))?;
         let mut turns = Vec::with_capacity(req.messages.len() + 1);
         if !req.system.is_empty() {
             turns.push(Turn {
