@@ -983,6 +983,10 @@ pub struct EmbeddedConfig {
     pub prefix_cache: Option<bool>,
     /// The model name reported (default: the file's stem).
     pub model: Option<String>,
+    /// How long a session waits for a caller that has stopped reading (the
+    /// answer's channel full) before it ends the generation and frees the
+    /// session; the caller then gets `CANCELLED` (default 30000).
+    pub reader_timeout_ms: Option<u64>,
     /// The provider's retry policy over `[retry]`.
     pub retry: Option<RetryConfig>,
 }

@@ -343,6 +343,83 @@ async fn embedded_cancelled_stream_stops_generation_and_frees_its_session() {
     assert_eq!(next.response.usage.unwrap().output_tokens, 4);
 }
 
+/// A caller that stops reading holds its session at most
+/// `reader_timeout_ms`: the session then serves others, and the stalled
+/// caller, reading on, gets what was sent and then `cancelled` naming the
+/// wait. A caller that reads slowly but keeps reading is never cut.
+#[tokio::test]
+async fn embedded_caller_that_stops_reading_frees_its_session_after_the_reader_timeout() {
+    use provider_gateway_server::chat::StreamEvent as Event;
+    use provider_gateway_server::error::ErrorClass;
+    let path = tiny_model("stalled-reader");
+    let (provider, gw) = gateway_with(
+        &path,
+        EmbeddedConfig {
+            max_sessions: Some(1),
+            reader_timeout_ms: Some(300),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let mut stalled = provider.stream(&chat("go on forever", 1500)).await.unwrap();
+    take_text_deltas(&mut stalled, 1).await;
+    // Not reading now: the channel fills, and after the reader timeout the
+    // session is free again.
+    let waited = Instant::now();
+    eventually("the session is free", Duration::from_secs(10), || {
+        provider.busy_sessions() == 0
+    })
+    .await;
+    assert!(
+        waited.elapsed() >= Duration::from_millis(250),
+        "freed after {:?}, before the reader timeout",
+        waited.elapsed()
+    );
+    let generated = provider.generated_tokens();
+    assert!(
+        generated <= (1 + CHANNEL_CAPACITY + 2) as u64,
+        "generated {generated} tokens for a reader that took 1"
+    );
+    let mut client = gw.client().await;
+    let next = client
+        .complete(with_max_tokens("next", 4), &CallOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(next.response.usage.unwrap().output_tokens, 4);
+
+    // The stalled caller reads on: the text that was sent, then the reason.
+    let mut texts = 0;
+    let error = loop {
+        match stalled.next().await {
+            Some(Ok(Event::Text { .. })) => texts += 1,
+            Some(Ok(other)) => panic!("no end may follow a stall: {other:?}"),
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended without saying why"),
+        }
+    };
+    assert!(texts <= CHANNEL_CAPACITY + 1, "{texts}");
+    assert_eq!(error.class, ErrorClass::Cancelled, "{error:?}");
+    assert!(
+        error.message.contains("read nothing for 300 ms"),
+        "{}",
+        error.message
+    );
+    assert!(stalled.next().await.is_none());
+
+    // A slow reader that keeps reading (a delta every 60 ms, under the
+    // 300 ms timeout, once the channel is full) gets the whole answer.
+    let mut slow = provider.stream(&chat("slow", 24)).await.unwrap();
+    let mut ended = None;
+    while let Some(event) = slow.next().await {
+        match event.unwrap() {
+            Event::Stop(stop) => ended = Some(stop),
+            _ => tokio::time::sleep(Duration::from_millis(60)).await,
+        }
+    }
+    assert!(ended.is_some(), "the slow reader got its stop");
+}
+
 #[tokio::test]
 async fn embedded_busy_sessions_fail_as_busy_without_retries() {
     let path = tiny_model("busy");

@@ -4,6 +4,12 @@
 //! end-of-generation token (EndTurn), a stop sequence (StopSequence),
 //! `max_tokens` or a full context (MaxTokens), and stops within one token
 //! once the receiver is gone (the caller cancelled).
+//!
+//! A caller that stops reading fills the bounded channel; the session then
+//! waits for room at most the job's reader timeout ([`Reader`]). Past it
+//! the generation ends, the session is freed for other requests, and the
+//! caller, if it ever reads on, gets what was sent and then `Cancelled`,
+//! naming the wait: no session is held by a caller that does not read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +29,58 @@ pub(crate) enum Generated {
 /// The channel a generation sends on. It is bounded: a reader that falls
 /// behind pauses generation rather than piling text up in memory.
 pub(crate) type Sender = tokio::sync::mpsc::Sender<Result<Generated, ProviderError>>;
+
+/// How long a generation waits for a caller that does not read, and where
+/// it leaves the reason when it gives up (the channel is full then, so the
+/// reason cannot go through it).
+#[derive(Debug, Clone)]
+pub(crate) struct Reader {
+    pub timeout: std::time::Duration,
+    pub gave_up: std::sync::Arc<std::sync::OnceLock<ProviderError>>,
+}
+
+impl Reader {
+    pub(crate) fn new(timeout: std::time::Duration) -> Self {
+        Self {
+            timeout,
+            gave_up: std::sync::Arc::default(),
+        }
+    }
+
+    /// Sends `item`, waiting while the channel is full for at most
+    /// `timeout`. The session's thread is not on the runtime, so it looks
+    /// again at growing intervals (at most 5 ms) rather than park on it.
+    /// `false`: the caller is gone, or read nothing for `timeout` (the
+    /// reason is then left in `gave_up`).
+    pub(crate) fn send(&self, tx: &Sender, item: Result<Generated, ProviderError>) -> bool {
+        use tokio::sync::mpsc::error::TrySendError;
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_micros(50);
+        let mut item = item;
+        loop {
+            match tx.try_send(item) {
+                Ok(()) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    let waited = started.elapsed();
+                    if waited >= self.timeout {
+                        let _ = self.gave_up.set(ProviderError::new(
+                            ErrorClass::Cancelled,
+                            format!(
+                                "the caller read nothing for {} ms while the local model's answer waited; its session was freed",
+                                self.timeout.as_millis()
+                            ),
+                        ));
+                        return false;
+                    }
+                    item = back;
+                    std::thread::sleep(pause.min(self.timeout.saturating_sub(waited)));
+                    pause = (pause * 2).min(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+    }
+}
 
 /// A model that samples the next token.
 pub(crate) trait NextToken {
@@ -65,6 +123,7 @@ pub(crate) struct Job {
     pub top_p: f64,
     pub seed: u64,
     pub stop_sequences: Vec<String>,
+    pub reader: Reader,
 }
 
 fn model_error(e: impl std::fmt::Display) -> ProviderError {
@@ -78,7 +137,7 @@ fn model_error(e: impl std::fmt::Display) -> ProviderError {
 /// every token sampled and every prompt token run. Returns the last item, [`Generated::Finished`] or
 /// an error, for the caller to send once it has freed the session (so a
 /// caller that saw the end finds the session free); `None` when the
-/// receiver went away.
+/// receiver went away or stopped reading (see [`Reader`]).
 #[must_use]
 pub(crate) fn generate(
     model: &mut dyn NextToken,
@@ -92,8 +151,8 @@ pub(crate) fn generate(
     let mut strip_space = tokenizer.strips_leading_space();
     let mut output_tokens = 0u32;
     let mut pos = job.prompt.len();
-    let send =
-        |text: String| text.is_empty() || tx.blocking_send(Ok(Generated::Text(text))).is_ok();
+    let reader = job.reader.clone();
+    let send = |text: String| text.is_empty() || reader.send(tx, Ok(Generated::Text(text)));
 
     if tx.is_closed() {
         return None;
@@ -356,6 +415,7 @@ mod tests {
             top_p: 1.0,
             seed: 1,
             stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
+            reader: Reader::new(std::time::Duration::from_secs(5)),
         };
         let last = generate(&mut model, &Vocab, job, &tx, &Counters::default());
         tx.blocking_send(last.unwrap()).unwrap();
@@ -495,6 +555,7 @@ mod tests {
             top_p: 1.0,
             seed: 1,
             stop_sequences: Vec::new(),
+            reader: Reader::new(std::time::Duration::from_secs(5)),
         };
         assert_eq!(generate(&mut model, &Vocab, job, &tx, &count), None);
         assert_eq!(model.calls, 0);

@@ -14,7 +14,9 @@
 //!   forward passes on `threads` threads of llama.cpp's own, so inference
 //!   never blocks the async runtime. Text streams through a bounded channel
 //!   token by token; when the caller goes away the channel closes and
-//!   generation stops before the next token.
+//!   generation stops before the next token. A caller that stops reading
+//!   holds its session at most `reader_timeout_ms`; then the generation
+//!   ends and the caller gets `cancelled`.
 //! - **The prompt** comes from the file's own chat template
 //!   ([`template`]), tokenized by llama.cpp with the file's own vocabulary
 //!   and pre-tokenizer.
@@ -43,7 +45,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, stream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use self::generate::{Counters, Generated, Job};
+use self::generate::{Counters, Generated, Job, Reader};
 use self::model::{Model, Session};
 use self::template::{ChatTemplate, Turn};
 use super::{EventStream, LocalModelInfo, Provider};
@@ -66,6 +68,10 @@ pub const DEFAULT_TOP_P: f32 = 0.95;
 pub const DEFAULT_QUEUE_WAIT_MS: u64 = 5_000;
 /// Text pieces a generation may run ahead of its reader.
 pub const CHANNEL_CAPACITY: usize = 16;
+/// How long a session waits for a caller that has stopped reading, when
+/// the configuration does not say: as long as the default silence allowed
+/// between two stream events.
+pub const DEFAULT_READER_TIMEOUT_MS: u64 = 30_000;
 
 /// What the sessions share: the model, the template and the idle
 /// sessions.
@@ -127,6 +133,7 @@ fn run_worker(
         // The tokens the cache holds travel with the handle: the thread has
         // them while it generates, the idle list while it waits.
         session.set_cached(std::mem::take(&mut worker.cached));
+        let reader = job.reader.clone();
         let last = generate::generate(&mut session, model, job, &tx, counters);
         worker.cached = session.take_cached();
         // A caller that does not read has filled the channel: the end waits
@@ -134,7 +141,7 @@ fn run_worker(
         // is handed a thread stuck on this send.
         let last = match last {
             Some(last) if tx.capacity() == 0 => {
-                let _ = tx.blocking_send(last);
+                let _ = reader.send(&tx, last);
                 None
             }
             last => last,
@@ -167,6 +174,7 @@ pub struct EmbeddedProvider {
     temperature: f32,
     top_p: f32,
     seed: Option<u64>,
+    reader_timeout: Duration,
     calls: AtomicU64,
     /// Requests refused `busy` (no session freed within `queue_wait`).
     refused_busy: AtomicU64,
@@ -277,6 +285,9 @@ impl EmbeddedProvider {
             max_sessions,
             queue_wait: Duration::from_millis(c.queue_wait_ms.unwrap_or(DEFAULT_QUEUE_WAIT_MS)),
             max_tokens: c.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            reader_timeout: Duration::from_millis(
+                c.reader_timeout_ms.unwrap_or(DEFAULT_READER_TIMEOUT_MS),
+            ),
             temperature: c.temperature.unwrap_or(DEFAULT_TEMPERATURE),
             top_p: c.top_p.unwrap_or(DEFAULT_TOP_P),
             seed: c.seed,
@@ -372,6 +383,7 @@ impl EmbeddedProvider {
             top_p: f64::from(req.top_p.unwrap_or(self.top_p)),
             seed,
             stop_sequences: req.stop_sequences.clone(),
+            reader: Reader::new(self.reader_timeout),
         })
     }
 
@@ -427,12 +439,9 @@ impl EmbeddedProvider {
 
     /// Starts `job` on the reserved session's thread; its output arrives
     /// on the returned channel.
-    fn start(
-        &self,
-        mut reserved: Reserved,
-        job: Job,
-    ) -> mpsc::Receiver<Result<Generated, ProviderError>> {
+    fn start(&self, mut reserved: Reserved, job: Job) -> Answer {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let gave_up = job.reader.gave_up.clone();
         if let (Some(worker), Some(permit)) = (reserved.worker.take(), reserved.permit.take()) {
             let jobs = worker.jobs.clone();
             let work = Work {
@@ -447,7 +456,7 @@ impl EmbeddedProvider {
                 let _ = work.tx.try_send(Err(ended_early()));
             }
         }
-        rx
+        Answer { rx, gave_up }
     }
 
     fn next_id(&self) -> String {
@@ -472,6 +481,25 @@ impl Drop for Reserved {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(w);
+        }
+    }
+}
+
+/// A generation's output as its caller reads it.
+struct Answer {
+    rx: mpsc::Receiver<Result<Generated, ProviderError>>,
+    /// Why the generation ended without its last message, if it gave up on
+    /// a caller that did not read.
+    gave_up: Arc<std::sync::OnceLock<ProviderError>>,
+}
+
+impl Answer {
+    /// The next message; after the last, the error that explains a missing
+    /// end (`None` only after `Finished` or an error).
+    async fn next(&mut self) -> Option<Result<Generated, ProviderError>> {
+        match self.rx.recv().await {
+            Some(item) => Some(item),
+            None => Some(Err(self.gave_up.get().cloned().unwrap_or_else(ended_early))),
         }
     }
 }
@@ -511,9 +539,9 @@ impl Provider for EmbeddedProvider {
             // timeout from here on is a slow answer, not a silent route.
             super::mark_responded();
             let id = self.next_id();
-            let mut rx = self.start(session, job);
+            let mut answer = self.start(session, job);
             let mut text = String::new();
-            while let Some(item) = rx.recv().await {
+            while let Some(item) = answer.next().await {
                 match item? {
                     Generated::Text(t) => text.push_str(&t),
                     Generated::Finished { stop, usage } => {
@@ -547,14 +575,17 @@ impl Provider for EmbeddedProvider {
             // timeout from here on is a slow answer, not a silent route.
             super::mark_responded();
             let id = self.next_id();
-            let rx = self.start(session, job);
+            let answer = self.start(session, job);
             let start = StreamEvent::Start {
                 id,
                 model: req.model_or(&self.model).to_string(),
             };
-            let generated = stream::unfold(rx, |mut rx| async move {
-                let item = rx.recv().await?;
-                Some((item, rx))
+            let generated = stream::unfold(Some(answer), |answer| async move {
+                let mut answer = answer?;
+                let item = answer.next().await?;
+                // After the end or an error, nothing more is read.
+                let more = matches!(item, Ok(Generated::Text(_)));
+                Some((item, more.then_some(answer)))
             })
             .flat_map(|item| {
                 let events: Vec<Result<StreamEvent, ProviderError>> = match item {
