@@ -219,7 +219,8 @@ mod tests {
     /// ends with an error instead of holding its thread.
     #[test]
     fn a_runaway_template_runs_out_of_fuel() {
-        let source = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let source =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
         let t = ChatTemplate::new(Some(source.into()), "", "").unwrap();
         let err = t.render(&turns()).unwrap_err();
         assert!(err.starts_with("the model's chat template failed"), "{err}");
