@@ -106,6 +106,38 @@ const RELAY_BATCH: usize = 32;
 /// An event as the registry's stream yields it (`None`: the end).
 type Polled = Option<Result<StreamEvent, GatewayError>>;
 
+/// The events a relay holds, in order. The first is kept inline, so a
+/// slow stream (one event at a time) allocates nothing for them.
+#[derive(Default)]
+struct Held {
+    first: Option<Polled>,
+    rest: std::collections::VecDeque<Polled>,
+}
+
+impl Held {
+    fn push_back(&mut self, event: Polled) {
+        if self.first.is_none() {
+            self.first = Some(event);
+        } else {
+            self.rest.push_back(event);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Polled> {
+        let first = self.first.take()?;
+        self.first = self.rest.pop_front();
+        Some(first)
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+}
+
 /// A committed stream as the caller reads it: each event as a message,
 /// and after the stop, an OK status carrying the attempt report as the
 /// trailers. Holds the call's admission until it ends or is dropped.
@@ -121,7 +153,7 @@ type Polled = Option<Result<StreamEvent, GatewayError>>;
 struct Relay {
     events: crate::registry::GatewayStream,
     /// Events taken from `events`, not yet handed over, in order.
-    held: std::collections::VecDeque<Polled>,
+    held: Held,
     /// Handing `held` over (set when the upstream has nothing ready, at
     /// `RELAY_BATCH`, at an error or at the end).
     flushing: bool,
@@ -148,7 +180,7 @@ impl Relay {
     ) -> Self {
         Self {
             events,
-            held: std::collections::VecDeque::new(),
+            held: Held::default(),
             flushing: false,
             trailers: None,
             provider: provider.to_string(),
