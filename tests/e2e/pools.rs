@@ -502,3 +502,58 @@ async fn x_retry_on_none_keeps_a_refused_key_from_being_retried_on_another() {
     assert_eq!((answer.text.as_str(), answer.attempts), ("ok", 1));
     assert_eq!(refusing.request_count(), 1);
 }
+
+/// A stream that broke after content is continued, and a refused key in
+/// the pool is that key's verdict, not the stream's: the continuation
+/// goes on to another member of the same provider, which finishes the
+/// answer.
+#[tokio::test]
+async fn a_continuation_refused_by_a_key_goes_to_another_member() {
+    use crate::anthropic::text_stream;
+    use crate::gate::stream_with;
+    use crate::support::Step;
+    use provider_gateway_client::request;
+    use provider_gateway_client::v1::stream_response::Event;
+
+    let texts = ["one ", "two ", "three "];
+    let mut cut = text_stream(&texts, None);
+    cut.push(Step::Cut);
+    let serving = Upstream::start(vec![
+        Reply::sse_steps(cut),
+        Reply::sse_steps(text_stream(&["four."], Some("end_turn"))),
+    ])
+    .await;
+    let refusing = Upstream::start(vec![Reply::json(
+        401,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    )])
+    .await;
+    let toml = format!(
+        "default_provider = \"p\"\n[providers.p]\nkind = \"anthropic\"\n\
+         balance = \"ordered\"\nstream_resume = true\n\
+         endpoints = [{{ base_url = \"{}\", api_key_env = \"KEY_A\" }}, {{ base_url = \"{}\", api_key_env = \"KEY_B\" }}]\n",
+        serving.url(),
+        refusing.url()
+    );
+    let gw = Gateway::start(&toml, ENV).await;
+    let got = stream_with(&gw, request::to_stream(request::user("hi")), &[], None).await;
+    assert!(got.status.is_none(), "{:?}", got.status);
+    assert_eq!(got.text, "one two three four.");
+    let resumed: Vec<_> = got
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Resumed(_)))
+        .collect();
+    assert_eq!(resumed.len(), 1, "{:?}", got.events);
+    // The first attempt and the continuation on KEY_A, the refused
+    // continuation on KEY_B between them.
+    assert_eq!(keys_seen(&serving), [KEY_A, KEY_A]);
+    assert_eq!(keys_seen(&refusing), [KEY_B]);
+    let attempts = got
+        .trailers
+        .as_ref()
+        .and_then(|t| t.get("x-gateway-attempts"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_eq!(attempts.as_deref(), Some("3"));
+}

@@ -27,6 +27,9 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
     let (mut resumes, mut cross, mut restarts) = (0, 0, 0);
     let (mut pools, mut healthy_pools, mut healthy_calls, mut served, mut openings) =
         (0, 0, 0, 0, 0);
+    let (mut refused, mut refused_served, mut refused_excused) = (0, 0, 0);
+    let (mut warmups, mut probes, mut hedged, mut past_floor, mut unhedged, mut ties) =
+        (0, 0, 0, 0, 0, 0);
     for &seed in &seeds {
         let report = sim::run_scenario(seed);
         pools += report.pools;
@@ -34,6 +37,15 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         healthy_calls += report.healthy_calls;
         served += report.healthy_served;
         openings += report.pool_openings;
+        refused += report.keys_refused;
+        refused_served += report.keys_refused_served;
+        refused_excused += report.keys_refused_excused;
+        warmups += report.p95_warmups;
+        probes += report.p95_probes;
+        hedged += report.p95_hedged;
+        past_floor += report.p95_hedged_past_floor;
+        unhedged += report.p95_unhedged;
+        ties += report.p95_ties;
         calls += report.calls;
         upstream += report.upstream_calls;
         resumes += report.resumes;
@@ -56,7 +68,10 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         "rescued streams: continued={resumes} (by another provider: {cross}) restarted={restarts}"
     );
     eprintln!(
-        "pools: {pools} (with a healthy member: {healthy_pools}; their calls that fit the deadline: {healthy_calls}, served: {served}); breaker openings checked: {openings}"
+        "pools: {pools} (with a healthy member: {healthy_pools}; their calls that fit the deadline: {healthy_calls}, served: {served}; of those calls, a key refused: {refused}, served all the same: {refused_served}, excused as unable to move: {refused_excused}); breaker openings checked: {openings}"
+    );
+    eprintln!(
+        "p95 hedges: warm-up calls={warmups} probes={probes} (hedge due and sent at the wait: {hedged}, past the 100 ms floor: {past_floor}; none due, none sent early: {unhedged}; ties: {ties})"
     );
     assert!(
         calls > seeds.len() as u64 && upstream > calls / 2,
@@ -71,6 +86,16 @@ fn the_registry_keeps_its_invariants_under_generated_faults() {
         assert!(
             healthy_pools * 10 >= pools && healthy_calls > 0 && openings > 0,
             "too few pool scenarios to check: pools={pools} healthy={healthy_pools} calls={healthy_calls} openings={openings}"
+        );
+        // Invariant 9's refused keys and invariant 11 must have something
+        // to check.
+        assert!(
+            refused > 0 && refused_served > 0,
+            "no call that fits the deadline met a refused key: refused={refused} served={refused_served}"
+        );
+        assert!(
+            hedged > 0 && past_floor > 0 && unhedged > 0,
+            "too few p95 probes to check: probes={probes} hedged={hedged} past the floor={past_floor} unhedged={unhedged}"
         );
     }
     assert!(

@@ -10,9 +10,11 @@
 //! call's behaviour (latency, 429 with and without Retry-After, absurd
 //! Retry-After values, 5xx, 529, resets, streams cut before or after
 //! content, stalls, truncation, error events, keep-alives,
-//! `x-should-retry`); and many concurrent calls with their own overrides
-//! (attempts, per-try timeout, `retry_on`, backoff), deadlines and
-//! cancellations. After each scenario it checks:
+//! `x-should-retry`, a pool member's revoked key answering every call
+//! 401); and many concurrent calls with their own overrides (attempts,
+//! per-try timeout, `retry_on`, backoff), deadlines and cancellations,
+//! after a warm-up and a probe of each provider whose hedge waits for
+//! its p95 (11). After each scenario it checks:
 //!
 //! 1. every breaker permit is released (no probe in flight), and no
 //!    breaker refuses a call once `max_cooldown_ms` has passed (none
@@ -20,9 +22,11 @@
 //! 2. the upstream calls a call made equal the attempts it reported, and
 //!    stay within `max_attempts` per hop plus `max_resumes`;
 //! 3. per provider, the upstream calls after each call's first (retries,
-//!    hedges, continuations) stay within the budget's own formula over its
-//!    sliding window, `min_per_second * window + ratio * first attempts`,
-//!    for the window ending at every second in which one was made;
+//!    hedges, and every continuation or restart, even a hop's first call
+//!    to it) stay within the budget's own formula over its sliding window,
+//!    `min_per_second * window + ratio * first attempts`, for the window
+//!    ending at every second (from the scenario's start, when it touches
+//!    every budget once) in which one was made;
 //! 4. no call ends later than its deadline, and no wait starts that would
 //!    leave less than a useful attempt before it;
 //! 5. every stream that ends OK delivered exactly one stop, last, and text
@@ -73,16 +77,32 @@
 //!    never retried, the upstream's `x-should-retry: false`, a class
 //!    outside the operator's `retry_on` or the caller's `x-retry-on`):
 //!    the upstream's verdict on the request, which the gateway does not
-//!    put to another member; (b) the healthy member was never tried and
-//!    the retry budget refused a retry: a limit the operator set, not the
-//!    pool's doing; (c) a stream another member committed (it delivered
-//!    content first, maybe while the healthy member's hedge still ran)
-//!    broke after that content: past its commit point a stream belongs
-//!    to the resume settings (`x-stream-resume`, `max_resumes`, the
-//!    budget), whose continuations may go to any member that is allowed,
-//!    and invariant 5 checks what it delivered. Neither a deadline, nor
-//!    the breaker, nor spent attempts, nor another member's long
-//!    Retry-After excuses one;
+//!    put to another member. A refused key (401/403, `auth`) is not such
+//!    a verdict: it is the member's, whose key is then dead, and the gate
+//!    puts the call to another member at once whatever the class's retry
+//!    rules say (neither `x-should-retry`, nor the operator's `retry_on`,
+//!    nor an `x-retry-on` list without `auth` stops it; the healthy
+//!    member is always allowed, so there is one to go to). A refused key
+//!    excuses the failure only when the call could not move at that
+//!    instant: its caller asked for no retries at all (`x-retry-on:
+//!    none`), or the hop's attempts were spent (the refused attempt and
+//!    any hedge beside it counted), or the retry budget was spent (as the
+//!    provider's log rebuilds it at that instant; a call another call
+//!    made at the same instant counts whichever way spends it); (b) the
+//!    healthy member was never tried and the retry budget refused a
+//!    retry: a limit the operator set, not the pool's doing; (c) a stream
+//!    another member committed (it delivered content first, maybe while
+//!    the healthy member's hedge still ran) broke after that content:
+//!    past its commit point a stream belongs to the resume settings
+//!    (`x-stream-resume`, `max_resumes`, the budget), whose continuations
+//!    may go to any member that is allowed, and invariant 5 checks what
+//!    it delivered. A refused key is no excuse while the healthy
+//!    member's attempt of the same call runs beside it in a hedge race:
+//!    the race leaves a pool member's refused key to the other attempt
+//!    (`race` in `server/src/registry/attempts.rs`; first seen broken
+//!    with `SIM_SEED=13166617448295559382`). Neither a deadline, nor the
+//!    breaker, nor spent attempts, nor another member's long Retry-After
+//!    excuses one;
 //! 10. pools: the breaker opens only when all members are unavailable.
 //!     Each time a pool's breaker opens (from closed or half-open), every
 //!     member is, at that instant, *unavailable*: cooling, paced or dead,
@@ -92,6 +112,47 @@
 //!     `server/src/registry/pool.rs`). Independently of the pool's own
 //!     account, a pool with a healthy member (9) never opens its breaker:
 //!     that member can always serve, as the scenario's script knows.
+//! 11. p95 hedges: a provider with `hedge_after_ms = "p95"` hedges a slow
+//!     first attempt after the p95 of its recent times to first content,
+//!     at least 100 ms, once it has seen 50 (`MIN_P95_SAMPLES`,
+//!     `MIN_P95_HEDGE_MS`). So before the scenario's calls each such
+//!     provider is warmed up: 50 to 58 calls at once (one provider in ten
+//!     gets 49, too few), completions and one in ten a stream (its sample
+//!     is taken at its commit point), with no deadline, override or
+//!     fallback, each scripted to answer whole, its first
+//!     content after a drawn 1 ms or more, below the provider's per-try
+//!     and first-token timeouts; the simulation computes their p95 as the
+//!     registry does. Then one *probe* per provider, all at once, each
+//!     alone on its provider: a call drawn like the scenario's
+//!     (overrides, deadline, cancellation, `x-hedge-after-ms`, a caller
+//!     that retries) but with no fallback, its first upstream call
+//!     scripted to give its first content after a drawn time below the
+//!     per-try timeout (mostly after the p95 wait), every later one within
+//!     50 ms. Its hedge delay `D` is the operator's limits applied to its
+//!     `x-hedge-after-ms` and `max(p95, 100 ms)` (none with too few
+//!     samples), and its first attempt's outcome comes at
+//!     `O = min(first content, the attempt's limit)` (the deadline, the
+//!     first-token or the per-try timeout, as the gate sets it). The probe
+//!     must get a hedge, its second upstream call, exactly at `D` (in a
+//!     pool, to another member) when `O` is later than `D`, it has at
+//!     least two attempts (a caller that retries itself may get one), its
+//!     deadline leaves at least a useful attempt (`min(per_try, 50 ms)`)
+//!     after `D`, its caller has not cancelled it by `D`, and the retry
+//!     budget, rebuilt from the provider's log, allows a retry at `D`:
+//!     nothing else can refuse it, the breaker being closed and every
+//!     member allowed after a warm-up that only succeeded and reported no
+//!     spent limits (checked). Otherwise no upstream call of the probe but
+//!     its first comes before `O`: no hedge is sent before its wait, nor
+//!     when it is not due. Within 1 ms of a tie (`O`, the deadline's margin
+//!     or the cancellation against `D`) only that no upstream call but the
+//!     first comes before `min(O, D)` is checked. The clock then moves on
+//!     4 s, past every budget and breaker window, before the scenario's
+//!     calls. Warm-up and probe calls count in every other invariant (the
+//!     budgets, breakers and pools they touched, the attempt logs,
+//!     deadlines, streams' text), except 9: their upstream answers are
+//!     their scripts', not a healthy member's (they leave it healthy:
+//!     never failing, cooling or paced), and they are not the scenario's
+//!     calls.
 //!
 //! A failing scenario names its seed; `SIM_SEED=<seed>` replays it alone.
 
@@ -111,9 +172,12 @@ use provider_gateway_server::config::{
 };
 use provider_gateway_server::error::{ErrorClass, GatewayError, ProviderError};
 use provider_gateway_server::providers::{EventStream, Provider};
-use provider_gateway_server::registry::{CallOptions, MemberSummary, RegisteredProvider};
+use provider_gateway_server::registry::{
+    CallOptions, MIN_P95_HEDGE_MS, MIN_P95_SAMPLES, MemberSummary, RegisteredProvider,
+};
 use provider_gateway_server::retry::{
     BreakerState, Clock, RetryLimits, RetryOverride, RetryPolicy, Transition, is_retryable,
+    min_useful_attempt,
 };
 use tokio::time::Instant;
 
@@ -166,6 +230,22 @@ pub struct Report {
     pub healthy_served: u64,
     /// Times a pool's breaker opened, each checked (10).
     pub pool_openings: u64,
+    /// Calls that fit the deadline (9) in which a member refused its key,
+    /// of them those served all the same, and those whose failure the
+    /// refused key excused (the call could not move to another member).
+    pub keys_refused: u64,
+    pub keys_refused_served: u64,
+    pub keys_refused_excused: u64,
+    /// Warm-up calls and probes (11); probes that had to get a hedge at
+    /// the wait and got it, of them those whose wait was the p95 itself
+    /// (past the 100 ms floor, no `x-hedge-after-ms`); probes that must
+    /// not have got one (none due, checked); probes at a tie.
+    pub p95_warmups: u64,
+    pub p95_probes: u64,
+    pub p95_hedged: u64,
+    pub p95_hedged_past_floor: u64,
+    pub p95_unhedged: u64,
+    pub p95_ties: u64,
     /// Streams continued by another provider than the one that broke.
     pub cross_hop_resumes: u64,
     /// Streams continued (any provider) and started over.
@@ -215,6 +295,18 @@ struct Seen {
     /// The pool member called (0 for a provider of one).
     member: usize,
     at: Instant,
+    /// Made after its call's stream committed: a continuation or a
+    /// restart, which draws from the budget even as a hop's first call.
+    after_commit: bool,
+}
+
+impl Seen {
+    /// Whether it deposits into its provider's budget (a hop's first
+    /// attempt) rather than draws from it, given the calls `deposited`
+    /// before it on the same provider (updated).
+    fn deposits(&self, deposited: &mut std::collections::HashSet<u64>) -> bool {
+        !self.after_commit && deposited.insert(self.call)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -222,7 +314,41 @@ struct ProviderLog {
     seen: Vec<Seen>,
     /// Upstream faults produced (by the operator's own limits).
     faults: u64,
+    /// When the provider's retry budget started counting: the scenario
+    /// touches every budget once as it starts, so its one-second slots
+    /// are known (3), whatever touches it first later.
+    budget_origin: Option<Instant>,
+    /// The calls a member refused the key of (a 401 answered): the call,
+    /// the member, when.
+    refused_keys: Vec<(u64, usize, Instant)>,
+    /// The scripts of the warm-up and probe calls (11), by call id.
+    scripts: HashMap<u64, Scripted>,
     violations: Vec<String>,
+}
+
+/// What every upstream call of a warm-up or probe call does (11): its
+/// first one `first`, every later one `later`. Never a fault.
+#[derive(Debug, Clone)]
+struct Scripted {
+    first: Option<Script>,
+    later: Script,
+}
+
+impl Scripted {
+    fn next(&mut self) -> Script {
+        self.first.take().unwrap_or_else(|| self.later.clone())
+    }
+}
+
+/// An answer whose first content comes `first` after the call (its
+/// latency and, for a stream, one gap of at most `gap`; no keep-alive).
+fn answers_after(first: Duration, gap: Duration) -> Script {
+    let gap = gap.min(first);
+    Script::Ok {
+        latency: first - gap,
+        gap,
+        pings: false,
+    }
 }
 
 /// What a pool must know of one member: when the sim made it cool down
@@ -269,6 +395,8 @@ struct SimProvider {
     idle: Duration,
     /// Percent of calls that fail.
     fault_rate: u64,
+    /// A pool member whose key was revoked: every answer a 401.
+    revoked: bool,
     log: Arc<Mutex<ProviderLog>>,
 }
 
@@ -349,6 +477,32 @@ impl SimProvider {
         }
     }
 
+    /// What upstream call of `call` does now: its script, for a warm-up
+    /// or probe call (`true`), else a draw.
+    fn script(&self, call: u64, streaming: bool) -> (Script, bool) {
+        let scripted = match self.log.lock() {
+            Ok(mut log) => log.scripts.get_mut(&call).map(Scripted::next),
+            Err(_) => None,
+        };
+        match scripted {
+            Some(script) => (script, true),
+            None => (self.draw(streaming), false),
+        }
+    }
+
+    /// An upstream failure is answered: the pool's watch, and the log of
+    /// refused keys.
+    fn failed(&self, call: u64, error: &ProviderError) {
+        if let Ok(mut w) = self.watch.lock() {
+            w.failed(error);
+        }
+        if error.class == ErrorClass::Auth
+            && let Ok(mut log) = self.log.lock()
+        {
+            log.refused_keys.push((call, self.member, Instant::now()));
+        }
+    }
+
     fn draw(&self, streaming: bool) -> Script {
         let mut rng = match self.rng.lock() {
             Ok(g) => g,
@@ -360,6 +514,19 @@ impl SimProvider {
                 latency: rng.ms(0, HEALTHY_LATENCY_MS),
                 gap: rng.ms(0, HEALTHY_GAP_MS),
                 pings: rng.chance(30),
+            };
+        }
+        if self.revoked {
+            let mut error = ProviderError::new(ErrorClass::Auth, "scripted: revoked key");
+            // Whatever the upstream says, a refused key goes elsewhere (9).
+            error.should_retry = match rng.range(0, 2) {
+                0 => Some(false),
+                1 => Some(true),
+                _ => None,
+            };
+            return Script::Fail {
+                latency: rng.ms(0, 40),
+                error,
             };
         }
         let latency = if rng.chance(85) {
@@ -433,6 +600,9 @@ impl SimProvider {
             call,
             member: self.member,
             at: Instant::now(),
+            after_commit: CALL
+                .try_with(|c| c.committed.load(Ordering::Relaxed))
+                .unwrap_or(false),
         });
         if let Ok(w) = self.watch.lock() {
             if w.dead {
@@ -534,8 +704,8 @@ impl Provider for SimProvider {
         &'a self,
         request: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        let (_, text) = self.begin(request);
-        let script = self.draw(false);
+        let (call, text) = self.begin(request);
+        let (script, scripted) = self.script(call, false);
         if self.counts_as_fault(&script) {
             self.fault();
         }
@@ -544,7 +714,9 @@ impl Provider for SimProvider {
                 Script::Ok { latency, .. } => {
                     tokio::time::sleep(latency).await;
                     provider_gateway_server::providers::mark_responded();
-                    self.maybe_spent();
+                    if !scripted {
+                        self.maybe_spent();
+                    }
                     Ok(ChatResponse {
                         id: "sim".into(),
                         model: "sim-1".into(),
@@ -559,9 +731,7 @@ impl Provider for SimProvider {
                 Script::Fail { latency, error } => {
                     tokio::time::sleep(latency).await;
                     provider_gateway_server::providers::mark_responded();
-                    if let Ok(mut w) = self.watch.lock() {
-                        w.failed(&error);
-                    }
+                    self.failed(call, &error);
                     Err(error)
                 }
                 // A route that sends nothing: a timeout here is silent.
@@ -574,8 +744,8 @@ impl Provider for SimProvider {
         &'a self,
         request: &'a ChatRequest,
     ) -> BoxFuture<'a, Result<EventStream, ProviderError>> {
-        let (_, text) = self.begin(request);
-        let script = self.draw(true);
+        let (call, text) = self.begin(request);
+        let (script, scripted) = self.script(call, true);
         if self.counts_as_fault(&script) {
             self.fault();
         }
@@ -589,9 +759,7 @@ impl Provider for SimProvider {
                 } => (latency, gap, pings, None),
                 Script::Fail { latency, error } => {
                     tokio::time::sleep(latency).await;
-                    if let Ok(mut w) = self.watch.lock() {
-                        w.failed(&error);
-                    }
+                    self.failed(call, &error);
                     return Err(error);
                 }
                 Script::Stall => std::future::pending().await,
@@ -602,7 +770,9 @@ impl Provider for SimProvider {
             tokio::time::sleep(latency).await;
             // The answer's headers arrive now, with its rate limits.
             provider_gateway_server::providers::mark_responded();
-            self.maybe_spent();
+            if !scripted {
+                self.maybe_spent();
+            }
             let mut events: Vec<(Duration, Option<Result<StreamEvent, ProviderError>>)> = vec![(
                 Duration::ZERO,
                 Some(Ok(StreamEvent::Start {
@@ -679,6 +849,8 @@ struct CallInfo {
     min_useful: Duration,
     violations: Arc<Mutex<Vec<String>>>,
     id: u64,
+    /// Its stream committed: every later upstream call is a rescue (3).
+    committed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 tokio::task_local! {
@@ -805,6 +977,9 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
     let healthy = (members > 1 && rng.chance(40)).then(|| rng.range(0, members - 1) as usize);
     let provider = (0..members)
         .map(|m| {
+            let mut own = Rng::new(rng.next_u64());
+            // Of the other pool members, 15 % have a revoked key (9).
+            let revoked = members > 1 && healthy != Some(m as usize) && own.chance(15);
             Arc::new(SimProvider {
                 watch: Arc::new(Mutex::new(Watch {
                     pooled: members > 1,
@@ -812,10 +987,11 @@ fn draw_provider(rng: &mut Rng, index: usize, count: usize) -> (SimSetup, Vec<Ar
                 })),
                 member: m as usize,
                 healthy: healthy == Some(m as usize),
-                rng: Mutex::new(Rng::new(rng.next_u64())),
+                rng: Mutex::new(own),
                 per_try: policy.per_try_timeout,
                 idle: policy.stream_idle_timeout,
                 fault_rate: rng.pick(&[0, 10, 30, 60, 100]),
+                revoked,
                 log: log.clone(),
             })
         })
@@ -849,6 +1025,29 @@ struct CallPlan {
     cancel_after: Option<Duration>,
     first_token_timeout: Option<Duration>,
     cannot_restart: bool,
+    phase: Phase,
+}
+
+/// Which part of a scenario a call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A p95 provider's warm-up (11).
+    Warmup,
+    /// A p95 provider's probe, after its warm-up (11).
+    Probe,
+    /// The scenario's own calls.
+    Scenario,
+}
+
+/// How one call ran.
+#[derive(Debug)]
+struct CallRun {
+    plan: CallPlan,
+    /// `None`: its caller cancelled it.
+    outcome: Option<Ended>,
+    /// When it entered the registry, and how long it took from then.
+    started: Instant,
+    took: Duration,
 }
 
 fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
@@ -901,6 +1100,7 @@ fn draw_call(rng: &mut Rng, id: u64, providers: usize) -> CallPlan {
                 .collect()
         }),
         cancel_after: rng.chance(15).then(|| rng.ms(0, 800)),
+        phase: Phase::Scenario,
     }
 }
 
@@ -961,6 +1161,8 @@ async fn run_call(registry: Arc<Registry>, plan: CallPlan, request: ChatRequest)
         Ok(open) => open,
         Err(e) => return Ended::Failed(e),
     };
+    // From now on an upstream call of this call is a rescue (3).
+    let _ = CALL.try_with(|c| c.committed.store(true, Ordering::Relaxed));
     let mut attempts = open.attempt;
     let mut serving = open.provider.clone();
     let mut rescues = (0, 0, 0);
@@ -1076,64 +1278,40 @@ async fn scenario(seed: u64) -> Report {
             .with_clock(Arc::new(SimClock))
             .with_jitter_seed(rng.next_u64()),
     );
+    // Every budget starts counting now (3): a look takes nothing.
+    let now = Instant::now();
+    for setup in &setups {
+        if let Ok(entry) = registry.get(&setup.name) {
+            entry.budget.allows(now);
+        }
+        if let Ok(mut log) = setup.log.lock() {
+            log.budget_origin = Some(now);
+        }
+    }
+    let (mut runs, probes) = warm_up(seed, &registry, &setups, &limits, &violations).await;
     let calls = rng.range(1, 8);
     let plans: Vec<CallPlan> = (0..calls)
         .map(|id| draw_call(&mut rng, id, count))
         .collect();
     let origin = Instant::now();
-    let mut tasks = Vec::new();
-    for plan in &plans {
-        let min_per_try = setups
-            .iter()
-            .map(|s| plan.overrides.apply(&s.policy, &limits).per_try_timeout)
-            .min()
-            .unwrap_or(Duration::ZERO);
-        let info = CallInfo {
-            deadline: plan.timeout.map(|t| origin + plan.start + t),
-            min_useful: min_per_try.min(Duration::from_millis(50)),
-            violations: violations.clone(),
-            id: plan.id,
-        };
-        let request = ChatRequest {
-            messages: vec![Message {
-                role: Role::User,
-                content: vec![Content::Text(format!("call-{}", plan.id))],
-            }],
-            max_tokens: Some(50),
-            ..ChatRequest::default()
-        };
-        let (registry, plan_c) = (registry.clone(), plan.clone());
-        let ended_at = Arc::new(AtomicU64::new(u64::MAX));
-        let ended = ended_at.clone();
-        let task = tokio::spawn(async move {
-            tokio::time::sleep(plan_c.start).await;
-            let started = Instant::now();
-            let run = CALL.scope(info, run_call(registry, plan_c.clone(), request));
-            let outcome = match plan_c.cancel_after {
-                Some(after) => tokio::time::timeout(after, run).await.ok(),
-                None => Some(run.await),
-            };
-            ended.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            outcome
-        });
-        tasks.push((plan.clone(), task, ended_at));
-    }
-    let mut ended: Vec<(CallPlan, Option<Ended>, u64)> = Vec::new();
-    for (plan, task, ended_at) in tasks {
-        match task.await {
-            Ok(outcome) => ended.push((plan, outcome, ended_at.load(Ordering::Relaxed))),
-            Err(e) if e.is_panic() => push(&violations, format!("call {}: panicked", plan.id)),
-            Err(e) => push(&violations, format!("call {}: task failed: {e}", plan.id)),
-        }
-    }
+    let tasks: Vec<_> = plans
+        .iter()
+        .map(|plan| spawn_call(&registry, plan, origin, &setups, &limits, &violations))
+        .collect();
+    runs.extend(join(tasks, &violations).await);
     let mut report = Report {
-        calls,
+        calls: runs.len() as u64,
         pools: setups.iter().filter(|s| s.members > 1).count() as u64,
         healthy_pools: setups.iter().filter(|s| s.healthy.is_some()).count() as u64,
         pool_openings: openings.load(Ordering::Relaxed),
+        p95_warmups: runs
+            .iter()
+            .filter(|r| r.plan.phase == Phase::Warmup)
+            .count() as u64,
         ..Report::default()
     };
-    check(&mut report, &registry, &setups, &limits, &ended).await;
+    check_p95(&mut report, &setups, &limits, &probes, &runs);
+    check(&mut report, &registry, &setups, &limits, &runs).await;
     if let Ok(mut v) = violations.lock() {
         report.violations.append(&mut v);
     }
@@ -1143,6 +1321,484 @@ async fn scenario(seed: u64) -> Report {
         }
     }
     report
+}
+
+/// A call started on its own task, which returns how it ended, when it
+/// entered the registry and how long it took.
+type CallTask = (
+    CallPlan,
+    tokio::task::JoinHandle<(Option<Ended>, Instant, Duration)>,
+);
+
+/// Starts `plan` (at `origin + plan.start`) on its own task.
+fn spawn_call(
+    registry: &Arc<Registry>,
+    plan: &CallPlan,
+    origin: Instant,
+    setups: &[SimSetup],
+    limits: &RetryLimits,
+    violations: &Arc<Mutex<Vec<String>>>,
+) -> CallTask {
+    let min_per_try = setups
+        .iter()
+        .map(|s| plan.overrides.apply(&s.policy, limits).per_try_timeout)
+        .min()
+        .unwrap_or(Duration::ZERO);
+    let info = CallInfo {
+        deadline: plan.timeout.map(|t| origin + plan.start + t),
+        min_useful: min_per_try.min(Duration::from_millis(50)),
+        violations: violations.clone(),
+        id: plan.id,
+        committed: Arc::default(),
+    };
+    let request = ChatRequest {
+        messages: vec![Message {
+            role: Role::User,
+            content: vec![Content::Text(format!("call-{}", plan.id))],
+        }],
+        max_tokens: Some(50),
+        ..ChatRequest::default()
+    };
+    let (registry, plan_c) = (registry.clone(), plan.clone());
+    let task = tokio::spawn(async move {
+        tokio::time::sleep(plan_c.start).await;
+        let started = Instant::now();
+        let run = CALL.scope(info, run_call(registry, plan_c.clone(), request));
+        let outcome = match plan_c.cancel_after {
+            Some(after) => tokio::time::timeout(after, run).await.ok(),
+            None => Some(run.await),
+        };
+        (outcome, started, started.elapsed())
+    });
+    (plan.clone(), task)
+}
+
+/// Waits for every call started by [`spawn_call`].
+async fn join(tasks: Vec<CallTask>, violations: &Mutex<Vec<String>>) -> Vec<CallRun> {
+    let mut runs = Vec::new();
+    for (plan, task) in tasks {
+        match task.await {
+            Ok((outcome, started, took)) => runs.push(CallRun {
+                plan,
+                outcome,
+                started,
+                took,
+            }),
+            Err(e) if e.is_panic() => push(violations, format!("call {}: panicked", plan.id)),
+            Err(e) => push(violations, format!("call {}: task failed: {e}", plan.id)),
+        }
+    }
+    runs
+}
+
+/// The first call id of a p95 provider's warm-up (11): far from the
+/// scenario's own ids; its probe's is `+ WARMUP_CALLS_MAX`.
+fn warmup_base(setup: usize) -> u64 {
+    1_000_000 + setup as u64 * 1_000
+}
+
+/// The most warm-up calls a p95 provider gets (11).
+const WARMUP_CALLS_MAX: u64 = MIN_P95_SAMPLES as u64 + 8;
+
+/// One p95 provider's probe (11): what the simulation expects of it.
+#[derive(Debug)]
+struct Probe {
+    /// Its provider's index in the scenario.
+    setup: usize,
+    id: u64,
+    /// The p95 of the warm-up's times to first content (`None`: too few).
+    p95: Option<Duration>,
+    /// Its hedge delay, as the registry must compute it.
+    delay: Option<Duration>,
+    /// When its first upstream call gives its first content.
+    first_content: Duration,
+}
+
+/// The p95 of `samples` as the registry computes it, once there are
+/// [`MIN_P95_SAMPLES`] of them.
+fn p95_of(samples: &[Duration]) -> Option<Duration> {
+    if samples.len() < MIN_P95_SAMPLES {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let at = (sorted.len() * 95).div_ceil(100).saturating_sub(1);
+    Some(sorted[at])
+}
+
+/// Invariant 11, the run: warms up every p95 provider (all at once),
+/// then sends their probes (all at once, one per provider), then moves
+/// the clock 4 s on. Returns the calls' runs and the probes.
+async fn warm_up(
+    seed: u64,
+    registry: &Arc<Registry>,
+    setups: &[SimSetup],
+    limits: &RetryLimits,
+    violations: &Arc<Mutex<Vec<String>>>,
+) -> (Vec<CallRun>, Vec<Probe>) {
+    let p95_providers: Vec<usize> = (0..setups.len())
+        .filter(|&i| setups[i].resilience.hedge_p95)
+        .collect();
+    if p95_providers.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    // Its own draws: the scenario's own calls are the same as without.
+    let mut rng = Rng::new(seed ^ 0x0095_0095_0095_0095);
+    let quiet = |plan: CallPlan| CallPlan {
+        start: Duration::ZERO,
+        fallback: Some(Vec::new()),
+        ..plan
+    };
+    let mut plans = Vec::new();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); setups.len()];
+    for &i in &p95_providers {
+        let setup = &setups[i];
+        let policy = &setup.policy;
+        // Below the per-try and first-token timeouts, 2 ms to spare.
+        let limit = policy
+            .first_token_timeout
+            .map_or(policy.per_try_timeout, |f| f.min(policy.per_try_timeout));
+        let cap = (limit.as_millis() as u64).saturating_sub(2).max(1);
+        let typical = rng.range(1, cap);
+        let n = if rng.chance(10) {
+            MIN_P95_SAMPLES as u64 - 1
+        } else {
+            rng.range(MIN_P95_SAMPLES as u64, WARMUP_CALLS_MAX)
+        };
+        let mut scripts = HashMap::new();
+        for k in 0..n {
+            let id = warmup_base(i) + k;
+            // From 1 ms: no sample is taken before every warm-up entered.
+            let first = Duration::from_millis(if rng.chance(85) {
+                rng.range(1, typical)
+            } else {
+                rng.range(1, cap)
+            });
+            let stream = rng.chance(10);
+            let gap = if stream {
+                rng.ms(0, 10)
+            } else {
+                Duration::ZERO
+            };
+            let script = answers_after(first, gap);
+            scripts.insert(
+                id,
+                Scripted {
+                    first: None,
+                    later: script,
+                },
+            );
+            samples[i].push(first);
+            plans.push(CallPlan {
+                id,
+                stream,
+                start: Duration::ZERO,
+                provider: setup.name.clone(),
+                timeout: None,
+                overrides: RetryOverride::default(),
+                previous_attempts: 0,
+                hedge_after: None,
+                stream_resume: None,
+                fallback: Some(Vec::new()),
+                cancel_after: None,
+                first_token_timeout: None,
+                cannot_restart: false,
+                phase: Phase::Warmup,
+            });
+        }
+        if let Ok(mut log) = setup.log.lock() {
+            log.scripts.extend(scripts);
+        }
+    }
+    let origin = Instant::now();
+    let tasks: Vec<_> = plans
+        .iter()
+        .map(|plan| spawn_call(registry, plan, origin, setups, limits, violations))
+        .collect();
+    let mut runs = join(tasks, violations).await;
+    for run in &runs {
+        if !matches!(
+            run.outcome,
+            Some(Ended::Completed { attempts: 1, .. } | Ended::Streamed { attempts: 1, .. })
+        ) {
+            push(
+                violations,
+                format!(
+                    "warm-up call {} on {}: scripted to answer in time, it ended {:?}",
+                    run.plan.id, run.plan.provider, run.outcome
+                ),
+            );
+        }
+    }
+    // The probes.
+    let mut probes = Vec::new();
+    let mut plans = Vec::new();
+    for &i in &p95_providers {
+        let setup = &setups[i];
+        if let Ok(entry) = registry.get(&setup.name)
+            && let Some(breaker) = &entry.breaker
+            && breaker.state() != BreakerState::Closed
+        {
+            push(
+                violations,
+                format!(
+                    "{}: the breaker is {:?} after a warm-up that only succeeded",
+                    setup.name,
+                    breaker.state()
+                ),
+            );
+        }
+        let id = warmup_base(i) + WARMUP_CALLS_MAX;
+        let plan = CallPlan {
+            provider: setup.name.clone(),
+            phase: Phase::Probe,
+            ..quiet(draw_call(&mut rng, id, setups.len()))
+        };
+        let p95 = p95_of(&samples[i]);
+        let floor = Duration::from_millis(MIN_P95_HEDGE_MS);
+        let delay = limits.hedge_after(plan.hedge_after, p95.map(|p| p.max(floor)));
+        // Below the operator's per-try timeout: the probe never makes a
+        // member fail (9, 10 stay as they were). Mostly after the wait.
+        let per_try = setup.policy.per_try_timeout.as_millis() as u64;
+        let top = per_try.saturating_sub(2).max(1);
+        let after = delay.map_or(0, |d| d.as_millis() as u64 + 2);
+        let first = Duration::from_millis(if after <= top && rng.chance(70) {
+            rng.range(after, top)
+        } else {
+            rng.range(1, top)
+        });
+        let later = Duration::from_millis(rng.range(1, top.min(50)));
+        let mut gap = || {
+            if plan.stream {
+                rng.ms(0, 10)
+            } else {
+                Duration::ZERO
+            }
+        };
+        let script = Scripted {
+            first: Some(answers_after(first, gap())),
+            later: answers_after(later, gap()),
+        };
+        if let Ok(mut log) = setup.log.lock() {
+            log.scripts.insert(id, script);
+        }
+        probes.push(Probe {
+            setup: i,
+            id,
+            p95,
+            delay,
+            first_content: first,
+        });
+        plans.push(plan);
+    }
+    let origin = Instant::now();
+    let tasks: Vec<_> = plans
+        .iter()
+        .map(|plan| spawn_call(registry, plan, origin, setups, limits, violations))
+        .collect();
+    runs.extend(join(tasks, violations).await);
+    // Past every budget and breaker window (at most 3 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    (runs, probes)
+}
+
+/// Whether `policy`'s retry budget, rebuilt from a provider's upstream
+/// calls `seen` (each call's first one before its stream committed a
+/// deposit, every other one a withdrawal, in one-second slots from the
+/// first), allows a retry at `at`. Of the calls made at `at` itself only
+/// those `counted` (given whether each deposits) are.
+fn budget_allows(
+    log: &ProviderLog,
+    policy: &RetryPolicy,
+    at: Instant,
+    counted: impl Fn(&Seen, bool) -> bool,
+) -> bool {
+    let (seen, window) = (&log.seen, policy.budget_window.as_secs().max(1));
+    let (mut requests, mut retries) = (0u64, 0u64);
+    if let Some(origin) = log.budget_origin {
+        let slot = |t: Instant| t.saturating_duration_since(origin).as_secs();
+        let now = slot(at);
+        let mut deposited = std::collections::HashSet::new();
+        for s in seen {
+            let first = s.deposits(&mut deposited);
+            if s.at > at || (s.at == at && !counted(s, first)) || slot(s.at) + window <= now {
+                continue;
+            }
+            if first {
+                requests += 1;
+            } else {
+                retries += 1;
+            }
+        }
+    }
+    let limit =
+        policy.budget_min_per_second * window as f64 + policy.budget_ratio * requests as f64;
+    (retries + 1) as f64 <= limit
+}
+
+/// The limit the gate gives a call's first attempt (see `admit`): the
+/// deadline, the first-token or the per-try timeout.
+fn first_attempt_limit(timeout: Option<Duration>, policy: &RetryPolicy) -> Duration {
+    let per_try = policy.per_try_timeout;
+    match (timeout, policy.first_token_timeout) {
+        (Some(r), f) if r <= per_try && f.is_none_or(|f| r <= f) => r,
+        (_, Some(f)) if f < per_try => f,
+        _ => per_try,
+    }
+}
+
+/// Whether a condition of a hedge holds, fails, or is within 1 ms of a
+/// tie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Yes,
+    No,
+    Tie,
+}
+
+/// `a` against `b`: later by more than 1 ms, earlier by more, or a tie.
+fn later_than(a: Duration, b: Duration) -> Due {
+    let ms = Duration::from_millis(1);
+    if a > b + ms {
+        Due::Yes
+    } else if a + ms < b {
+        Due::No
+    } else {
+        Due::Tie
+    }
+}
+
+/// Invariant 11, the check: each probe got its hedge at the wait when one
+/// was due, and none before the wait or when none was due.
+fn check_p95(
+    report: &mut Report,
+    setups: &[SimSetup],
+    limits: &RetryLimits,
+    probes: &[Probe],
+    runs: &[CallRun],
+) {
+    for probe in probes {
+        let setup = &setups[probe.setup];
+        let Some(run) = runs.iter().find(|r| r.plan.id == probe.id) else {
+            continue;
+        };
+        let plan = &run.plan;
+        let policy = call_policy(plan, setup, limits);
+        let log = match setup.log.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mine: Vec<&Seen> = log.seen.iter().filter(|s| s.call == probe.id).collect();
+        let Some(primary) = mine.first() else {
+            continue;
+        };
+        report.p95_probes += 1;
+        let t0 = run.started;
+        let o = probe
+            .first_content
+            .min(first_attempt_limit(plan.timeout, &policy));
+        let extra = mine
+            .get(1)
+            .map(|s| (s.at.saturating_duration_since(t0), s.member));
+        let name = &setup.name;
+        let what = format!(
+            "probe {} on {name} (p95 {:?}, hedge delay {:?}, first attempt's outcome at {o:?}, second upstream call at {:?}, {} attempts, deadline {:?}, cancelled after {:?})",
+            probe.id,
+            probe.p95,
+            probe.delay,
+            extra.map(|e| e.0),
+            policy.max_attempts,
+            plan.timeout,
+            plan.cancel_after
+        );
+        if primary.at != t0 {
+            report.violations.push(format!(
+                "{what}: its first upstream call came {:?} after it entered",
+                primary.at.saturating_duration_since(t0)
+            ));
+        }
+        let Some(d) = probe.delay else {
+            report.p95_unhedged += 1;
+            if let Some((e, _)) = extra
+                && later_than(o, e) == Due::Yes
+            {
+                report.violations.push(format!(
+                    "{what}: a second upstream call before the first attempt's outcome, with no hedge delay"
+                ));
+            }
+            continue;
+        };
+        let useful = min_useful_attempt(&policy);
+        let conditions = [
+            later_than(o, d),
+            if policy.max_attempts >= 2 {
+                Due::Yes
+            } else {
+                Due::No
+            },
+            plan.timeout.map_or(Due::Yes, |r| {
+                later_than(r + Duration::from_millis(1), d + useful)
+            }),
+            plan.cancel_after.map_or(Due::Yes, |c| later_than(c, d)),
+            // Alone on its provider: the only call made at `D` is the hedge.
+            if budget_allows(&log, &setup.policy, t0 + d, |_, _| false) {
+                Due::Yes
+            } else {
+                Due::No
+            },
+        ];
+        let due = if conditions.contains(&Due::No) {
+            Due::No
+        } else if conditions.contains(&Due::Tie) {
+            Due::Tie
+        } else {
+            Due::Yes
+        };
+        match due {
+            Due::Yes => {
+                report.p95_hedged += 1;
+                if plan.hedge_after.is_none()
+                    && probe
+                        .p95
+                        .is_some_and(|p| p > Duration::from_millis(MIN_P95_HEDGE_MS))
+                {
+                    report.p95_hedged_past_floor += 1;
+                }
+                match extra {
+                    Some((e, member)) if e == d => {
+                        if setup.members > 1 && member == primary.member {
+                            report.violations.push(format!(
+                                "{what}: the hedge went to the first attempt's member {member}, though every other was allowed"
+                            ));
+                        }
+                    }
+                    _ => report
+                        .violations
+                        .push(format!("{what}: a hedge was due at {d:?} ({conditions:?})")),
+                }
+            }
+            Due::No => {
+                report.p95_unhedged += 1;
+                if let Some((e, _)) = extra
+                    && later_than(o, e) == Due::Yes
+                {
+                    report.violations.push(format!(
+                        "{what}: a second upstream call before the first attempt's outcome, though no hedge was due ({conditions:?})"
+                    ));
+                }
+            }
+            Due::Tie => {
+                report.p95_ties += 1;
+                if let Some((e, _)) = extra
+                    && later_than(o.min(d), e) == Due::Yes
+                {
+                    report.violations.push(format!(
+                        "{what}: a second upstream call before the wait ({conditions:?})"
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// Invariant 10: what a pool's breaker watch checks each time it opens.
@@ -1235,7 +1891,7 @@ async fn check(
     registry: &Registry,
     setups: &[SimSetup],
     limits: &RetryLimits,
-    ended: &[(CallPlan, Option<Ended>, u64)],
+    runs: &[CallRun],
 ) {
     let mut v = Vec::new();
     // Upstream calls per call, and per provider with their times.
@@ -1252,13 +1908,13 @@ async fn check(
         // 3: the budget's formula over its window.
         let policy = &setup.policy;
         let window = policy.budget_window.as_secs().max(1);
-        if let Some(origin) = log.seen.first().map(|s| s.at) {
+        if let Some(origin) = log.budget_origin {
             let mut firsts: BTreeMap<u64, u64> = BTreeMap::new();
             let mut extras: BTreeMap<u64, u64> = BTreeMap::new();
-            let mut seen_calls = std::collections::HashSet::new();
+            let mut deposited = std::collections::HashSet::new();
             for s in &log.seen {
                 let slot = s.at.saturating_duration_since(origin).as_secs();
-                if seen_calls.insert(s.call) {
+                if s.deposits(&mut deposited) {
                     *firsts.entry(slot).or_default() += 1;
                 } else {
                     *extras.entry(slot).or_default() += 1;
@@ -1335,7 +1991,8 @@ async fn check(
     // 2, 4, 5 per call.
     // Continuations may come from every hop after the serving one.
     let max_resumes: u32 = setups.iter().map(|s| s.resilience.max_resumes).sum();
-    for (plan, outcome, took_us) in ended {
+    for run in runs {
+        let (plan, outcome) = (&run.plan, &run.outcome);
         let made = per_call.get(&plan.id).copied().unwrap_or(0);
         let bound: u32 = setups
             .iter()
@@ -1356,12 +2013,11 @@ async fn check(
         }
         if let Some(timeout) = plan.timeout
             && outcome.is_some()
-            && Duration::from_micros(*took_us) > timeout + Duration::from_millis(1)
+            && run.took > timeout + Duration::from_millis(1)
         {
             v.push(format!(
                 "call {}: ended after {:?}, its deadline was {timeout:?}",
-                plan.id,
-                Duration::from_micros(*took_us)
+                plan.id, run.took
             ));
         }
         let Some(outcome) = outcome else { continue };
@@ -1413,8 +2069,10 @@ async fn check(
             Ended::Failed(_) => {}
         }
     }
-    // 9: a pool with a healthy member serves every call that fits.
-    for (plan, outcome, _) in ended {
+    // 9: a pool with a healthy member serves every call that fits (of
+    // the scenario's own: 11's scripts decide the warm-up and probes).
+    for run in runs.iter().filter(|r| r.plan.phase == Phase::Scenario) {
+        let (plan, outcome) = (&run.plan, &run.outcome);
         let Some(setup) = setups.iter().find(|s| s.name == plan.provider) else {
             continue;
         };
@@ -1426,43 +2084,100 @@ async fn check(
             continue;
         };
         report.healthy_calls += 1;
+        let log = match setup.log.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let key_refused = log.refused_keys.iter().any(|r| r.0 == plan.id);
+        report.keys_refused += u64::from(key_refused);
         let (error, committed) = match outcome {
             Ended::Completed { .. } | Ended::Streamed { .. } => {
                 report.healthy_served += 1;
+                report.keys_refused_served += u64::from(key_refused);
                 continue;
             }
             Ended::StreamFailed { error, .. } => (error, true),
             Ended::Failed(error) => (error, false),
         };
-        let tried_healthy = match setup.log.lock() {
-            Ok(log) => log
-                .seen
-                .iter()
-                .any(|s| s.call == plan.id && s.member == healthy),
-            Err(_) => true,
-        };
-        let (not_retried, budget, committed) = match error {
+        let tried_healthy = log
+            .seen
+            .iter()
+            .any(|s| s.call == plan.id && s.member == healthy);
+        // A member refused its key while the healthy member's attempt
+        // (begun before) still ran (only a hedge race runs two at once):
+        // the healthy attempt decides, so the refusal excuses nothing.
+        let race_refusal = !policy.request_retry_on.as_ref().is_some_and(Vec::is_empty)
+            && log.refused_keys.iter().any(|&(call, _, refused_at)| {
+                call == plan.id
+                    && log
+                        .seen
+                        .iter()
+                        .any(|s| s.call == plan.id && s.member == healthy && s.at < refused_at)
+            });
+        let (not_retried, budget, committed, refused) = match error {
             GatewayError::Upstream {
                 error,
                 budget_exhausted,
                 delivered,
                 ..
             } => (
-                !is_retryable(&policy, error),
+                if error.class == ErrorClass::Auth {
+                    key_stays(&log, &policy, &setup.policy, plan.id, run)
+                } else {
+                    !is_retryable(&policy, error)
+                },
                 *budget_exhausted,
                 committed || delivered.is_some(),
+                error.class == ErrorClass::Auth,
             ),
-            _ => (false, false, committed),
+            _ => (false, false, committed, false),
         };
-        if not_retried || (budget && !tried_healthy) || committed {
+        drop(log);
+        if committed || (budget && !tried_healthy) {
+            continue;
+        }
+        if not_retried && !race_refusal {
+            // A refused key that could not move (and nothing else) excused it.
+            report.keys_refused_excused += u64::from(refused);
             continue;
         }
         v.push(format!(
-            "call {}: {} has a healthy member ({healthy}, {}tried) and the call fits the deadline, yet it failed: {outcome:?}",
+            "call {}: {} has a healthy member ({healthy}, {}tried) and the call fits the deadline, yet it failed{}: {outcome:?}",
             plan.id,
             setup.name,
-            if tried_healthy { "" } else { "never " }
+            if tried_healthy { "" } else { "never " },
+            if race_refusal {
+                " (another member refused its key while the healthy member's attempt ran beside it in a hedge race)"
+            } else {
+                ""
+            }
         ));
     }
     report.violations.append(&mut v);
+}
+
+/// Invariant 9: whether a call that ended on a refused key (at its end)
+/// could not have moved to another member then, as the gate decides (see
+/// `another_member_serves`): its caller asked for no retries, its hop's
+/// attempts were spent, or the budget (of `operator`'s policy) was spent,
+/// counting the calls other calls made at that instant whichever way
+/// spends it.
+fn key_stays(
+    log: &ProviderLog,
+    policy: &RetryPolicy,
+    operator: &RetryPolicy,
+    call: u64,
+    run: &CallRun,
+) -> bool {
+    let at = run.started + run.took;
+    let caller_wants_none = policy.request_retry_on.as_ref().is_some_and(Vec::is_empty);
+    let tries = log
+        .seen
+        .iter()
+        .filter(|s| s.call == call && s.at <= at)
+        .count() as u64;
+    caller_wants_none
+        || tries >= u64::from(policy.max_attempts)
+        // At `at`, other calls' retries count, their first calls do not.
+        || !budget_allows(log, operator, at, |s, first| s.call == call || !first)
 }

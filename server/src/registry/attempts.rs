@@ -339,11 +339,15 @@ impl AttemptGate {
     /// overload, a refused key), another member is allowed now, the call
     /// has attempts left and the policy retries the class (a refused key
     /// is retried on another key), and the budget allows a retry.
+    /// Whether `error`, one member's fault (its rate limit, its load, its
+    /// key), is put at once to another member of the hop's pool, as the
+    /// next attempt of `kind` (a retry, or a stream's continuation).
     pub(crate) fn another_member_serves(
         &self,
         hop: &Hop,
         count: &HopCount,
         error: &ProviderError,
+        kind: AttemptKind,
     ) -> bool {
         let now = self.clock.now();
         let member_local = matches!(
@@ -362,9 +366,15 @@ impl AttemptGate {
         } else {
             retry::is_retryable(&hop.policy, error)
         };
+        let left = match kind {
+            AttemptKind::Continuation => count.resumes < hop.entry.resilience.max_resumes,
+            AttemptKind::First | AttemptKind::Retry | AttemptKind::Hedge => {
+                count.tries < hop.policy.max_attempts
+            }
+        };
         member_local
             && retried
-            && count.tries < hop.policy.max_attempts
+            && left
             && other_member_allowed(hop, count, now)
             && hop.entry.budget.allows(now)
     }
@@ -888,7 +898,7 @@ async fn run_hop<T: Send + 'static>(
         };
         let decision = if has_fallback && attempt.fails_over(&error) {
             Decision::GiveUp(GiveUp::FailOver)
-        } else if gate.another_member_serves(hop, &count, &error) {
+        } else if gate.another_member_serves(hop, &count, &error, AttemptKind::Retry) {
             // The fault was this member's (its rate limit, its load, its
             // key): another member takes the retry at once.
             Decision::Retry {
@@ -929,8 +939,10 @@ async fn run_hop<T: Send + 'static>(
 /// admits a hedge, runs a second attempt beside it. The first success
 /// wins and the other is abandoned (its upstream request dropped). A
 /// failure that will not be retried ends the race at once; a retryable
-/// one leaves it to the other attempt. Returns the deciding outcome and
-/// its attempt; the other attempt is settled or abandoned here.
+/// one leaves it to the other attempt, and so does a pool member's
+/// refused key (a verdict on that key, not on the request: the other
+/// attempt runs on another member). Returns the deciding outcome and its
+/// attempt; the other attempt is settled or abandoned here.
 async fn race<T: Send + 'static>(
     gate: &mut AttemptGate,
     hop: &Hop,
@@ -975,7 +987,10 @@ async fn race<T: Send + 'static>(
     };
     let final_outcome = match &outcome {
         Outcome::Done(_) => true,
-        Outcome::Failed(error) => !retry::is_retryable(&hop.policy, error),
+        Outcome::Failed(error) => {
+            !retry::is_retryable(&hop.policy, error)
+                && !(error.class == ErrorClass::Auth && hop.entry.pool.is_some())
+        }
         Outcome::TimedOut => decider.bound == Bound::Deadline,
     };
     if final_outcome {

@@ -23,7 +23,10 @@
 //! - A resume happens only for a break whose class the call's policy
 //!   retries, within `max_resumes`, and only after text (not inside a tool
 //!   call). A failed continuation is counted, and its own error is the one
-//!   the caller sees.
+//!   the caller sees. A continuation that fails on a pool member's own
+//!   fault (its key, its rate limit, its load) goes at once to another
+//!   member of the same hop, as a failed attempt would, within
+//!   `max_resumes`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -436,10 +439,20 @@ impl Committed {
                 if kind == Rescue::Continue && !self.hops[at].0.entry.provider.supports_prefill() {
                     continue;
                 }
-                match self.try_rescue(at, kind, &error).await {
-                    Ok(()) => return Ok(()),
-                    Err(Some(failure)) => error = failure,
-                    Err(None) => {}
+                // A pool member's own fault (its key, its rate limit) goes
+                // to another member of the same hop.
+                loop {
+                    match self.try_rescue(at, kind, &error).await {
+                        Ok(()) => return Ok(()),
+                        Err(Some((failure, again))) => {
+                            error = failure;
+                            if again && !self.done {
+                                continue;
+                            }
+                        }
+                        Err(None) => {}
+                    }
+                    break;
                 }
                 if self.done {
                     // The deadline ended it.
@@ -455,14 +468,16 @@ impl Committed {
     }
 
     /// One rescue attempt on hop `at`: `Ok` once it delivered content (the
-    /// stream carries on with it); `Err(Some(e))` when it failed with `e`;
+    /// stream carries on with it); `Err(Some((e, again)))` when it failed
+    /// with `e`, `again` when the failure was a pool member's own and
+    /// another member takes the next rescue of this hop at once;
     /// `Err(None)` when the gate did not admit it.
     async fn try_rescue(
         &mut self,
         at: usize,
         kind: Rescue,
         broke: &ProviderError,
-    ) -> Result<(), Option<ProviderError>> {
+    ) -> Result<(), Option<(ProviderError, bool)>> {
         let (request, skip) = match kind {
             Rescue::Continue => self.continuation(at),
             Rescue::Restart => ((*self.hops[at].0.request).clone(), String::new()),
@@ -516,10 +531,20 @@ impl Committed {
                 Rescue::Restart => "restart",
             }
         );
-        let decision = retry::Decision::GiveUp(retry::GiveUp::NotRetryable);
+        let (hop, count) = &self.hops[at];
+        let again =
+            self.gate
+                .another_member_serves(hop, count, &failure, AttemptKind::Continuation);
+        let decision = if again {
+            retry::Decision::Retry {
+                wait: Duration::ZERO,
+            }
+        } else {
+            retry::Decision::GiveUp(retry::GiveUp::NotRetryable)
+        };
         self.obs
             .attempt_done(&attempt.span, took, Some((&failure, decision)));
-        Err(Some(failure))
+        Err(Some((failure, again)))
     }
 
     /// The continuation request for hop `at`: its conversation plus an
