@@ -101,7 +101,14 @@ impl GatewayService {
 type StreamBody = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
 
 /// Events a relay gathers before it hands them to the encoder together.
-const RELAY_BATCH: usize = 32;
+const RELAY_BATCH: usize = 64;
+/// A stream is *hot* when two of its batches that emptied what the
+/// upstream had ready begin less than this apart.
+const HOT_BATCHES: Duration = Duration::from_millis(1);
+/// How long a hot stream waits before it reads on, so that what arrives
+/// meanwhile is read and written together (tokio's timer may add up to a
+/// millisecond).
+const HOT_PAUSE: Duration = Duration::from_millis(1);
 
 /// An event as the registry's stream yields it (`None`: the end).
 type Polled = Option<Result<StreamEvent, GatewayError>>;
@@ -143,13 +150,25 @@ impl Held {
 /// trailers. Holds the call's admission until it ends or is dropped.
 ///
 /// Events already read from upstream leave together: after taking an
-/// event the relay lets the upstream connection's task run once (it wakes
-/// itself and yields), and takes whatever that task has decoded by then.
-/// What it holds it hands over as soon as the upstream has nothing more
-/// ready, after at most `RELAY_BATCH` events, and at once at an error or
-/// the end. The encoder writes what it is handed in one go, so a fast
-/// upstream costs one HTTP/2 write per batch, not per delta, and a slow
-/// one waits no longer than one turn of the scheduler.
+/// event the relay lets the upstream connection's task run once (it
+/// yields), and takes whatever that task has decoded by then. What it
+/// holds it hands over as soon as the upstream has nothing more ready,
+/// after at most `RELAY_BATCH` events, and at once at an error or the end.
+/// The encoder writes what it is handed in one go, so a fast upstream
+/// costs one HTTP/2 write per batch, not per delta.
+///
+/// A stream whose batches come faster than one a millisecond (`HOT_BATCHES`:
+/// a burst, or a cached answer replayed) would still cost a wake-up, a
+/// read and a write every few deltas. Such a *hot* stream, after a batch
+/// that emptied what the upstream had ready, waits `HOT_PAUSE` before it
+/// reads on: what arrives meanwhile waits in the socket and is read,
+/// decoded and written together. A stream at a model's pace (a token every
+/// few milliseconds or slower) is never hot and waits for nothing.
+///
+/// Invariant: every event reaches the caller once and in order; none waits
+/// longer than `HOT_PAUSE` plus the timer's granularity (2 ms in all), and
+/// an event that follows at least that long a silence of the upstream is
+/// handed over at the instant it is read.
 struct Relay {
     events: crate::registry::GatewayStream,
     /// Events taken from `events`, not yet handed over, in order.
@@ -157,6 +176,13 @@ struct Relay {
     /// Handing `held` over (set when the upstream has nothing ready, at
     /// `RELAY_BATCH`, at an error or at the end).
     flushing: bool,
+    /// The flush under way began because the upstream had nothing ready.
+    drained: bool,
+    /// When the last such flush began.
+    last_drained: Option<tokio::time::Instant>,
+    /// A hot stream's wait before it reads on (kept for the next one).
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    paused: bool,
     /// The trailers, due after the stop's message.
     trailers: Option<Status>,
     /// The provider that opened the stream (every message names it).
@@ -182,6 +208,10 @@ impl Relay {
             events,
             held: Held::default(),
             flushing: false,
+            drained: false,
+            last_drained: None,
+            pause: None,
+            paused: false,
             trailers: None,
             provider: provider.to_string(),
             serving: provider.to_string(),
@@ -201,15 +231,24 @@ impl Relay {
                     return Poll::Ready(event);
                 }
                 self.flushing = false;
+                if self.drained {
+                    self.after_drained();
+                }
+            }
+            if self.paused {
+                if let Some(pause) = &mut self.pause {
+                    std::task::ready!(pause.as_mut().poll(cx));
+                }
+                self.paused = false;
             }
             match self.events.as_mut().poll_next(cx) {
                 Poll::Pending if self.held.is_empty() => return Poll::Pending,
-                Poll::Pending => self.flushing = true,
+                Poll::Pending => (self.flushing, self.drained) = (true, true),
                 Poll::Ready(event) => {
                     let last = !matches!(event, Some(Ok(_)));
                     self.held.push_back(event);
                     if last || self.held.len() >= RELAY_BATCH {
-                        self.flushing = true;
+                        (self.flushing, self.drained) = (true, false);
                     } else {
                         // Let the upstream's connection task decode what
                         // it has already read; we are polled again next.
@@ -221,6 +260,26 @@ impl Relay {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Relay {
+    /// A batch that emptied what the upstream had ready was handed over:
+    /// a hot stream (see [`Relay`]) waits before it reads on.
+    fn after_drained(&mut self) {
+        let now = tokio::time::Instant::now();
+        let hot = self
+            .last_drained
+            .is_some_and(|then| now.saturating_duration_since(then) < HOT_BATCHES);
+        self.last_drained = Some(now);
+        if hot {
+            let until = now + HOT_PAUSE;
+            match &mut self.pause {
+                Some(pause) => pause.as_mut().reset(until),
+                None => self.pause = Some(Box::pin(tokio::time::sleep_until(until))),
+            }
+            self.paused = true;
         }
     }
 }
@@ -1085,30 +1144,37 @@ mod tests {
     }
 
     /// The relay's invariant (see [`Relay`]) over generated schedules of
-    /// bursts and pauses (paused time, seeded): every event reaches the
-    /// caller once, in order, at the instant the upstream produced it (no
-    /// event waits for a later one), keep-alives are dropped, the stop is
-    /// followed by the OK trailers and an error ends the stream, and no
-    /// run of messages is longer than `RELAY_BATCH`.
+    /// bursts and silences (paused time, seeded): every event reaches the
+    /// caller once and in order, none later than 2 ms after the upstream
+    /// produced it, and those after a silence of 2 ms or more at once;
+    /// keep-alives are dropped, the stop is followed by the OK trailers,
+    /// an error ends the stream, and no run of messages is longer than
+    /// `RELAY_BATCH`. Hot streams (bursts a scheduler turn apart) and
+    /// immediate ones both occur.
     #[test]
-    fn the_relay_hands_over_every_event_in_order_and_never_holds_one_across_a_pause() {
+    fn the_relay_hands_over_every_event_in_order_within_its_bound() {
+        let longest_wait = HOT_PAUSE + Duration::from_millis(1);
+        let (mut waited, mut immediate) = (0, 0);
         for seed in 0..300u64 {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .start_paused(true)
                 .build()
                 .unwrap();
-            runtime.block_on(async move {
+            let (w, i) = runtime.block_on(async move {
                 let rng = crate::retry::Jitter::seeded(seed);
                 let below = move |n: usize| (rng.next_unit() * n as f64) as usize;
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let bursts = 1 + below(6);
+                let bursts = 1 + below(8);
                 let ending = below(3);
+                // (what the caller must see, when it was produced, whether
+                // a silence of at least `longest_wait` came before).
                 let producer = tokio::spawn(async move {
                     let mut sent = Vec::new();
                     let mut n = 0;
+                    let mut quiet = true;
                     for burst in 0..bursts {
-                        for _ in 0..1 + below(80) {
+                        for _ in 0..1 + below(100) {
                             if below(8) == 0 {
                                 tx.send(Ok(StreamEvent::KeepAlive)).unwrap();
                             }
@@ -1119,24 +1185,32 @@ mod tests {
                                 text: text.clone(),
                             }))
                             .unwrap();
-                            sent.push((Ok(text), tokio::time::Instant::now()));
+                            sent.push((Ok(text), tokio::time::Instant::now(), quiet));
                         }
                         if burst + 1 < bursts {
-                            match below(3) {
-                                0 => tokio::task::yield_now().await,
-                                _ => {
-                                    tokio::time::sleep(Duration::from_millis(1 + below(500) as u64))
-                                        .await
+                            let silence = match below(3) {
+                                0 => Duration::ZERO,
+                                1 => Duration::from_millis(1),
+                                _ => Duration::from_millis(2 + below(500) as u64),
+                            };
+                            if silence.is_zero() {
+                                // Scheduler turns, time standing still: the
+                                // relay empties the burst first.
+                                for _ in 0..300 {
+                                    tokio::task::yield_now().await;
                                 }
+                            } else {
+                                tokio::time::sleep(silence).await;
                             }
+                            quiet = silence >= longest_wait;
                         }
                     }
                     let now = tokio::time::Instant::now();
                     match ending {
                         0 => {
                             tx.send(Ok(StreamEvent::Stop(StopReason::EndTurn))).unwrap();
-                            sent.push((Ok("<stop>".into()), now));
-                            sent.push((Err(Code::Ok), now));
+                            sent.push((Ok("<stop>".into()), now, quiet));
+                            sent.push((Err(Code::Ok), now, quiet));
                         }
                         1 => {
                             let error = ProviderError::new(ErrorClass::StreamInterrupted, "cut");
@@ -1148,7 +1222,7 @@ mod tests {
                                 budget_exhausted: false,
                             }))
                             .unwrap();
-                            sent.push((Err(Code::Unavailable), now));
+                            sent.push((Err(Code::Unavailable), now, quiet));
                         }
                         _ => {}
                     }
@@ -1156,14 +1230,41 @@ mod tests {
                 });
                 let seen = read_relay(relay_over(rx)).await;
                 let sent = producer.await.unwrap();
-                assert_eq!(seen.texts, sent, "seed {seed}");
+                assert_eq!(
+                    seen.texts.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+                    sent.iter().map(|(t, ..)| t).collect::<Vec<_>>(),
+                    "seed {seed}"
+                );
+                let (mut waited, mut immediate) = (0, 0);
+                for ((text, at), (_, produced, quiet)) in seen.texts.iter().zip(&sent) {
+                    let wait = at.duration_since(*produced);
+                    assert!(
+                        wait <= longest_wait,
+                        "seed {seed}: {text:?} waited {wait:?}"
+                    );
+                    if *quiet {
+                        assert_eq!(
+                            wait,
+                            Duration::ZERO,
+                            "seed {seed}: {text:?} after a silence"
+                        );
+                        immediate += 1;
+                    } else if !wait.is_zero() {
+                        waited += 1;
+                    }
+                }
                 assert!(
                     seen.longest_run <= RELAY_BATCH + 2,
                     "seed {seed}: a run of {}",
                     seen.longest_run
                 );
+                (waited, immediate)
             });
+            (waited, immediate) = (waited + w, immediate + i);
         }
+        // Both kinds of event occur: some waited in a hot stream's pause,
+        // many were checked to leave at once.
+        assert!(waited > 0 && immediate > 1000, "{waited} {immediate}");
     }
 
     /// Events already waiting leave together, `RELAY_BATCH` at a time: the
