@@ -251,7 +251,9 @@ impl Relay {
                         (self.flushing, self.drained) = (true, false);
                     } else {
                         // Let the upstream's connection task decode what
-                        // it has already read; we are polled again next.
+                        // it has already read: tokio polls us again once
+                        // the tasks ready now have run (a first poll of
+                        // `yield_now` is always pending).
                         let yielded = std::pin::pin!(tokio::task::yield_now());
                         if std::future::Future::poll(yielded, cx).is_ready() {
                             cx.waker().wake_by_ref();
@@ -262,9 +264,7 @@ impl Relay {
             }
         }
     }
-}
 
-impl Relay {
     /// A batch that emptied what the upstream had ready was handed over:
     /// a hot stream (see [`Relay`]) waits before it reads on.
     fn after_drained(&mut self) {

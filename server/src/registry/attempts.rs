@@ -988,8 +988,10 @@ async fn race<T: Send + 'static>(
     let final_outcome = match &outcome {
         Outcome::Done(_) => true,
         Outcome::Failed(error) => {
-            !retry::is_retryable(&hop.policy, error)
-                && !(error.class == ErrorClass::Auth && hop.entry.pool.is_some())
+            // A pool member's refused key is that key's verdict: the other
+            // attempt, on another member, decides.
+            let key_refused_in_pool = error.class == ErrorClass::Auth && hop.entry.pool.is_some();
+            !(key_refused_in_pool || retry::is_retryable(&hop.policy, error))
         }
         Outcome::TimedOut => decider.bound == Bound::Deadline,
     };
