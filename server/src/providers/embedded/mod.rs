@@ -494,12 +494,12 @@ struct Answer {
 }
 
 impl Answer {
-    /// The next message; after the last, the error that explains a missing
-    /// end (`None` only after `Finished` or an error).
-    async fn next(&mut self) -> Option<Result<Generated, ProviderError>> {
+    /// The next message; once the channel has closed without `Finished`,
+    /// the error that explains it.
+    async fn next(&mut self) -> Result<Generated, ProviderError> {
         match self.rx.recv().await {
-            Some(item) => Some(item),
-            None => Some(Err(self.gave_up.get().cloned().unwrap_or_else(ended_early))),
+            Some(item) => item,
+            None => Err(self.gave_up.get().cloned().unwrap_or_else(ended_early)),
         }
     }
 }
@@ -541,8 +541,8 @@ impl Provider for EmbeddedProvider {
             let id = self.next_id();
             let mut answer = self.start(session, job);
             let mut text = String::new();
-            while let Some(item) = answer.next().await {
-                match item? {
+            loop {
+                match answer.next().await? {
                     Generated::Text(t) => text.push_str(&t),
                     Generated::Finished { stop, usage } => {
                         return Ok(ChatResponse {
@@ -559,7 +559,6 @@ impl Provider for EmbeddedProvider {
                     }
                 }
             }
-            Err(ended_early())
         }
         .boxed()
     }
@@ -582,7 +581,7 @@ impl Provider for EmbeddedProvider {
             };
             let generated = stream::unfold(Some(answer), |answer| async move {
                 let mut answer = answer?;
-                let item = answer.next().await?;
+                let item = answer.next().await;
                 // After the end or an error, nothing more is read.
                 let more = matches!(item, Ok(Generated::Text(_)));
                 Some((item, more.then_some(answer)))
