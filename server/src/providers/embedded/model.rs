@@ -626,22 +626,28 @@ impl Session<'_> {
 mod tests {
     use super::*;
 
-    fn gguf_with_tokens(tokens: &[&str]) -> Vec<u8> {
+    /// A GGUF v3 file of no tensors and one metadata entry: `key`, then
+    /// `value` (its type tag and bytes).
+    fn gguf_with_entry(key: &str, value: &[u8]) -> Vec<u8> {
         let mut b = b"GGUF".to_vec();
         b.extend(3u32.to_le_bytes());
         b.extend(0u64.to_le_bytes()); // tensors
         b.extend(1u64.to_le_bytes()); // entries
-        let key = b"tokenizer.ggml.tokens";
         b.extend((key.len() as u64).to_le_bytes());
-        b.extend(key);
-        b.extend(GGUF_ARRAY.to_le_bytes());
-        b.extend(GGUF_STRING.to_le_bytes());
-        b.extend((tokens.len() as u64).to_le_bytes());
-        for t in tokens {
-            b.extend((t.len() as u64).to_le_bytes());
-            b.extend(t.as_bytes());
-        }
+        b.extend(key.as_bytes());
+        b.extend(value);
         b
+    }
+
+    fn gguf_with_tokens(tokens: &[&str]) -> Vec<u8> {
+        let mut value = GGUF_ARRAY.to_le_bytes().to_vec();
+        value.extend(GGUF_STRING.to_le_bytes());
+        value.extend((tokens.len() as u64).to_le_bytes());
+        for t in tokens {
+            value.extend((t.len() as u64).to_le_bytes());
+            value.extend(t.as_bytes());
+        }
+        gguf_with_entry("tokenizer.ggml.tokens", &value)
     }
 
     fn check_bytes(name: &str, bytes: &[u8]) -> Result<(), String> {
@@ -691,15 +697,9 @@ mod tests {
 
     #[test]
     fn a_model_size_past_i32_is_refused_naming_its_key() {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(0u64.to_le_bytes()); // tensors
-        b.extend(1u64.to_le_bytes()); // entries
-        let key = b"llama.context_length";
-        b.extend((key.len() as u64).to_le_bytes());
-        b.extend(key);
-        b.extend(4u32.to_le_bytes()); // u32
-        b.extend(3_000_000_000u32.to_le_bytes());
+        let mut value = 4u32.to_le_bytes().to_vec(); // u32
+        value.extend(3_000_000_000u32.to_le_bytes());
+        let mut b = gguf_with_entry("llama.context_length", &value);
         let err = check_bytes("huge-context", &b).unwrap_err();
         assert_eq!(
             err,
