@@ -34,9 +34,13 @@ fn tiny_model(test: &str) -> PathBuf {
     path
 }
 
+/// One llama.cpp thread per session: tests run side by side on few cores,
+/// and llama.cpp's threads spin at a barrier for each other at every
+/// token, so two threads in each of several test processes make every
+/// token wait on the scheduler (the CI once saw 24 tokens take seconds).
 fn config(path: &Path, extra: &str) -> String {
     format!(
-        "default_provider = \"local\"\n[providers.local]\nkind = \"embedded\"\nmodel_path = \"{}\"\n{extra}\n",
+        "default_provider = \"local\"\n[providers.local]\nkind = \"embedded\"\nmodel_path = \"{}\"\nthreads = 1\n{extra}\n",
         path.display()
     )
 }
@@ -232,6 +236,8 @@ async fn gateway_with(path: &Path, c: EmbeddedConfig) -> (Arc<EmbeddedProvider>,
     let c = EmbeddedConfig {
         model_path: path.display().to_string(),
         seed: Some(1),
+        // As in `config`: one thread, so side-by-side tests do not starve.
+        threads: c.threads.or(Some(1)),
         ..c
     };
     let provider = Arc::new(EmbeddedProvider::new("local", &c).unwrap());
@@ -487,9 +493,10 @@ async fn embedded_busy_is_retried_by_the_policy_until_the_session_is_free() {
         &path,
         EmbeddedConfig {
             max_sessions: Some(1),
-            queue_wait_ms: Some(200),
+            queue_wait_ms: Some(1000),
             // Generous: on a loaded machine the first stream takes a while
-            // to drain, and each busy attempt costs its 200 ms queue wait.
+            // to drain, and each busy attempt costs its 1 s queue wait, so
+            // the second call outlasts the first by some 20 s.
             retry: Some(RetryConfig {
                 max_attempts: Some(20),
                 initial_backoff_ms: Some(10),
@@ -511,11 +518,11 @@ async fn embedded_busy_is_retried_by_the_policy_until_the_session_is_free() {
             .await
     });
     // Once the second request has been refused busy (each attempt queues
-    // 200 ms), let the first finish: it was paused on its full channel, so
+    // 1 s), let the first finish: it was paused on its full channel, so
     // it ends within a few tokens, well inside the second's 20 attempts.
     eventually(
         "the second call is refused busy",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || provider.refused_busy() >= 1,
     )
     .await;
