@@ -956,7 +956,8 @@ pub struct EmbeddedConfig {
     /// start-up.
     pub context_length: Option<u32>,
     /// Threads each session's forward passes run on (llama.cpp's
-    /// `n_threads`; default: the machine's cores).
+    /// `n_threads`; default: the machine's cores shared out among
+    /// `max_sessions`, at least one each).
     pub threads: Option<usize>,
     /// Generations that run at once (default 1).
     pub max_sessions: Option<u32>,

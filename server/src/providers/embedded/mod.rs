@@ -162,6 +162,16 @@ fn run_worker(
     }
 }
 
+/// Threads per session when the configuration does not say: the cores
+/// shared out among the sessions, at least one each. llama.cpp's threads
+/// spin at a barrier for each other at every layer, so sessions that
+/// together ask for more threads than there are cores make every token
+/// wait on the scheduler.
+fn default_threads(max_sessions: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores / max_sessions.max(1)).max(1)
+}
+
 /// A model running inside the gateway.
 pub struct EmbeddedProvider {
     model: String,
@@ -209,9 +219,7 @@ impl EmbeddedProvider {
             &loaded.eos_text,
         )
         .map_err(fail)?;
-        let threads = c.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        });
+        let threads = c.threads.unwrap_or_else(|| default_threads(max_sessions));
         let prefix_cache = c.prefix_cache.unwrap_or(true);
         let model_name = c.model.clone().unwrap_or_else(|| {
             path.file_stem()
@@ -600,5 +608,27 @@ impl Provider for EmbeddedProvider {
             Ok(Box::pin(events) as EventStream)
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_threads;
+
+    #[test]
+    fn default_threads_share_the_cores_out_among_the_sessions() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(default_threads(1), cores);
+        for sessions in 1..=4 * cores {
+            let each = default_threads(sessions);
+            assert!(each >= 1, "{sessions} sessions: no thread");
+            // Never more threads in all than cores, unless there are more
+            // sessions than cores (then one each).
+            assert!(
+                each * sessions <= cores.max(sessions),
+                "{sessions} sessions x {each} threads on {cores} cores"
+            );
+        }
+        assert_eq!(default_threads(0), cores, "0 is read as one session");
     }
 }
