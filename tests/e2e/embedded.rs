@@ -368,17 +368,20 @@ async fn embedded_caller_that_stops_reading_frees_its_session_after_the_reader_t
     )
     .await;
 
+    // The reader timeout starts when the channel is first full, which is
+    // after the stream has started: timed from here, the wait is at least
+    // the timeout however the test is scheduled.
+    let waited = Instant::now();
     let mut stalled = provider.stream(&chat("go on forever", 1500)).await.unwrap();
     take_text_deltas(&mut stalled, 1).await;
     // Not reading now: the channel fills, and after the reader timeout the
     // session is free again.
-    let waited = Instant::now();
     eventually("the session is free", Duration::from_secs(10), || {
         provider.busy_sessions() == 0
     })
     .await;
     assert!(
-        waited.elapsed() >= Duration::from_millis(250),
+        waited.elapsed() >= Duration::from_millis(300),
         "freed after {:?}, before the reader timeout",
         waited.elapsed()
     );
@@ -413,14 +416,14 @@ async fn embedded_caller_that_stops_reading_frees_its_session_after_the_reader_t
     );
     assert!(stalled.next().await.is_none());
 
-    // A slow reader that keeps reading (a delta every 60 ms, under the
-    // 300 ms timeout, once the channel is full) gets the whole answer.
+    // A slow reader that keeps reading (a delta every 30 ms, well under
+    // the 300 ms timeout, once the channel is full) gets the whole answer.
     let mut slow = provider.stream(&chat("slow", 24)).await.unwrap();
     let mut ended = None;
     while let Some(event) = slow.next().await {
         match event.unwrap() {
             Event::Stop(stop) => ended = Some(stop),
-            _ => tokio::time::sleep(Duration::from_millis(60)).await,
+            _ => tokio::time::sleep(Duration::from_millis(30)).await,
         }
     }
     assert!(ended.is_some(), "the slow reader got its stop");

@@ -494,7 +494,7 @@ impl AttemptGate {
         let now = self.clock.now();
         if let Some(member) = attempt.member.take() {
             match outcome {
-                None => member.succeeded(now.saturating_duration_since(attempt.begun)),
+                None => member.succeeded(now.saturating_duration_since(attempt.begun), now),
                 Some(error) => member.failed(error, now),
             }
             if let Some(event) = MemberLease::event(outcome) {

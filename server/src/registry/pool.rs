@@ -9,7 +9,9 @@
 //!   those allowed now, the one with the lower score wins, where
 //!   `score = (ewma_ms + 1) * (in_flight + 1) * (1 + failures)`.
 //!   `ewma_ms` jumps to a slower sample at once and decays towards faster
-//!   ones (`0.8 * ewma + 0.2 * sample`); `failures` grows by one per
+//!   ones (`0.8 * ewma + 0.2 * sample`), and while a member is not
+//!   measured it decays towards zero with time (`ewma * e^(-idle / 10 s)`,
+//!   as in Finagle's and linkerd's peak-EWMA); `failures` grows by one per
 //!   upstream fault and halves on each success.
 //! - `weighted`: one member drawn by weight alone.
 //! - `ordered`: the first member allowed now.
@@ -43,7 +45,10 @@
 //! Invariants: no attempt goes to a member that is cooling, paced or
 //! dead; the breaker opens only when every member is unavailable; a
 //! member's in-flight count is an RAII lease, given back however the
-//! attempt ends.
+//! attempt ends. Under `p2c`, a member whose estimate one slow answer
+//! raised is not left unmeasured for good: once its estimate has decayed
+//! below the faster member's score (about `10 s * ln(spike_ms)` for a
+//! 1 ms rival), it wins a draw again and is measured anew.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +63,9 @@ use crate::retry::Jitter;
 
 const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+/// The time constant of a latency estimate's decay while its member is not
+/// measured.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// The longest an upstream's reported reset paces a member.
 const MAX_PACE: Duration = Duration::from_secs(600);
 
@@ -80,12 +88,25 @@ struct MemberState {
     tokens: Option<(u64, Instant)>,
     in_flight: u32,
     ewma_ms: f64,
+    /// When `ewma_ms` was last measured (it decays from then on).
+    ewma_at: Option<Instant>,
     failures: f64,
     cooling_until: Option<Instant>,
     next_cooldown: Duration,
     dead: bool,
     /// Its latest settled attempt was an upstream fault (no success since).
     failing: bool,
+}
+
+impl MemberState {
+    /// The latency estimate at `now`: the last one, decayed for the time
+    /// since it was measured.
+    fn latency_ms(&self, now: Instant) -> f64 {
+        self.ewma_at.map_or(self.ewma_ms, |at| {
+            let idle = now.saturating_duration_since(at).as_secs_f64();
+            self.ewma_ms * (-idle / EWMA_DECAY.as_secs_f64()).exp()
+        })
+    }
 }
 
 /// What `ListProviders` shows of a member.
@@ -243,7 +264,7 @@ impl Pool {
                 let first = self.draw(&allowed, jitter);
                 let rest: Vec<usize> = allowed.iter().copied().filter(|&i| i != first).collect();
                 let second = self.draw(&rest, jitter);
-                if self.score(second) < self.score(first) {
+                if self.score(second, now) < self.score(first, now) {
                     second
                 } else {
                     first
@@ -274,9 +295,9 @@ impl Pool {
         among[among.len() - 1]
     }
 
-    fn score(&self, index: usize) -> f64 {
+    fn score(&self, index: usize, now: Instant) -> f64 {
         let s = lock(&self.members[index]);
-        (s.ewma_ms + 1.0) * f64::from(s.in_flight + 1) * (1.0 + s.failures)
+        (s.latency_ms(now) + 1.0) * f64::from(s.in_flight + 1) * (1.0 + s.failures)
     }
 
     /// Every member, for `ListProviders`. A member is `paced` when its
@@ -300,7 +321,7 @@ impl Pool {
                     },
                     ready_in: ready_at.flatten().map(|t| t.saturating_duration_since(now)),
                     failing: s.failing,
-                    ewma_latency_ms: s.ewma_ms,
+                    ewma_latency_ms: s.latency_ms(now),
                 }
             })
             .collect()
@@ -374,15 +395,13 @@ impl MemberLease {
         }
     }
 
-    /// The attempt succeeded after `took`.
-    pub(crate) fn succeeded(&self, took: Duration) {
+    /// The attempt succeeded after `took`, at `now`.
+    pub(crate) fn succeeded(&self, took: Duration, now: Instant) {
         let mut s = lock(self.member());
         let ms = took.as_secs_f64() * 1_000.0;
-        s.ewma_ms = if ms > s.ewma_ms {
-            ms
-        } else {
-            0.8 * s.ewma_ms + 0.2 * ms
-        };
+        let was = s.latency_ms(now);
+        s.ewma_ms = if ms > was { ms } else { 0.8 * was + 0.2 * ms };
+        s.ewma_at = Some(now);
         s.failures /= 2.0;
         s.next_cooldown = FIRST_COOLDOWN;
         s.failing = false;
@@ -425,5 +444,115 @@ impl Drop for MemberLease {
     fn drop(&mut self) {
         let mut s = lock(self.member());
         s.in_flight = s.in_flight.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MockConfig, ProviderConfig};
+    use crate::providers::mock::MockProvider;
+
+    fn pool(n: usize) -> Arc<Pool> {
+        let members = (0..n)
+            .map(|i| {
+                let provider: Arc<dyn Provider> =
+                    Arc::new(MockProvider::new(&MockConfig::default()).unwrap());
+                let member = MemberConfig {
+                    label: format!("m{i}"),
+                    host: format!("h{i}"),
+                    key_env: None,
+                    weight: 1,
+                    config: ProviderConfig::Mock(MockConfig::default()),
+                };
+                (member, provider)
+            })
+            .collect();
+        Arc::new(Pool::new(members, Balance::P2c))
+    }
+
+    /// Member `index` of a two-member pool serves in `ms` at `now`.
+    fn serve_on(pool: &Arc<Pool>, index: usize, ms: u64, now: Instant, jitter: &Jitter) {
+        let lease = pool.pick(now, (None, 1 << (1 - index)), jitter, 0).unwrap();
+        assert_eq!(lease.index, index);
+        lease.succeeded(Duration::from_millis(ms), now);
+    }
+
+    /// The module's p2c invariant, over generated scenarios: a member that
+    /// one slow answer raised wins a draw again within `10 s * ln(spike)`
+    /// (plus a call's spacing) of sequential calls, and a member that stays
+    /// slow keeps losing most of them.
+    #[test]
+    fn a_member_raised_by_one_slow_answer_is_measured_again() {
+        for seed in 0..300u64 {
+            let jitter = Jitter::seeded(seed);
+            let draws = Jitter::seeded(seed ^ 0x9e37_79b9);
+            let draw = |lo: u64, hi: u64| lo + (draws.next_unit() * (hi - lo) as f64) as u64;
+            let fast_ms = draw(1, 20);
+            let spike_ms = fast_ms * draw(5, 2000);
+            let spacing = Duration::from_millis(draw(10, 2000));
+            let stays_slow = seed % 2 == 0;
+            let pool = pool(2);
+            let start = Instant::now();
+            serve_on(&pool, 0, fast_ms, start, &jitter);
+            serve_on(&pool, 1, spike_ms, start, &jitter);
+            // The spike decays below the fast member's estimate (itself
+            // decayed by at most a spacing of 2 s, a factor e^-0.2) after
+            // `10 s * (ln ratio + 0.2)`; the next call then takes it.
+            let ratio = spike_ms as f64 / fast_ms as f64;
+            let bound = EWMA_DECAY.mul_f64(ratio.ln() + 0.5) + spacing;
+            // A slow answer raises it to the spike again: it waits at least
+            // `10 s * ln ratio` between two of its picks.
+            let cycle = EWMA_DECAY.mul_f64(ratio.ln());
+            let (mut now, mut first_return, mut slow_picks, calls) = (start, None, 0, 400);
+            for _ in 0..calls {
+                now += spacing;
+                let lease = pool.pick(now, (None, 0), &jitter, 0).unwrap();
+                let ms = if lease.index == 1 {
+                    slow_picks += 1;
+                    first_return.get_or_insert(now);
+                    if stays_slow { spike_ms } else { fast_ms }
+                } else {
+                    fast_ms
+                };
+                lease.succeeded(Duration::from_millis(ms), now);
+            }
+            let total = spacing * calls;
+            if total > bound {
+                let back = first_return.unwrap_or_else(|| {
+                    panic!(
+                        "seed {seed}: member 1 never measured again in {total:?} (bound {bound:?})"
+                    )
+                });
+                assert!(
+                    back - start <= bound,
+                    "seed {seed}: measured again after {:?}, bound {bound:?}",
+                    back - start
+                );
+            }
+            if stays_slow {
+                // At most one pick per decay of its estimate, plus one.
+                let most = (total.as_secs_f64() / cycle.as_secs_f64()).ceil() as u32 + 1;
+                assert!(
+                    slow_picks <= most,
+                    "seed {seed}: a member {ratio:.0}x slower took {slow_picks} of {calls} calls (at most {most})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_listed_latency_is_the_decayed_estimate() {
+        let jitter = Jitter::seeded(1);
+        let pool = pool(2);
+        let start = Instant::now();
+        serve_on(&pool, 1, 100, start, &jitter);
+        let at = |t: Duration| pool.summaries(start + t)[1].ewma_latency_ms;
+        assert!((at(Duration::ZERO) - 100.0).abs() < 1e-9);
+        let later = at(EWMA_DECAY);
+        assert!(
+            (later - 100.0 / std::f64::consts::E).abs() < 1e-6,
+            "{later}"
+        );
     }
 }
