@@ -248,7 +248,9 @@ impl Committed {
             if let Some(attempt) = &mut self.attempt {
                 self.gate.settle(&entry, attempt, Some(&broke));
             }
-            self.rescue(broke).await?;
+            // Boxed: the rescue's future is large and rarely needed, and
+            // every open stream would hold room for it otherwise.
+            Box::pin(self.rescue(broke)).await?;
         }
     }
 
