@@ -26,10 +26,10 @@ fn ms(n: u64) -> Duration {
 }
 
 /// One Complete with `x-hedge-after-ms: <hedge>` against an upstream whose
-/// first answer takes 250 ms; returns the upstream requests it made.
-async fn hedged_requests(limits: &str, hedge: &str) -> usize {
+/// first answer takes `first`; returns the upstream requests it made.
+async fn hedged_requests(limits: &str, hedge: &str, first: Duration) -> usize {
     let upstream = Upstream::start(vec![
-        anthropic_ok("slow").delay(ms(250)),
+        anthropic_ok("slow").delay(first),
         anthropic_ok("hedge"),
     ])
     .await;
@@ -48,17 +48,21 @@ async fn hedged_requests(limits: &str, hedge: &str) -> usize {
 
 /// Issue 11, item 8: `x-hedge-after-ms` is clamped to the operator's
 /// floor, so no caller can hedge every request and drain the budget.
+///
+/// Each side has seconds to spare on a loaded machine: the hedge at 50 ms
+/// beats an answer that takes 1 s (the hedge answers at once, so the call
+/// does not wait for it), and an answer in 250 ms beats a floor of 5 s.
 #[tokio::test]
 async fn a_request_cannot_hedge_below_the_operators_floor() {
     assert_eq!(
-        hedged_requests("", "20").await,
+        hedged_requests("", "20", ms(1_000)).await,
         2,
         "with the default floor of 50 ms a 20 ms hedge is sent"
     );
     assert_eq!(
-        hedged_requests("min_hedge_after_ms = 1000", "20").await,
+        hedged_requests("min_hedge_after_ms = 5000", "20", ms(250)).await,
         1,
-        "a 20 ms hedge waits for the 1000 ms floor, by which time the answer came"
+        "a 20 ms hedge waits for the 5000 ms floor, by which time the answer came"
     );
 }
 
@@ -66,7 +70,10 @@ async fn a_request_cannot_hedge_below_the_operators_floor() {
 /// hedging on.
 #[tokio::test]
 async fn an_operator_can_turn_per_request_hedging_off() {
-    assert_eq!(hedged_requests("request_hedging = false", "60").await, 1);
+    assert_eq!(
+        hedged_requests("request_hedging = false", "60", ms(250)).await,
+        1
+    );
 }
 
 /// Issue 11, item 9: the model label of the metrics is bounded whatever

@@ -344,11 +344,50 @@ mod otlp {
     }
 }
 
+/// Counts the RPC server spans (`rpc`) that have closed. Layered over the
+/// gateway's subscriber, it hears of a close after the layers beneath it,
+/// so by then the OpenTelemetry layer has ended the span and handed it to
+/// its processor: a flush after that exports it.
+#[derive(Clone, Default)]
+struct ServerSpansClosed {
+    open: Arc<Mutex<Vec<tracing::span::Id>>>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ServerSpansClosed {
+    fn count(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ServerSpansClosed {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() == "rpc" {
+            self.open.lock().unwrap().push(id.clone());
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut open = self.open.lock().unwrap();
+        if let Some(at) = open.iter().position(|o| *o == id) {
+            open.swap_remove(at);
+            self.closed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 // The OTLP exporter runs on the SDK's own thread and needs a multi-thread
 // runtime; the subscriber is process-wide (nextest runs each test in its
 // own process).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_to_a_real_otlp_receiver() {
+    use tracing_subscriber::layer::SubscriberExt;
     let (endpoint, receiver) = otlp::start().await;
     let env: HashMap<String, String> = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
@@ -365,7 +404,9 @@ async fn spans_are_exported_to_a_real_otlp_receiver() {
         )
         .unwrap(),
     );
-    tracing::subscriber::set_global_default(telemetry.subscriber()).unwrap();
+    let server_spans = ServerSpansClosed::default();
+    tracing::subscriber::set_global_default(telemetry.subscriber().with(server_spans.clone()))
+        .unwrap();
     let config = Config::from_toml("").unwrap();
     let registry = Registry::from_config(&config, &HashMap::new())
         .unwrap()
@@ -378,7 +419,16 @@ async fn spans_are_exported_to_a_real_otlp_receiver() {
         .await
         .unwrap();
     assert_eq!(answer.text(), "exported");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The flush exports what has ended: wait until the server span has
+    // (it ends as the call returns, around when its answer is sent).
+    let waiting = std::time::Instant::now();
+    while server_spans.count() == 0 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the server span never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let t = telemetry.clone();
     tokio::task::spawn_blocking(move || t.shutdown())
         .await

@@ -961,6 +961,16 @@ async fn race<T: Send + 'static>(
         outcome = &mut running => return (outcome, first),
         () = tokio::time::sleep(delay) => {}
     }
+    // A task that ran late finds its timer and its answer ready together,
+    // and the answer may not have been read yet: let the runtime read what
+    // is ready, then look again, so that no hedge is admitted (and counted)
+    // for an answer already there.
+    tokio::task::yield_now().await;
+    if let std::task::Poll::Ready(outcome) =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(running.as_mut().poll(cx))).await
+    {
+        return (outcome, first);
+    }
     let second = match gate.admit(hop, count, AttemptKind::Hedge, obs) {
         Ok(second) => second,
         Err(_) => return (running.await, first),
