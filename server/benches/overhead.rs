@@ -769,6 +769,7 @@ fn main() {
     let gateway_url = gw_rt.block_on(gateway(&upstream_url, &slow_url));
 
     let open_streams_only = std::env::var_os("OVERHEAD_OPEN_STREAMS_ONLY").is_some();
+    let mut child = child;
     let figures = load_rt.block_on(async {
         let unary = Bytes::from(request::user("hello world").encode_to_vec());
         // The typed client once: the gateway answers what the upstream said.
@@ -819,15 +820,25 @@ fn main() {
             return None;
         }
 
-        if open_streams_only {
-            return None;
-        }
         // The relay is measured first, on a gateway that has served only
         // its warm-up, like every other figure; and again after the unary
         // rounds, which leave it slower (see the README).
-        let relay = relay_figure(&gateway_url).await;
+        let relay = if open_streams_only {
+            String::new()
+        } else {
+            relay_figure(&gateway_url).await
+        };
         if std::env::var_os("OVERHEAD_RELAY_ONLY").is_some() {
             println!("stream relay: {relay}");
+            return None;
+        }
+        // The open streams next, before the unary rounds, so that the
+        // process's RSS is the gateway's (and the idle floor's), not also
+        // what the unary rounds leave in the allocator's arenas.
+        if let Some(child) = child.as_mut() {
+            tokio::task::block_in_place(|| child.open_streams_figure(&gateway_url));
+        }
+        if open_streams_only {
             return None;
         }
 
@@ -939,10 +950,7 @@ fn main() {
 
         Some((rps_ratio_c32, cpu_ratio, p50_delta))
     });
-    if let Some(mut child) = child {
-        if figures.is_some() || open_streams_only {
-            child.open_streams_figure(&gateway_url);
-        }
+    if let Some(child) = child {
         child.end();
     }
     if let Some((rps_ratio_c32, cpu_ratio, p50_delta)) = figures {

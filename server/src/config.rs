@@ -819,6 +819,10 @@ pub struct HttpProviderConfig {
     pub connect_timeout_ms: Option<u64>,
     /// How long an idle pooled upstream connection is kept.
     pub pool_idle_timeout_ms: Option<u64>,
+    /// Idle keep-alive connections kept per upstream host (default 256;
+    /// 0 keeps none): after a burst, the connections past it are closed
+    /// at once instead of idling for `pool_idle_timeout_ms`.
+    pub pool_max_idle: Option<usize>,
     /// The provider's retry policy over `[retry]`.
     pub retry: Option<RetryConfig>,
     /// A circuit breaker for this provider (none when absent).

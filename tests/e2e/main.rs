@@ -34,6 +34,7 @@ mod secrets;
 mod status;
 mod support;
 mod telemetry;
+mod upstream_pool;
 mod upstream_tls;
 mod validation;
 mod vertex;
