@@ -16,7 +16,10 @@
 //! 2. **One count.** Attempts are numbered by one counter per call, across
 //!    hops. The number in `x-gateway-attempts`, the response's `attempts`,
 //!    the trailers, the start and resumed events and the `attempt N` span
-//!    names all come from it, and it equals the upstream requests made.
+//!    names all come from it, and it equals the upstream requests made
+//!    (started: a hedge abandoned within microseconds of its start, when
+//!    the first attempt answers meanwhile, may be dropped before its
+//!    request is written; none is started for an answer already there).
 //! 3. **Bounded attempts.** Per hop, the first attempt, its retries and
 //!    its hedges together are at most the call's `max_attempts` (`1` = no
 //!    retry, no hedge, no continuation); continuations are at most the
@@ -983,8 +986,9 @@ async fn race<T: Send + 'static>(
     );
     let hedge = second.run(call(hop, second.provider(hop)));
     tokio::pin!(hedge);
-    // The hedge is polled first, so an admitted hedge always reaches its
-    // upstream, even when the first attempt answers at that moment.
+    // The hedge is polled first, so an admitted hedge is always started
+    // towards its upstream, even when the first attempt answers at that
+    // moment.
     let (hedge_decided, outcome) = tokio::select! {
         biased;
         outcome = &mut hedge => (true, outcome),
