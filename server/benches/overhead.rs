@@ -85,6 +85,8 @@ const STREAM_REPEATS: usize = 15;
 const OPEN_STREAMS: usize = 10_000;
 /// The slow upstream's deltas, one a second.
 const SLOW_DELTAS: usize = 4;
+/// Paired c=32 rounds run again after the open streams.
+const AFTER_STREAMS_ROUNDS: usize = 3;
 
 const BODY: &str = r#"{"id":"c","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello world"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
 /// What the floor POSTs: what the gateway sends for `request::user("hello world")`.
@@ -832,13 +834,10 @@ fn main() {
             println!("stream relay: {relay}");
             return None;
         }
-        // The open streams next, before the unary rounds, so that the
-        // process's RSS is the gateway's (and the idle floor's), not also
-        // what the unary rounds leave in the allocator's arenas.
-        if let Some(child) = child.as_mut() {
-            tokio::task::block_in_place(|| child.open_streams_figure(&gateway_url));
-        }
         if open_streams_only {
+            if let Some(child) = child.as_mut() {
+                tokio::task::block_in_place(|| child.open_streams_figure(&gateway_url));
+            }
             return None;
         }
 
@@ -947,6 +946,36 @@ fn main() {
             "stream relay after the unary rounds: {}",
             relay_figure(&gateway_url).await
         );
+
+        // The open streams last, then c=32 again: a gateway that has just
+        // held 10,000 streams must cost what it cost before (10,000 idle
+        // upstream connections once made every call cost up to twice the
+        // CPU; see `pool_max_idle`).
+        if let Some(child) = child.as_mut() {
+            tokio::task::block_in_place(|| child.open_streams_figure(&gateway_url));
+            let (mut rps, mut server) = (Vec::new(), Vec::new());
+            for round in 0..AFTER_STREAMS_ROUNDS {
+                let order = if round % 2 == 0 {
+                    [&floor, &gateway]
+                } else {
+                    [&gateway, &floor]
+                };
+                let mut runs = HashMap::new();
+                for target in order {
+                    runs.insert(target.name, concurrent(target, &unary, 32, 50_000).await);
+                }
+                rps.push(runs["gateway"].rps / runs["floor"].rps);
+                server.push(
+                    us(runs["gateway"].server_cpu_per_request)
+                        / us(runs["floor"].server_cpu_per_request),
+                );
+            }
+            println!(
+                "c=32 after the open streams, gateway / floor ({AFTER_STREAMS_ROUNDS} rounds): RPS {:.2}x  server CPU {:.2}x",
+                median(rps),
+                median(server)
+            );
+        }
 
         Some((rps_ratio_c32, cpu_ratio, p50_delta))
     });
