@@ -439,6 +439,62 @@ struct Run {
     process_cpu_per_request: Duration,
 }
 
+/// Each target's figures over paired rounds, in round order.
+struct Paired {
+    rps: HashMap<&'static str, Vec<f64>>,
+    /// Server CPU per request, in us.
+    server: HashMap<&'static str, Vec<f64>>,
+    /// Whole-process CPU per request, in us.
+    process: HashMap<&'static str, Vec<f64>>,
+}
+
+/// `rounds` rounds of `total` requests at `concurrency` on each target, in
+/// ABBA order: the order flips every round, so a drift of the box's speed
+/// lands on both targets alike.
+async fn paired_rounds(
+    [a, b]: [&Target; 2],
+    body: &Bytes,
+    concurrency: usize,
+    total: usize,
+    rounds: usize,
+) -> Paired {
+    let mut paired = Paired {
+        rps: HashMap::new(),
+        server: HashMap::new(),
+        process: HashMap::new(),
+    };
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [a, b] } else { [b, a] };
+        for target in order {
+            let run = concurrent(target, body, concurrency, total).await;
+            paired.rps.entry(target.name).or_default().push(run.rps);
+            paired
+                .server
+                .entry(target.name)
+                .or_default()
+                .push(us(run.server_cpu_per_request));
+            paired
+                .process
+                .entry(target.name)
+                .or_default()
+                .push(us(run.process_cpu_per_request));
+        }
+    }
+    paired
+}
+
+/// Each round's gateway figure over the floor's of the same round, then
+/// the median of those ratios.
+fn paired(map: &HashMap<&'static str, Vec<f64>>) -> f64 {
+    median(
+        map["gateway"]
+            .iter()
+            .zip(&map["floor"])
+            .map(|(g, f)| g / f)
+            .collect(),
+    )
+}
+
 async fn concurrent(target: &Target, body: &Bytes, concurrency: usize, total: usize) -> Run {
     let per_task = total / concurrency;
     let (server, process) = (cpu(Some(target.threads)), cpu(None));
@@ -885,42 +941,12 @@ fn main() {
         let mut rps_ratio_c32 = 0.0;
         let mut cpu_ratio = 0.0;
         for (concurrency, total) in CONCURRENT {
-            let mut rps: HashMap<&str, Vec<f64>> = HashMap::new();
-            let mut server: HashMap<&str, Vec<f64>> = HashMap::new();
-            let mut process: HashMap<&str, Vec<f64>> = HashMap::new();
-            for round in 0..PAIRED_ROUNDS {
-                // ABBA: the order flips every round, so a drift of the
-                // box's speed lands on both targets alike.
-                let order = if round % 2 == 0 {
-                    [&floor, &gateway]
-                } else {
-                    [&gateway, &floor]
-                };
-                for target in order {
-                    let run = concurrent(target, &unary, concurrency, total).await;
-                    rps.entry(target.name).or_default().push(run.rps);
-                    server
-                        .entry(target.name)
-                        .or_default()
-                        .push(us(run.server_cpu_per_request));
-                    process
-                        .entry(target.name)
-                        .or_default()
-                        .push(us(run.process_cpu_per_request));
-                }
-            }
+            let Paired {
+                rps,
+                server,
+                process,
+            } = paired_rounds([&floor, &gateway], &unary, concurrency, total, PAIRED_ROUNDS).await;
             let m = |map: &HashMap<&str, Vec<f64>>, name: &str| median(map[name].clone());
-            // Each round's gateway figure over the floor's of the same
-            // round, then the median of those ratios.
-            let paired = |map: &HashMap<&str, Vec<f64>>| {
-                median(
-                    map["gateway"]
-                        .iter()
-                        .zip(&map["floor"])
-                        .map(|(g, f)| g / f)
-                        .collect(),
-                )
-            };
             for name in ["floor", "gateway"] {
                 println!(
                     "c={concurrency:<2} {name:<8} {:>8.0} req/s  server CPU {:>6.1} us/req  process CPU {:>6.1} us/req  ({PAIRED_ROUNDS} rounds of {total} requests)",
@@ -953,27 +979,12 @@ fn main() {
         // CPU; see `pool_max_idle`).
         if let Some(child) = child.as_mut() {
             tokio::task::block_in_place(|| child.open_streams_figure(&gateway_url));
-            let (mut rps, mut server) = (Vec::new(), Vec::new());
-            for round in 0..AFTER_STREAMS_ROUNDS {
-                let order = if round % 2 == 0 {
-                    [&floor, &gateway]
-                } else {
-                    [&gateway, &floor]
-                };
-                let mut runs = HashMap::new();
-                for target in order {
-                    runs.insert(target.name, concurrent(target, &unary, 32, 50_000).await);
-                }
-                rps.push(runs["gateway"].rps / runs["floor"].rps);
-                server.push(
-                    us(runs["gateway"].server_cpu_per_request)
-                        / us(runs["floor"].server_cpu_per_request),
-                );
-            }
+            let after =
+                paired_rounds([&floor, &gateway], &unary, 32, 50_000, AFTER_STREAMS_ROUNDS).await;
             println!(
                 "c=32 after the open streams, gateway / floor ({AFTER_STREAMS_ROUNDS} rounds): RPS {:.2}x  server CPU {:.2}x",
-                median(rps),
-                median(server)
+                paired(&after.rps),
+                paired(&after.server)
             );
         }
 

@@ -18,7 +18,7 @@ use provider_gateway_server::retry::{RetryLimits, RetryPolicy};
 use tonic::Code;
 
 use crate::anthropic::drain;
-use crate::support::Gateway;
+use crate::support::{Gateway, eventually};
 
 /// A fresh directory for one test's files.
 fn temp_dir(test: &str) -> PathBuf {
@@ -258,16 +258,6 @@ fn chat(text: &str, max_tokens: u32) -> ChatRequest {
         }],
         max_tokens: Some(max_tokens),
         ..Default::default()
-    }
-}
-
-/// Polls `f` until it holds, for up to `within` of real time (the model
-/// runs on threads of its own, outside tokio's clock).
-pub(crate) async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -242,7 +242,7 @@ async fn smollm2_a_cancelled_stream_frees_its_session_within_one_token() {
     crate::embedded::take_text_deltas(&mut events, 3).await;
     drop(events);
     let generated_at_cancel = local.generated_tokens();
-    crate::embedded::eventually("the session is freed", Duration::from_secs(30), || {
+    crate::support::eventually("the session is freed", Duration::from_secs(30), || {
         local.busy_sessions() == 0
     })
     .await;

@@ -64,9 +64,10 @@ impl ReadLimits {
 pub(crate) const DEFAULT_POOL_MAX_IDLE: usize = 256;
 
 /// Builds the one HTTP client a provider keeps: pooled keep-alive
-/// connections (at most `pool_max_idle` idle per host), `TCP_NODELAY`, no retries of reqwest's own (the registry is
-/// the only place that retries), no redirects (a redirect would carry the
-/// key to another host and be a second request inside one attempt), and
+/// connections (at most `pool_max_idle` idle per host), `TCP_NODELAY`, no
+/// retries of reqwest's own (the registry is the only place that retries),
+/// no redirects (a redirect would carry the key to another host and be a
+/// second request inside one attempt), and
 /// certificates verified against the platform's roots plus the section's
 /// `ca_file`.
 pub(crate) fn client(

@@ -189,3 +189,14 @@ pub fn text_of(events: &[provider_gateway_client::StreamEvent]) -> String {
         })
         .collect()
 }
+
+/// Polls `f` until it holds, for up to `within` of real time, for what
+/// happens outside tokio's clock (the embedded model's own threads, an
+/// exporter's span processor).
+pub async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
